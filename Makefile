@@ -1,0 +1,19 @@
+# The two commands a newcomer needs:
+#   make demo   run the canary demo against a local control plane
+#   make test   run the full test suite (what CI runs)
+
+.PHONY: demo test control-plane
+
+# Builds kube-apiserver and etcd from the Go module proxy once, then reuses
+# the cache under ~/.cache/opmesh.
+control-plane:
+	bash tests/control-plane/build.sh
+
+# The end-to-end tests start the manager, sidecar and example operator as
+# real processes, so their binaries are built first.
+test: control-plane
+	cargo build --workspace --bins --examples
+	cargo test --workspace
+
+demo: control-plane
+	@echo "The demo arrives with the mesh (manager, sidecar, SDK); for now this builds the control plane."

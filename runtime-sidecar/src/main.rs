@@ -1,0 +1,3 @@
+//! The `opmesh-runtime` binary.
+
+fn main() {}

@@ -1,0 +1,141 @@
+//! A child process that logs to a file and cannot outlive the test binary.
+
+use std::{
+    fs::File,
+    io::{Read as _, Seek as _, SeekFrom},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+/// The supervisor each process runs under. It holds the read end of a pipe
+/// from the test binary: when the test binary exits (even by a panic or a
+/// signal), the pipe closes and the supervisor stops the process and removes
+/// its directory. Rust cannot run code for a `static` at exit, so this is what
+/// keeps a shared control plane from leaking processes.
+const SUPERVISOR: &str = r#"
+cleanup=$1; shift
+"$@" &
+child=$!
+{
+  while read -r _; do :; done
+  : > "$cleanup/.stopping"
+  kill -TERM "$child" 2>/dev/null
+  sleep 10
+  kill -KILL "$child" 2>/dev/null
+} <&0 &
+watcher=$!
+wait "$child"
+rc=$?
+kill "$watcher" 2>/dev/null
+if [ -e "$cleanup/.stopping" ]; then rm -rf "$cleanup"; fi
+exit "$rc"
+"#;
+
+/// A running child process under the supervisor.
+pub struct Process {
+    name: String,
+    log: PathBuf,
+    child: Mutex<Child>,
+    stdin: Mutex<Option<ChildStdin>>,
+}
+
+// === impl Process ===
+
+impl Process {
+    /// Starts `program` with `args`, logging stdout and stderr to
+    /// `log_dir/<name>.log`. `cleanup` is removed after a requested stop.
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log_dir: &Path,
+        cleanup: &Path,
+    ) -> anyhow::Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut child = Command::new("bash")
+            .arg("-c")
+            .arg(SUPERVISOR)
+            .arg("opmesh-supervisor")
+            .arg(cleanup)
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {} ({})", name, program.display()))?;
+        let stdin = child.stdin.take();
+        Ok(Self {
+            name: name.to_string(),
+            log,
+            child: Mutex::new(child),
+            stdin: Mutex::new(stdin),
+        })
+    }
+
+    /// The process's name in messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The path of the process's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Fails with the tail of the log if the process has exited.
+    pub fn check_running(&self) -> anyhow::Result<()> {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "{} exited unexpectedly ({status}); last lines of {}:\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail(40)
+            );
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of the log file.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
+    }
+
+    /// Asks the process to stop and waits up to `timeout` for it.
+    pub fn stop(&self, timeout: Duration) {
+        // Closing stdin is the stop signal for the supervisor.
+        drop(self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The last `lines` lines of a file, or a note saying why it can't be read.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => return format!("(cannot read {}: {e})", path.display()),
+    };
+    // Logs can be large; the last 64 KiB hold far more than enough lines.
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let mut buf = String::new();
+    let _ = file.read_to_string(&mut buf);
+    let all: Vec<&str> = buf.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,38 @@
+//! End-to-end tests for opmesh and the harness they run on.
+//!
+//! - [`control_plane`]: a real kube-apiserver and etcd, built from the Go module
+//!   proxy by `tests/control-plane/build.sh`, one per test binary.
+//! - [`cluster`]: helpers for namespaces, Pods, bound tokens and token reviews.
+//! - [`eventually`]: poll a condition until a deadline instead of sleeping.
+//!
+//! The tests themselves live in `tests/tests/`.
+
+pub mod cluster;
+pub mod control_plane;
+
+use std::{future::Future, time::Duration};
+
+pub use control_plane::ControlPlane;
+
+/// Polls `check` every 100 ms until it returns `Ok(Some(value))`, and fails
+/// with `what` and the last error if `timeout` passes first. Errors from
+/// `check` count as "not yet".
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::from("condition not met");
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
