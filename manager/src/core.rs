@@ -1,0 +1,819 @@
+//! The manager's core: one task that owns the object store, every mesh's
+//! policy and ownership, and every runtime session, and turns events into
+//! messages on the runtimes' pending sets.
+//!
+//! A single owner means no locks around ownership: the invariant that a key
+//! has at most one holder is kept by plain sequential code ([`Ownership`]).
+//! Status is published as a snapshot on a `watch` channel for the status
+//! writer, so readers never touch the core's state.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use kube::{Client, ResourceExt as _, api::DynamicObject, core::TypeMeta};
+use opmesh_proto::v1::{
+    Hello, ManagerMessage, ObjectEvent, Revoke, Synced, Welcome, manager_message::Msg,
+    object_event::Type as EventType,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    crd::OperatorMesh,
+    error::Refusal,
+    ownership::{Holder, Move, Ownership, RuntimeId},
+    pending::Pending,
+    policy::Policy,
+    selector::Labels,
+    watch::{self as watches, Gvk, NamespaceLabels, ObjName, Task, WatchEvent},
+};
+
+/// How often the status snapshot is refreshed when something changed.
+const STATUS_EVERY: Duration = Duration::from_millis(500);
+
+/// Everything the core reacts to.
+#[derive(Debug)]
+pub enum Input {
+    /// An object of a watched type changed.
+    Object {
+        /// The type's key (`group/version/Kind`).
+        gvk: String,
+        /// What happened.
+        event: WatchEvent<DynamicObject>,
+    },
+    /// A Namespace changed.
+    Namespace(WatchEvent<NamespaceLabels>),
+    /// An OperatorMesh changed.
+    Mesh(WatchEvent<OperatorMesh>),
+    /// A runtime asks to join; `reply` gets its session or a refusal.
+    Connect {
+        /// The runtime's hello.
+        hello: Box<Hello>,
+        /// Labels of the runtime's real Pod.
+        pod_labels: Labels,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<Connected, Refusal>>,
+    },
+    /// A session ended.
+    Disconnect {
+        /// The runtime.
+        runtime: RuntimeId,
+        /// The session's sequence number, so a stale session cannot end a newer one.
+        seq: u64,
+    },
+    /// A runtime released revoked keys.
+    Released {
+        /// The runtime.
+        runtime: RuntimeId,
+        /// The session's sequence number.
+        seq: u64,
+        /// The released keys.
+        keys: Vec<String>,
+    },
+}
+
+/// A session the core accepted.
+#[derive(Debug)]
+pub struct Connected {
+    /// The runtime's id.
+    pub runtime: RuntimeId,
+    /// The session's sequence number.
+    pub seq: u64,
+    /// The runtime's pending set; the session's writer drains it.
+    pub pending: Arc<Pending>,
+}
+
+/// What the status writer needs to know about one mesh.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MeshStatus {
+    /// The spec generation processed last.
+    pub generation: Option<i64>,
+    /// Why the latest spec is invalid, if it is.
+    pub invalid: Option<String>,
+    /// True once a valid policy is in force.
+    pub has_policy: bool,
+    /// Keys waiting for a `Released`.
+    pub moving: usize,
+    /// Keys with no live owner although the policy names a subset.
+    pub unowned: usize,
+    /// The weights in force.
+    pub weights: String,
+    /// Per subset: (name, replicas, ready replicas, owned keys).
+    pub subsets: Vec<(String, u32, u32, u64)>,
+}
+
+/// Status of every mesh, keyed by `namespace/name`.
+pub type StatusSnapshot = BTreeMap<String, MeshStatus>;
+
+struct Mesh {
+    namespace: String,
+    name: String,
+    generation: Option<i64>,
+    policy: Option<Arc<Policy>>,
+    invalid: Option<String>,
+    primary: Option<Gvk>,
+    owns: BTreeMap<String, Gvk>,
+    own: Ownership,
+    /// The objects of each key: `(gvk key, namespace, name)`.
+    objects: HashMap<String, HashSet<(String, String, String)>>,
+    /// The key each object belongs to.
+    key_of: HashMap<(String, String, String), String>,
+}
+
+struct Session {
+    mesh: String,
+    seq: u64,
+    pending: Arc<Pending>,
+    needs_sync: bool,
+}
+
+struct WatchState {
+    synced: bool,
+    _task: Task,
+}
+
+/// The core's state. Build with [`Core::new`], then [`Core::run`].
+pub struct Core {
+    client: Client,
+    tx: mpsc::Sender<Input>,
+    lease_ttl: Duration,
+    meshes: BTreeMap<String, Mesh>,
+    sessions: HashMap<RuntimeId, Session>,
+    store: HashMap<String, HashMap<ObjName, Arc<DynamicObject>>>,
+    watches: HashMap<String, WatchState>,
+    namespaces: HashMap<String, Labels>,
+    namespaces_synced: bool,
+    next_seq: u64,
+    revokes: HashMap<RuntimeId, Vec<String>>,
+    status: watch::Sender<Arc<StatusSnapshot>>,
+    dirty: bool,
+}
+
+// === impl Core ===
+
+impl Core {
+    /// A core that talks to the API server through `client`. `tx` must be the
+    /// sender of the channel later passed to [`Core::run`].
+    pub fn new(
+        client: Client,
+        tx: mpsc::Sender<Input>,
+        lease_ttl: Duration,
+    ) -> (Self, watch::Receiver<Arc<StatusSnapshot>>) {
+        let (status, status_rx) = watch::channel(Arc::new(StatusSnapshot::new()));
+        let core = Self {
+            client,
+            tx,
+            lease_ttl,
+            meshes: BTreeMap::new(),
+            sessions: HashMap::new(),
+            store: HashMap::new(),
+            watches: HashMap::new(),
+            namespaces: HashMap::new(),
+            namespaces_synced: false,
+            next_seq: 1,
+            revokes: HashMap::new(),
+            status,
+            dirty: true,
+        };
+        (core, status_rx)
+    }
+
+    /// Processes inputs until every sender is gone. `namespaces` and `meshes`
+    /// are the watch tasks the core's lifetime owns.
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>, _owned: Vec<Task>) {
+        let mut tick = tokio::time::interval(STATUS_EVERY);
+        loop {
+            tokio::select! {
+                input = inputs.recv() => {
+                    let Some(input) = input else { break };
+                    self.handle(input);
+                    self.flush();
+                }
+                _ = tick.tick() => {
+                    if std::mem::take(&mut self.dirty) {
+                        self.publish_status();
+                    }
+                }
+            }
+        }
+        for s in self.sessions.values() {
+            s.pending.close();
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        self.dirty = true;
+        match input {
+            Input::Object { gvk, event } => self.on_object(&gvk, event),
+            Input::Namespace(ev) => self.on_namespace(ev),
+            Input::Mesh(ev) => self.on_mesh(ev),
+            Input::Connect {
+                hello,
+                pod_labels,
+                reply,
+            } => {
+                let result = self.connect(hello, pod_labels);
+                // If the session handler is gone, undo the join so no key waits
+                // on a runtime nobody serves.
+                if let Err(Ok(c)) = reply.send(result) {
+                    self.disconnect(&c.runtime, c.seq);
+                }
+            }
+            Input::Disconnect { runtime, seq } => self.disconnect(&runtime, seq),
+            Input::Released { runtime, seq, keys } => self.released(&runtime, seq, keys),
+        }
+    }
+
+    // --- objects ---
+
+    fn on_object(&mut self, gvk: &str, event: WatchEvent<DynamicObject>) {
+        match event {
+            WatchEvent::Apply(obj) => self.object_changed(gvk, obj, false),
+            WatchEvent::Delete(obj) => self.object_changed(gvk, obj, true),
+            WatchEvent::Relisted(present) => {
+                let gone: Vec<Arc<DynamicObject>> = self
+                    .store
+                    .get(gvk)
+                    .into_iter()
+                    .flat_map(|m| m.iter())
+                    .filter(|(name, _)| !present.contains(*name))
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                for obj in gone {
+                    self.object_changed(gvk, obj, true);
+                }
+                let newly_synced = self
+                    .watches
+                    .get_mut(gvk)
+                    .is_some_and(|w| !std::mem::replace(&mut w.synced, true));
+                if newly_synced {
+                    let ids: Vec<String> = self.meshes.keys().cloned().collect();
+                    for id in ids {
+                        self.place_all(&id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn object_changed(&mut self, gvk: &str, obj: Arc<DynamicObject>, deleted: bool) {
+        let name = watches::name_of(obj.as_ref());
+        let store = self.store.entry(gvk.to_string()).or_default();
+        if deleted {
+            store.remove(&name);
+        } else {
+            store.insert(name.clone(), obj.clone());
+        }
+        let objref = (gvk.to_string(), name.0.clone(), name.1.clone());
+        let ids: Vec<String> = self.meshes.keys().cloned().collect();
+        for id in ids {
+            let Some(mesh) = self.meshes.get_mut(&id) else {
+                continue;
+            };
+            let new_key = if deleted {
+                None
+            } else {
+                mesh.key_for(gvk, &obj)
+            };
+            let old_key = mesh.key_of.get(&objref).cloned();
+            if old_key.is_none() && new_key.is_none() {
+                continue;
+            }
+            if let Some(k) = &old_key {
+                if let Some(set) = mesh.objects.get_mut(k) {
+                    set.remove(&objref);
+                }
+                mesh.key_of.remove(&objref);
+            }
+            if let Some(k) = &new_key {
+                mesh.objects
+                    .entry(k.clone())
+                    .or_default()
+                    .insert(objref.clone());
+                mesh.key_of.insert(objref.clone(), k.clone());
+            }
+            // Tell the holders; an object whose key changed is gone from the old key.
+            let mut notify: Vec<(String, bool)> = Vec::new();
+            if let Some(k) = old_key.filter(|k| new_key.as_ref() != Some(k)) {
+                notify.push((k, false));
+            }
+            if let Some(k) = new_key {
+                notify.push((k, true));
+            }
+            for (key, exists) in notify {
+                let Some(mesh) = self.meshes.get_mut(&id) else {
+                    break;
+                };
+                match mesh.own.holder(&key) {
+                    Some(Holder::Owned(r)) => {
+                        if let Some(s) = self.sessions.get(r) {
+                            let ty = if exists {
+                                EventType::Applied
+                            } else {
+                                EventType::Deleted
+                            };
+                            push_object(&s.pending, &key, ty, &obj, gvk_of(mesh, gvk));
+                        }
+                    }
+                    // The next owner gets the current state once the key is released.
+                    Some(Holder::Revoking(_)) => {}
+                    None => {
+                        if mesh.objects.get(&key).is_some_and(|s| s.is_empty()) {
+                            // Nothing left and nobody holds it: forget the key,
+                            // so memory stays O(live keys).
+                            mesh.objects.remove(&key);
+                        } else {
+                            self.place(&id, &key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // --- namespaces ---
+
+    fn on_namespace(&mut self, ev: WatchEvent<NamespaceLabels>) {
+        let changed: Option<String> = match ev {
+            WatchEvent::Apply(o) => {
+                let ((_, name), labels) = o.as_ref();
+                let old = self.namespaces.insert(name.clone(), labels.clone());
+                (old.as_ref() != Some(labels)).then(|| name.clone())
+            }
+            WatchEvent::Delete(o) => {
+                self.namespaces.remove(&o.0.1);
+                None
+            }
+            WatchEvent::Relisted(present) => {
+                self.namespaces
+                    .retain(|ns, _| present.contains(&(String::new(), ns.clone())));
+                if !std::mem::replace(&mut self.namespaces_synced, true) {
+                    let ids: Vec<String> = self.meshes.keys().cloned().collect();
+                    for id in ids {
+                        self.place_all(&id);
+                    }
+                }
+                None
+            }
+        };
+        if let Some(ns) = changed {
+            let prefix = format!("{ns}/");
+            let ids: Vec<String> = self.meshes.keys().cloned().collect();
+            for id in ids {
+                let keys: Vec<String> = self
+                    .meshes
+                    .get(&id)
+                    .map(|m| m.all_keys().filter(|k| k.starts_with(&prefix)).collect())
+                    .unwrap_or_default();
+                for k in keys {
+                    self.place(&id, &k);
+                }
+            }
+        }
+    }
+
+    // --- meshes ---
+
+    fn on_mesh(&mut self, ev: WatchEvent<OperatorMesh>) {
+        match ev {
+            WatchEvent::Apply(om) => {
+                let id = format!("{}/{}", om.namespace().unwrap_or_default(), om.name_any());
+                let mesh = self.meshes.entry(id.clone()).or_insert_with(|| Mesh {
+                    namespace: om.namespace().unwrap_or_default(),
+                    name: om.name_any(),
+                    generation: None,
+                    policy: None,
+                    invalid: None,
+                    primary: None,
+                    owns: BTreeMap::new(),
+                    own: Ownership::default(),
+                    objects: HashMap::new(),
+                    key_of: HashMap::new(),
+                });
+                mesh.generation = om.metadata.generation;
+                match Policy::compile(&om.spec) {
+                    Ok(p) => {
+                        mesh.policy = Some(Arc::new(p));
+                        mesh.invalid = None;
+                    }
+                    Err(e) => {
+                        // The last valid policy stays in force.
+                        tracing::warn!(mesh = %id, error = %e, "invalid OperatorMesh spec");
+                        mesh.invalid = Some(e.to_string());
+                        return;
+                    }
+                }
+                self.place_all(&id);
+            }
+            WatchEvent::Delete(om) => {
+                let id = format!("{}/{}", om.namespace().unwrap_or_default(), om.name_any());
+                self.meshes.remove(&id);
+                let gone: Vec<RuntimeId> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.mesh == id)
+                    .map(|(r, _)| r.clone())
+                    .collect();
+                for r in gone {
+                    if let Some(s) = self.sessions.remove(&r) {
+                        s.pending.close();
+                    }
+                }
+            }
+            WatchEvent::Relisted(present) => {
+                let gone: Vec<String> = self
+                    .meshes
+                    .values()
+                    .filter(|m| !present.contains(&(m.namespace.clone(), m.name.clone())))
+                    .map(|m| format!("{}/{}", m.namespace, m.name))
+                    .collect();
+                for id in gone {
+                    self.meshes.remove(&id);
+                }
+            }
+        }
+    }
+
+    // --- sessions ---
+
+    fn connect(&mut self, hello: Box<Hello>, pod_labels: Labels) -> Result<Connected, Refusal> {
+        let id = format!("{}/{}", hello.mesh_namespace, hello.mesh_name);
+        let runtime = format!("{}/{}", hello.pod_namespace, hello.pod_name);
+        let mesh = self
+            .meshes
+            .get_mut(&id)
+            .ok_or_else(|| Refusal::UnknownMesh(id.clone()))?;
+        let policy = mesh.policy.clone().ok_or_else(|| Refusal::NoValidPolicy {
+            mesh: id.clone(),
+            reason: mesh.invalid.clone().unwrap_or_default(),
+        })?;
+        let subset = policy
+            .subset_for_pod(&pod_labels)
+            .map_err(|e| Refusal::NotAMember {
+                pod: runtime.clone(),
+                mesh: id.clone(),
+                reason: e.to_string(),
+            })?;
+        let primary = hello
+            .primary
+            .as_ref()
+            .map(Gvk::from)
+            .ok_or_else(|| Refusal::Malformed("hello.primary is missing".into()))?;
+        if let Some(existing) = &mesh.primary
+            && existing.key() != primary.key()
+        {
+            return Err(Refusal::PrimaryMismatch {
+                mesh: id,
+                declared: primary.key(),
+                existing: existing.key(),
+            });
+        }
+        mesh.primary = Some(primary.clone());
+        for g in &hello.owns {
+            let g = Gvk::from(g);
+            mesh.owns.insert(g.key(), g);
+        }
+        let wanted: Vec<Gvk> = std::iter::once(primary)
+            .chain(mesh.owns.values().cloned())
+            .collect();
+        for g in wanted {
+            self.ensure_watch(g);
+        }
+
+        // A newer session from the same pod replaces the old one.
+        if let Some(old) = self.sessions.get(&runtime) {
+            let seq = old.seq;
+            self.disconnect(&runtime, seq);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let pending = Arc::new(Pending::default());
+        let subset_name = policy.subsets()[subset].name.clone();
+        pending.control(ManagerMessage {
+            msg: Some(Msg::Welcome(Welcome {
+                runtime_id: runtime.clone(),
+                subset: subset_name.clone(),
+                lease_ttl_ms: u32::try_from(self.lease_ttl.as_millis()).unwrap_or(u32::MAX),
+                epoch: seq,
+            })),
+        });
+        self.sessions.insert(
+            runtime.clone(),
+            Session {
+                mesh: id.clone(),
+                seq,
+                pending: pending.clone(),
+                needs_sync: true,
+            },
+        );
+        if let Some(mesh) = self.meshes.get_mut(&id) {
+            mesh.own.join(subset, &runtime);
+        }
+        tracing::info!(mesh = %id, runtime = %runtime, subset = %subset_name, "runtime joined");
+        self.place_all(&id);
+        Ok(Connected {
+            runtime,
+            seq,
+            pending,
+        })
+    }
+
+    fn disconnect(&mut self, runtime: &str, seq: u64) {
+        if self.sessions.get(runtime).is_none_or(|s| s.seq != seq) {
+            return;
+        }
+        let Some(session) = self.sessions.remove(runtime) else {
+            return;
+        };
+        session.pending.close();
+        self.revokes.remove(runtime);
+        tracing::info!(mesh = %session.mesh, runtime = %runtime, "runtime left");
+        if let Some(mesh) = self.meshes.get_mut(&session.mesh) {
+            mesh.own.leave(runtime);
+        }
+        self.place_all(&session.mesh);
+    }
+
+    fn released(&mut self, runtime: &str, seq: u64, keys: Vec<String>) {
+        let Some(session) = self.sessions.get(runtime).filter(|s| s.seq == seq) else {
+            return;
+        };
+        let id = session.mesh.clone();
+        for key in keys {
+            let freed = self
+                .meshes
+                .get_mut(&id)
+                .is_some_and(|m| m.own.released(runtime, &key));
+            if freed {
+                self.place(&id, &key);
+            }
+        }
+    }
+
+    // --- placement ---
+
+    fn place_all(&mut self, id: &str) {
+        let keys: Vec<String> = match self.meshes.get(id) {
+            Some(m) => m.all_keys().collect(),
+            None => return,
+        };
+        for k in keys {
+            self.place(id, &k);
+        }
+    }
+
+    fn ready(&self, mesh: &Mesh) -> bool {
+        self.namespaces_synced
+            && mesh.policy.is_some()
+            && mesh.primary.is_some()
+            && mesh
+                .primary
+                .iter()
+                .chain(mesh.owns.values())
+                .all(|g| self.watches.get(&g.key()).is_some_and(|w| w.synced))
+    }
+
+    fn place(&mut self, id: &str, key: &str) {
+        let Some(mesh) = self.meshes.get(id) else {
+            return;
+        };
+        if !self.ready(mesh) {
+            return;
+        }
+        let Some(policy) = mesh.policy.clone() else {
+            return;
+        };
+        let ns = key.split_once('/').map(|(ns, _)| ns).unwrap_or("");
+        let empty = Labels::new();
+        let ns_labels = self.namespaces.get(ns).unwrap_or(&empty);
+        let has_objects = mesh.objects.get(key).is_some_and(|s| !s.is_empty());
+        let desired = if has_objects {
+            policy
+                .route(key, ns_labels)
+                .and_then(|s| mesh.own.pick(s, key).cloned())
+        } else {
+            None
+        };
+        let Some(mesh) = self.meshes.get_mut(id) else {
+            return;
+        };
+        match mesh.own.place(key, desired.as_ref(), policy.paused()) {
+            Some(Move::Assign(runtime, key)) => {
+                if let Some(s) = self.sessions.get_mut(&runtime) {
+                    for (g, ns, name) in mesh.objects.get(&key).into_iter().flatten() {
+                        if let Some(obj) = self
+                            .store
+                            .get(g)
+                            .and_then(|m| m.get(&(ns.clone(), name.clone())))
+                        {
+                            push_object(&s.pending, &key, EventType::Applied, obj, gvk_of(mesh, g));
+                        }
+                    }
+                    s.needs_sync = true;
+                }
+            }
+            Some(Move::Revoke(runtime, key)) => {
+                self.revokes.entry(runtime).or_default().push(key);
+            }
+            None => {}
+        }
+    }
+
+    /// Sends the batched revokes and the `Synced` markers that close each
+    /// assignment batch.
+    fn flush(&mut self) {
+        for (runtime, keys) in self.revokes.drain() {
+            if let Some(s) = self.sessions.get(&runtime) {
+                s.pending
+                    .drop_keys(&keys.iter().map(String::as_str).collect());
+                s.pending.control(ManagerMessage {
+                    msg: Some(Msg::Revoke(Revoke { keys, epoch: s.seq })),
+                });
+            }
+        }
+        for s in self.sessions.values_mut() {
+            if std::mem::take(&mut s.needs_sync) {
+                s.pending.control(ManagerMessage {
+                    msg: Some(Msg::Synced(Synced { epoch: s.seq })),
+                });
+            }
+        }
+    }
+
+    fn ensure_watch(&mut self, gvk: Gvk) {
+        let key = gvk.key();
+        if self.watches.contains_key(&key) {
+            return;
+        }
+        tracing::info!(gvk = %key, "starting watch");
+        let task = watches::objects(self.client.clone(), gvk, self.tx.clone());
+        self.watches.insert(
+            key,
+            WatchState {
+                synced: false,
+                _task: task,
+            },
+        );
+    }
+
+    fn publish_status(&self) {
+        let mut snap = StatusSnapshot::new();
+        for (id, mesh) in &self.meshes {
+            let mut subsets = Vec::new();
+            let mut unowned = 0;
+            if let Some(policy) = &mesh.policy {
+                let mut owned: HashMap<&str, u64> = HashMap::new();
+                for k in mesh.all_keys_ref() {
+                    match mesh.own.holder(k) {
+                        Some(Holder::Owned(r)) => *owned.entry(r.as_str()).or_default() += 1,
+                        Some(Holder::Revoking(_)) => {}
+                        None => {
+                            let has = mesh.objects.get(k).is_some_and(|s| !s.is_empty());
+                            let ns = k.split_once('/').map(|(ns, _)| ns).unwrap_or("");
+                            let labels = self.namespaces.get(ns).cloned().unwrap_or_default();
+                            if has && policy.route(k, &labels).is_some() {
+                                unowned += 1;
+                            }
+                        }
+                    }
+                }
+                for (i, s) in policy.subsets().iter().enumerate() {
+                    let members: Vec<&RuntimeId> = mesh.own.members(i).collect();
+                    let ready = members
+                        .iter()
+                        .filter(|r| {
+                            self.sessions
+                                .get(r.as_str())
+                                .is_some_and(|s| s.pending.is_empty())
+                        })
+                        .count();
+                    let keys: u64 = members
+                        .iter()
+                        .map(|r| owned.get(r.as_str()).copied().unwrap_or(0))
+                        .sum();
+                    subsets.push((
+                        s.name.clone(),
+                        u32::try_from(members.len()).unwrap_or(u32::MAX),
+                        u32::try_from(ready).unwrap_or(u32::MAX),
+                        keys,
+                    ));
+                }
+            }
+            snap.insert(
+                id.clone(),
+                MeshStatus {
+                    generation: mesh.generation,
+                    invalid: mesh.invalid.clone(),
+                    has_policy: mesh.policy.is_some(),
+                    moving: mesh.own.revoking(),
+                    unowned,
+                    weights: mesh
+                        .policy
+                        .as_ref()
+                        .map(|p| p.weights_summary())
+                        .unwrap_or_default(),
+                    subsets,
+                },
+            );
+        }
+        self.status.send_if_modified(|old| {
+            if **old == snap {
+                false
+            } else {
+                *old = Arc::new(snap);
+                true
+            }
+        });
+    }
+}
+
+// === impl Mesh ===
+
+impl Mesh {
+    /// The primary key an object of type `gvk` belongs to in this mesh.
+    fn key_for(&self, gvk: &str, obj: &DynamicObject) -> Option<String> {
+        let primary = self.primary.as_ref()?;
+        let ns = obj.namespace();
+        let join = |name: &str| match &ns {
+            Some(ns) if primary.namespaced => format!("{ns}/{name}"),
+            _ => name.to_string(),
+        };
+        if gvk == primary.key() {
+            return Some(join(&obj.name_any()));
+        }
+        if !self.owns.contains_key(gvk) {
+            return None;
+        }
+        // Secondary objects follow their controller owner of the primary kind.
+        let api_version = primary.api_version();
+        obj.owner_references()
+            .iter()
+            .find(|o| {
+                o.controller == Some(true) && o.kind == primary.kind && o.api_version == api_version
+            })
+            .map(|o| join(&o.name))
+    }
+
+    fn all_keys(&self) -> impl Iterator<Item = String> + '_ {
+        self.all_keys_ref().cloned()
+    }
+
+    fn all_keys_ref(&self) -> impl Iterator<Item = &String> + '_ {
+        let held = self
+            .own
+            .held_keys()
+            .filter(|k| !self.objects.contains_key(*k));
+        self.objects.keys().chain(held)
+    }
+}
+
+fn gvk_of<'a>(mesh: &'a Mesh, key: &str) -> Option<&'a Gvk> {
+    mesh.primary
+        .as_ref()
+        .filter(|p| p.key() == key)
+        .or_else(|| mesh.owns.get(key))
+}
+
+fn push_object(
+    pending: &Pending,
+    key: &str,
+    ty: EventType,
+    obj: &DynamicObject,
+    gvk: Option<&Gvk>,
+) {
+    let Some(gvk) = gvk else { return };
+    let mut obj = obj.clone();
+    // Lists omit apiVersion/kind on items; typed clients need them.
+    obj.types = Some(TypeMeta {
+        api_version: gvk.api_version(),
+        kind: gvk.kind.clone(),
+    });
+    let bytes = match serde_json::to_vec(&obj) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(key, error = %e, "cannot encode object; skipping");
+            return;
+        }
+    };
+    let namespace = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    pending.object(
+        &gvk.key(),
+        &namespace.clone(),
+        &name.clone(),
+        ManagerMessage {
+            msg: Some(Msg::Event(ObjectEvent {
+                key: key.to_string(),
+                r#type: ty as i32,
+                resource_version: obj.resource_version().unwrap_or_default(),
+                object: bytes,
+                gvk: Some(gvk.into()),
+                namespace,
+                name,
+                epoch: 0,
+            })),
+        },
+    );
+}

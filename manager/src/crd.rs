@@ -1,0 +1,191 @@
+//! The `OperatorMesh` custom resource (group `opmesh.io`, version `v1alpha1`).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, CustomResourceExt as _, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Policy for one operator: which pods form it, how they split into subsets
+/// (versions), and how reconcile work is routed between them.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "opmesh.io",
+    version = "v1alpha1",
+    kind = "OperatorMesh",
+    plural = "operatormeshes",
+    shortname = "om",
+    namespaced,
+    status = "OperatorMeshStatus",
+    printcolumn = r#"{"name":"Subsets","type":"string","jsonPath":".status.summary"}"#,
+    printcolumn = r#"{"name":"Weights","type":"string","jsonPath":".status.weights"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = Rule::new("self.subsets.all(a, self.subsets.exists_one(b, b.name == a.name))").message("subset names must be unique"),
+    validation = Rule::new("self.routing.pins.all(p, self.subsets.exists(s, s.name == p.subset))").message("every pin must name a subset listed in spec.subsets"),
+    validation = Rule::new("self.routing.weights.all(w, self.subsets.exists(s, s.name == w.subset))").message("every weight must name a subset listed in spec.subsets"),
+    validation = Rule::new("!has(self.routing.clusterScoped) || self.subsets.exists(s, s.name == self.routing.clusterScoped)").message("routing.clusterScoped must name a subset listed in spec.subsets"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OperatorMeshSpec {
+    /// Selects the operator's pods. A runtime whose Pod does not match is refused.
+    pub selector: LabelSelector,
+    /// The subsets (typically versions) of the operator, in declared order.
+    /// The order fixes the order of the weight ranges.
+    #[schemars(length(min = 1, max = 16))]
+    pub subsets: Vec<SubsetSpec>,
+    /// How keys are routed to subsets.
+    pub routing: RoutingSpec,
+    /// Freezes ownership changes while true.
+    #[serde(default)]
+    pub paused: bool,
+    /// Only objects in namespaces matching this selector belong to the mesh.
+    /// Unset means every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+}
+
+/// One subset of the operator's pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SubsetSpec {
+    /// The subset's name, e.g. `v1`.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Pod labels that put a pod in this subset, e.g. `version: v2`. The
+    /// manager reads them from the real Pod object.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// How the string that is hashed is formed.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum Granularity {
+    /// Hash `namespace/name`: each object is routed on its own.
+    #[default]
+    Object,
+    /// Hash the namespace: a namespace's objects all go to one subset.
+    Namespace,
+}
+
+/// Routing rules: pins first, then the weighted hash split.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.weights.map(w, w.weight).sum() == (has(self.weightTotal) ? self.weightTotal : 100)").message("weights must sum to weightTotal (100 unless set)"),
+)]
+pub struct RoutingSpec {
+    /// What is hashed for the weight split.
+    #[serde(default)]
+    pub granularity: Granularity,
+    /// Namespace pins, evaluated in order; the first match wins.
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub pins: Vec<PinSpec>,
+    /// The share of each subset for keys no pin matches, in units of
+    /// `weightTotal`. Subsets without an entry get no share.
+    #[schemars(length(min = 1, max = 16))]
+    pub weights: Vec<WeightSpec>,
+    /// The sum the weights must reach: 100 by default, 10000 for basis points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub weight_total: Option<u32>,
+    /// The subset that owns cluster-scoped objects. Unset means none does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_scoped: Option<String>,
+    /// Namespaces that no subset sees.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub exclude: Vec<String>,
+}
+
+/// Sends matching namespaces to one subset. A pin matches a namespace if any
+/// of its set fields matches.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PinSpec {
+    /// The subset that gets the matching namespaces.
+    #[schemars(length(max = 63))]
+    pub subset: String,
+    /// Namespaces by name.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub namespaces: Vec<String>,
+    /// Namespaces by label; a label change re-routes the namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Namespaces whose whole name matches this regular expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_regex: Option<String>,
+}
+
+/// One subset's share of the weight split.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightSpec {
+    /// The subset.
+    #[schemars(length(max = 63))]
+    pub subset: String,
+    /// Its share, in units of `weightTotal`.
+    #[schemars(range(max = 1000000))]
+    pub weight: u32,
+}
+
+/// Observed state of an `OperatorMesh`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OperatorMeshStatus {
+    /// The generation of the spec the manager last processed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Per-subset counts.
+    #[serde(default)]
+    pub subsets: Vec<SubsetStatus>,
+    /// One-line summary for `kubectl get`, e.g. `v1:2/2 v2:1/1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// The weights in force, e.g. `v1=80 v2=20`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
+}
+
+/// Counts for one subset.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SubsetStatus {
+    /// The subset's name.
+    pub name: String,
+    /// Connected runtimes in this subset.
+    pub replicas: u32,
+    /// Connected runtimes whose assignment is fully sent.
+    pub ready_replicas: u32,
+    /// Keys currently owned by the subset's runtimes.
+    pub owned_keys: u64,
+}
+
+/// The CRD manifest as YAML, as committed under `deploy/crds/`.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&OperatorMesh::crd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_crd_matches_the_rust_types() {
+        let committed = include_str!("../../deploy/crds/opmesh.io_operatormeshes.yaml");
+        let generated = crd_yaml().unwrap();
+        assert!(
+            committed == generated,
+            "deploy/crds/opmesh.io_operatormeshes.yaml is stale; regenerate it with \
+             `cargo run -p opmesh-manager -- crd > deploy/crds/opmesh.io_operatormeshes.yaml`"
+        );
+    }
+}

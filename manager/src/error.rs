@@ -1,0 +1,70 @@
+//! Why the manager refuses a runtime, and the one place that becomes a gRPC status.
+
+use tonic::Status;
+
+/// A runtime session the manager will not accept. Each message says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The first message was not a valid hello.
+    #[error("malformed session: {0}")]
+    Malformed(String),
+    /// The named OperatorMesh does not exist (or is not watched by this manager).
+    #[error("no OperatorMesh {0}: create it, or point the runtime at an existing mesh with --mesh")]
+    UnknownMesh(String),
+    /// The mesh has never had a valid spec.
+    #[error("OperatorMesh {mesh} has no valid spec yet: {reason}")]
+    NoValidPolicy {
+        /// The mesh.
+        mesh: String,
+        /// Why its spec is invalid.
+        reason: String,
+    },
+    /// The Pod cannot be found.
+    #[error(
+        "pod {pod} not found: a runtime must run in a Pod, and --pod-namespace/--pod-name must name it"
+    )]
+    UnknownPod {
+        /// The pod.
+        pod: String,
+    },
+    /// The Pod is not part of the mesh.
+    #[error("pod {pod} cannot join OperatorMesh {mesh}: {reason}")]
+    NotAMember {
+        /// The pod.
+        pod: String,
+        /// The mesh.
+        mesh: String,
+        /// Why.
+        reason: String,
+    },
+    /// The runtime reconciles a different primary type than the mesh.
+    #[error("OperatorMesh {mesh} reconciles {existing}, but this runtime declares {declared}")]
+    PrimaryMismatch {
+        /// The mesh.
+        mesh: String,
+        /// What the runtime declared.
+        declared: String,
+        /// What the mesh already reconciles.
+        existing: String,
+    },
+    /// The manager could not check the runtime's identity.
+    #[error("cannot check the runtime's pod: {0}")]
+    Lookup(String),
+    /// The manager is shutting down.
+    #[error("the manager is shutting down")]
+    ShuttingDown,
+}
+
+impl From<Refusal> for Status {
+    fn from(r: Refusal) -> Self {
+        let msg = r.to_string();
+        match r {
+            Refusal::Malformed(_) => Status::invalid_argument(msg),
+            Refusal::UnknownMesh(_) | Refusal::UnknownPod { .. } => Status::not_found(msg),
+            Refusal::NoValidPolicy { .. }
+            | Refusal::NotAMember { .. }
+            | Refusal::PrimaryMismatch { .. } => Status::failed_precondition(msg),
+            Refusal::Lookup(_) | Refusal::ShuttingDown => Status::unavailable(msg),
+        }
+    }
+}

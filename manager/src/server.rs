@@ -1,0 +1,172 @@
+//! The gRPC `MeshService`: accepts runtime sessions and pumps their streams.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, Client, ResourceExt as _};
+use opmesh_proto::v1::{
+    Hello, LeaseRenewal, ManagerMessage, RuntimeMessage, manager_message::Msg,
+    mesh_service_server::MeshService, runtime_message::Msg as In,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    core::{Connected, Input},
+    error::Refusal,
+};
+
+/// How long a runtime may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a Pod lookup may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages taken from a pending set per write.
+const BATCH: usize = 256;
+
+/// Serves `MeshService`.
+pub struct MeshServer {
+    core: mpsc::Sender<Input>,
+    client: Client,
+    lease_ttl: Duration,
+}
+
+// === impl MeshServer ===
+
+impl MeshServer {
+    /// A server that hands sessions to the core behind `core`.
+    pub fn new(core: mpsc::Sender<Input>, client: Client, lease_ttl: Duration) -> Self {
+        Self {
+            core,
+            client,
+            lease_ttl,
+        }
+    }
+
+    async fn admit(&self, hello: Hello) -> Result<Connected, Refusal> {
+        for (field, value) in [
+            ("hello.mesh_namespace", &hello.mesh_namespace),
+            ("hello.mesh_name", &hello.mesh_name),
+            ("hello.pod_namespace", &hello.pod_namespace),
+            ("hello.pod_name", &hello.pod_name),
+        ] {
+            if value.is_empty() {
+                return Err(Refusal::Malformed(format!("{field} is empty")));
+            }
+        }
+        match &hello.primary {
+            Some(g) if !g.kind.is_empty() && !g.version.is_empty() && !g.plural.is_empty() => {}
+            _ => {
+                return Err(Refusal::Malformed(
+                    "hello.primary must name a kind, version and plural".into(),
+                ));
+            }
+        }
+        // The subset comes from the real Pod's labels, never from the runtime.
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &hello.pod_namespace);
+        let pod = tokio::time::timeout(LOOKUP_TIMEOUT, pods.get_opt(&hello.pod_name))
+            .await
+            .map_err(|_| Refusal::Lookup("timed out reading the Pod".into()))?
+            .map_err(|e| Refusal::Lookup(e.to_string()))?
+            .ok_or_else(|| Refusal::UnknownPod {
+                pod: format!("{}/{}", hello.pod_namespace, hello.pod_name),
+            })?;
+        let (reply, answer) = oneshot::channel();
+        self.core
+            .send(Input::Connect {
+                hello: Box::new(hello),
+                pod_labels: pod.labels().clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| Refusal::ShuttingDown)?;
+        answer.await.map_err(|_| Refusal::ShuttingDown)?
+    }
+}
+
+#[tonic::async_trait]
+impl MeshService for MeshServer {
+    type SessionStream = ReceiverStream<Result<ManagerMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<RuntimeMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
+        let hello = match first.and_then(|m| m.msg) {
+            Some(In::Hello(h)) => h,
+            _ => return Err(Refusal::Malformed("the first message must be hello".into()).into()),
+        };
+        let pod = format!("{}/{}", hello.pod_namespace, hello.pod_name);
+        let connected = match self.admit(hello).await {
+            Ok(c) => c,
+            Err(refusal) => {
+                tracing::warn!(runtime = %pod, %refusal, "refused runtime");
+                return Err(refusal.into());
+            }
+        };
+        let Connected {
+            runtime,
+            seq,
+            pending,
+        } = connected;
+
+        // Writer: pending set -> stream. A bounded channel gives backpressure;
+        // the pending set coalesces while the runtime is slow.
+        let (tx, rx) = mpsc::channel(64);
+        let core = self.core.clone();
+        let (rt, writer_pending) = (runtime.clone(), pending.clone());
+        tokio::spawn(async move {
+            while let Some(batch) = writer_pending.next_batch(BATCH).await {
+                for msg in batch {
+                    if tx.send(Ok(msg)).await.is_err() {
+                        let _ = core.send(Input::Disconnect { runtime: rt, seq }).await;
+                        return;
+                    }
+                }
+            }
+        });
+
+        // Reader: stream -> core. The session ends when the stream does.
+        let core = self.core.clone();
+        let ttl_ms = u32::try_from(self.lease_ttl.as_millis()).unwrap_or(u32::MAX);
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(runtime = %runtime, error = %e, "session stream failed");
+                        break;
+                    }
+                };
+                match msg.msg {
+                    Some(In::Heartbeat(hb)) => pending.urgent(ManagerMessage {
+                        msg: Some(Msg::Lease(LeaseRenewal {
+                            seq: hb.seq,
+                            ttl_ms,
+                        })),
+                    }),
+                    Some(In::Released(r)) => {
+                        let input = Input::Released {
+                            runtime: runtime.clone(),
+                            seq,
+                            keys: r.keys,
+                        };
+                        if core.send(input).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(In::Goodbye(_)) => break,
+                    Some(In::Report(_)) | Some(In::Hello(_)) | None => {}
+                }
+            }
+            let _ = core.send(Input::Disconnect { runtime, seq }).await;
+        });
+
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
