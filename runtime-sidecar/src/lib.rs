@@ -1,2 +1,88 @@
 //! The opmesh runtime sidecar: keeps the session with the manager, a slice
 //! cache and a work queue, and serves its operator on a Unix socket.
+//!
+//! - [`config`] — settings.
+//! - [`queue`] — the work queue with client-go semantics.
+//! - [`cache`] — the slice cache of owned objects.
+//! - [`state`] — shared state: session, ownership, lease, in-flight tasks.
+//! - [`session`] — the session with the manager, with reconnect and backoff.
+//! - [`dispatch`] — hands queued keys to the operator.
+//! - [`server`] — the `RuntimeService` for the operator.
+//! - [`http`] — `/healthz`, `/readyz`, `/metrics`.
+//! - [`metrics`] — controller-runtime-named metrics.
+//!
+//! Invariants: a key is reconciled only while it is owned, synced and the
+//! lease is valid; a revoked key is answered with `Released` only after its
+//! running reconcile finished; on session loss every key is dropped.
+
+pub mod cache;
+pub mod config;
+pub mod dispatch;
+pub mod http;
+pub mod metrics;
+pub mod queue;
+pub mod server;
+pub mod session;
+pub mod state;
+
+use std::{os::unix::fs::PermissionsExt as _, sync::Arc};
+
+use opmesh_proto::v1::runtime_service_server::RuntimeServiceServer;
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::watch,
+};
+use tokio_stream::wrappers::UnixListenerStream;
+
+pub use config::Config;
+
+/// Binds the operator socket at `config.socket`, replacing a stale one and
+/// making it readable only by its owner.
+pub fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
+    let path = &config.socket;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {} for --socket: {e}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => anyhow::bail!("cannot replace --socket {}: {e}", path.display()),
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot listen on --socket {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Runs the runtime until `shutdown` fires.
+pub async fn run(
+    config: Config,
+    socket: UnixListener,
+    health: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let rt = Arc::new(state::Runtime::new(config));
+    let (stop_tx, stop) = watch::channel(false);
+    let session = tokio::spawn(session::run(rt.clone(), stop.clone()));
+    let dispatch = tokio::spawn(dispatch::run(rt.clone(), stop.clone()));
+    let http = tokio::spawn(http::serve(rt.clone(), health, stop.clone()));
+    tracing::info!(socket = %rt.config.socket.display(), "runtime serving the operator");
+    let mut stopped = stop.clone();
+    let result = tonic::transport::Server::builder()
+        .add_service(RuntimeServiceServer::new(server::RuntimeServer::new(
+            rt.clone(),
+        )))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(socket), async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    let _ = stopped.wait_for(|s| *s).await;
+    rt.queue.shut_down();
+    for task in [session, dispatch, http] {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
+    let _ = std::fs::remove_file(&rt.config.socket);
+    result.map_err(Into::into)
+}

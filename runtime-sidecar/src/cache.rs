@@ -1,0 +1,172 @@
+//! The slice cache: the objects of the keys this runtime owns, as the
+//! manager sent them.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use opmesh_proto::v1::GroupVersionKind;
+use serde::Deserialize;
+
+/// Identifies a cached object: `(gvk key, namespace, name)`.
+pub type ObjRef = (String, String, String);
+
+/// The index key of a type: `group/version/Kind`, as the manager uses.
+pub fn gvk_key(g: &GroupVersionKind) -> String {
+    format!("{}/{}/{}", g.group, g.version, g.kind)
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    key: String,
+    object: Arc<Vec<u8>>,
+    owner_uids: Vec<String>,
+}
+
+/// Cached objects, indexed by object and by owning primary key.
+#[derive(Debug, Default)]
+pub struct Cache {
+    objects: HashMap<ObjRef, Entry>,
+    by_key: HashMap<String, HashSet<ObjRef>>,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    #[serde(default)]
+    metadata: MetaInner,
+}
+
+#[derive(Deserialize, Default)]
+struct MetaInner {
+    #[serde(default, rename = "ownerReferences")]
+    owner_references: Vec<OwnerRef>,
+}
+
+#[derive(Deserialize)]
+struct OwnerRef {
+    uid: String,
+}
+
+// === impl Cache ===
+
+impl Cache {
+    /// Stores the latest state of an object that belongs to `key`.
+    pub fn apply(&mut self, key: &str, obj: ObjRef, bytes: Vec<u8>) {
+        let owner_uids = serde_json::from_slice::<Meta>(&bytes)
+            .map(|m| {
+                m.metadata
+                    .owner_references
+                    .into_iter()
+                    .map(|o| o.uid)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(old) = self.objects.get(&obj)
+            && old.key != key
+            && let Some(set) = self.by_key.get_mut(&old.key)
+        {
+            set.remove(&obj);
+        }
+        self.by_key
+            .entry(key.to_string())
+            .or_default()
+            .insert(obj.clone());
+        self.objects.insert(
+            obj,
+            Entry {
+                key: key.to_string(),
+                object: Arc::new(bytes),
+                owner_uids,
+            },
+        );
+    }
+
+    /// Removes an object.
+    pub fn delete(&mut self, obj: &ObjRef) {
+        if let Some(e) = self.objects.remove(obj)
+            && let Some(set) = self.by_key.get_mut(&e.key)
+        {
+            set.remove(obj);
+            if set.is_empty() {
+                self.by_key.remove(&e.key);
+            }
+        }
+    }
+
+    /// Removes every object of `key` (on revoke).
+    pub fn drop_key(&mut self, key: &str) {
+        for obj in self.by_key.remove(key).into_iter().flatten() {
+            self.objects.remove(&obj);
+        }
+    }
+
+    /// Removes everything (on session loss).
+    pub fn clear(&mut self) {
+        self.objects.clear();
+        self.by_key.clear();
+    }
+
+    /// One object's JSON.
+    pub fn get(&self, obj: &ObjRef) -> Option<Arc<Vec<u8>>> {
+        self.objects.get(obj).map(|e| e.object.clone())
+    }
+
+    /// Objects of type `gvk`, optionally only in `namespace` and only those
+    /// with an ownerReference to `owner_uid`.
+    pub fn list(&self, gvk: &str, namespace: &str, owner_uid: &str) -> Vec<Arc<Vec<u8>>> {
+        let mut out: Vec<(&ObjRef, Arc<Vec<u8>>)> = self
+            .objects
+            .iter()
+            .filter(|((g, ns, _), e)| {
+                g == gvk
+                    && (namespace.is_empty() || ns == namespace)
+                    && (owner_uid.is_empty() || e.owner_uids.iter().any(|u| u == owner_uid))
+            })
+            .map(|(r, e)| (r, e.object.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(b.0));
+        out.into_iter().map(|(_, o)| o).collect()
+    }
+
+    /// Number of cached objects.
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(g: &str, ns: &str, n: &str) -> ObjRef {
+        (g.into(), ns.into(), n.into())
+    }
+
+    #[test]
+    fn list_by_namespace_and_owner_and_drop_by_key() {
+        let mut c = Cache::default();
+        c.apply(
+            "a/x",
+            r("G", "a", "x"),
+            br#"{"metadata":{"uid":"u1"}}"#.to_vec(),
+        );
+        c.apply(
+            "a/x",
+            r("C", "a", "x-cm"),
+            br#"{"metadata":{"ownerReferences":[{"uid":"u1"}]}}"#.to_vec(),
+        );
+        c.apply("b/y", r("C", "b", "other"), br#"{"metadata":{}}"#.to_vec());
+        assert_eq!(c.list("C", "", "").len(), 2);
+        assert_eq!(c.list("C", "a", "").len(), 1);
+        assert_eq!(c.list("C", "", "u1").len(), 1);
+        c.drop_key("a/x");
+        assert!(c.get(&r("G", "a", "x")).is_none());
+        assert_eq!(c.len(), 1);
+    }
+}

@@ -1,0 +1,186 @@
+//! The `RuntimeService` the operator uses over the Unix socket.
+
+use std::{sync::Arc, time::Duration};
+
+use opmesh_proto::v1::{
+    CompleteResponse, Completion, GetRequest, GetResponse, ListRequest, ListResponse,
+    OwnershipRequest, OwnershipResponse, RegisterRequest, RegisterResponse, Task, TasksRequest,
+    completion::Result as Outcome, runtime_service_server::RuntimeService,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    cache::gvk_key,
+    state::{Registration, Runtime},
+};
+
+/// Serves `RuntimeService` from the runtime's state.
+pub struct RuntimeServer {
+    rt: Arc<Runtime>,
+}
+
+// === impl RuntimeServer ===
+
+impl RuntimeServer {
+    /// A server over `rt`.
+    pub fn new(rt: Arc<Runtime>) -> Self {
+        Self { rt }
+    }
+}
+
+#[tonic::async_trait]
+impl RuntimeService for RuntimeServer {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let req = request.into_inner();
+        let primary = req
+            .primary
+            .filter(|g| !g.kind.is_empty() && !g.version.is_empty() && !g.plural.is_empty())
+            .ok_or_else(|| {
+                Status::invalid_argument("primary must name a kind, version and plural")
+            })?;
+        let reg = Registration {
+            primary,
+            owns: req.owns,
+        };
+        if let Some(existing) = self.rt.registered()
+            && gvk_key(&existing.primary) != gvk_key(&reg.primary)
+        {
+            return Err(Status::failed_precondition(format!(
+                "this sidecar serves {}, not {}; one sidecar serves one controller",
+                gvk_key(&existing.primary),
+                gvk_key(&reg.primary)
+            )));
+        }
+        tracing::info!(primary = %gvk_key(&reg.primary), owns = reg.owns.len(), "operator registered");
+        self.rt.registration.send_replace(Some(reg));
+        let c = &self.rt.config;
+        Ok(Response::new(RegisterResponse {
+            mesh_namespace: c.mesh.namespace.clone(),
+            mesh_name: c.mesh.name.clone(),
+            pod_namespace: c.pod_namespace.clone(),
+            pod_name: c.pod_name.clone(),
+        }))
+    }
+
+    type TasksStream = ReceiverStream<Result<Task, Status>>;
+
+    async fn tasks(
+        &self,
+        _request: Request<TasksRequest>,
+    ) -> Result<Response<Self::TasksStream>, Status> {
+        let capacity = self.rt.config.max_concurrent_reconciles as usize + 1;
+        let (tx, rx) = mpsc::channel(capacity);
+        let id = self.rt.attach_operator(tx.clone());
+        let rt = self.rt.clone();
+        tokio::spawn(async move {
+            // The stream's receiver is dropped when the operator goes away.
+            tx.closed().await;
+            tracing::info!("operator disconnected; retrying its unfinished tasks");
+            rt.detach_operator(id);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn complete(
+        &self,
+        request: Request<Completion>,
+    ) -> Result<Response<CompleteResponse>, Status> {
+        let c = request.into_inner();
+        let rt = &self.rt;
+        let done = rt.complete(c.id).ok_or_else(|| {
+            Status::not_found(format!(
+                "unknown task {} (already completed, or from an earlier connection)",
+                c.id
+            ))
+        })?;
+        let key = done.key.clone();
+        let m = &rt.metrics;
+        let elapsed = done.started.elapsed().as_secs_f64();
+        m.work_duration.get_or_create(m.queue()).observe(elapsed);
+        m.reconcile_time
+            .get_or_create(&m.controller(None))
+            .observe(elapsed);
+        let still_owned = rt.owns(&key).0;
+        let result = match c.result {
+            Some(Outcome::Ok(_)) => {
+                rt.queue.forget(&key);
+                "success"
+            }
+            Some(Outcome::RequeueAfterMs(ms)) => {
+                rt.queue.forget(&key);
+                if still_owned {
+                    rt.queue.add_after(&key, Duration::from_millis(ms));
+                }
+                "requeue_after"
+            }
+            Some(Outcome::Error(msg)) => {
+                tracing::info!(key = %key, error = %msg, "reconcile failed");
+                m.reconcile_errors.get_or_create(&m.controller(None)).inc();
+                if c.no_retry {
+                    rt.queue.forget(&key);
+                } else if still_owned {
+                    m.retries.get_or_create(m.queue()).inc();
+                    if c.retry_after_ms > 0 {
+                        rt.queue
+                            .add_after(&key, Duration::from_millis(c.retry_after_ms));
+                    } else {
+                        rt.queue.add_rate_limited(&key);
+                    }
+                }
+                "error"
+            }
+            None => {
+                rt.queue.done(&key);
+                rt.bump();
+                return Err(Status::invalid_argument("completion has no result"));
+            }
+        };
+        m.reconcile_total
+            .get_or_create(&m.controller(Some(result)))
+            .inc();
+        rt.queue.done(&key);
+        rt.bump();
+        Ok(Response::new(CompleteResponse {}))
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let req = request.into_inner();
+        let gvk = req
+            .gvk
+            .ok_or_else(|| Status::invalid_argument("gvk is required"))?;
+        let object = self
+            .rt
+            .cache()
+            .get(&(gvk_key(&gvk), req.namespace, req.name))
+            .map(|b| b.as_ref().clone());
+        Ok(Response::new(GetResponse { object }))
+    }
+
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let req = request.into_inner();
+        let gvk = req
+            .gvk
+            .ok_or_else(|| Status::invalid_argument("gvk is required"))?;
+        let objects = self
+            .rt
+            .cache()
+            .list(&gvk_key(&gvk), &req.namespace, &req.owner_uid)
+            .into_iter()
+            .map(|b| b.as_ref().clone())
+            .collect();
+        Ok(Response::new(ListResponse { objects }))
+    }
+
+    async fn ownership(
+        &self,
+        request: Request<OwnershipRequest>,
+    ) -> Result<Response<OwnershipResponse>, Status> {
+        let (owned, lease_valid) = self.rt.owns(&request.into_inner().key);
+        Ok(Response::new(OwnershipResponse { owned, lease_valid }))
+    }
+}

@@ -1,0 +1,227 @@
+//! The session with the manager: dial, hello, then apply what the manager
+//! sends; reconnect with backoff when the session ends or is refused.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use opmesh_proto::v1::{
+    Heartbeat, Hello, Released, RuntimeMessage, manager_message::Msg,
+    mesh_service_client::MeshServiceClient, runtime_message::Msg as Out,
+};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+    time::Instant,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, transport::Endpoint};
+
+use crate::state::Runtime;
+
+/// First reconnect delay.
+const BACKOFF_START: Duration = Duration::from_millis(250);
+/// Longest reconnect delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Network waits: dialing, the first answer.
+const NET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a session attempt ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The manager refused this runtime; the message says why.
+    #[error("the manager refused this runtime ({code:?}): {message}")]
+    Refused {
+        /// The gRPC code.
+        code: Code,
+        /// The manager's message.
+        message: String,
+    },
+    /// The manager could not be reached or the stream broke.
+    #[error("manager unreachable at {addr}: {reason}")]
+    Unreachable {
+        /// The address tried.
+        addr: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The session was established and then ended.
+    #[error("session ended: {0}")]
+    Ended(String),
+}
+
+/// Keeps a session with the manager until `shutdown` fires.
+pub async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
+    // Nothing to declare before the operator registers.
+    let mut reg = rt.registration.subscribe();
+    tokio::select! {
+        r = reg.wait_for(Option::is_some) => if r.is_err() { return },
+        _ = shutdown.wait_for(|s| *s) => return,
+    }
+    let mut backoff = BACKOFF_START;
+    let mut attempt = 0usize;
+    loop {
+        let addr = rt.config.manager[attempt % rt.config.manager.len().max(1)].clone();
+        attempt += 1;
+        let result = tokio::select! {
+            r = session(&rt, &addr) => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        rt.session_lost();
+        match &result {
+            Err(SessionError::Ended(why)) => {
+                tracing::warn!(manager = %addr, reason = %why, "session ended; reconnecting");
+                backoff = BACKOFF_START;
+            }
+            Err(e @ SessionError::Refused { .. }) => {
+                tracing::error!(manager = %addr, error = %e, retry_in = ?backoff, "refused; retrying");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot open session; retrying")
+            }
+            Ok(()) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn session(rt: &Arc<Runtime>, addr: &str) -> Result<(), SessionError> {
+    let unreachable = |reason: String| SessionError::Unreachable {
+        addr: addr.to_string(),
+        reason,
+    };
+    let reg = rt
+        .registered()
+        .ok_or_else(|| unreachable("not registered".into()))?;
+    let endpoint = Endpoint::from_shared(addr.to_string())
+        .map_err(|e| unreachable(format!("bad --manager address: {e}")))?
+        .connect_timeout(NET_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(NET_TIMEOUT);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut client = MeshServiceClient::new(channel);
+
+    let (tx, rx) = mpsc::channel::<RuntimeMessage>(64);
+    let hello = Hello {
+        mesh_namespace: rt.config.mesh.namespace.clone(),
+        mesh_name: rt.config.mesh.name.clone(),
+        pod_namespace: rt.config.pod_namespace.clone(),
+        pod_name: rt.config.pod_name.clone(),
+        primary: Some(reg.primary.clone()),
+        owns: reg.owns.clone(),
+        runtime_version: env!("CARGO_PKG_VERSION").to_string(),
+        capacity: rt.config.max_concurrent_reconciles,
+        auth_token: String::new(),
+        held: Vec::new(),
+    };
+    let hello_sent = Instant::now();
+    // The channel is fresh, so this cannot fail.
+    let _ = tx
+        .send(RuntimeMessage {
+            msg: Some(Out::Hello(hello)),
+        })
+        .await;
+    let refused = |s: tonic::Status| match s.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => {
+            unreachable(s.message().to_string())
+        }
+        code => SessionError::Refused {
+            code,
+            message: s.message().to_string(),
+        },
+    };
+    let response = tokio::time::timeout(NET_TIMEOUT * 3, client.session(ReceiverStream::new(rx)))
+        .await
+        .map_err(|_| unreachable("no answer to hello".into()))?
+        .map_err(refused)?;
+    let mut inbound = response.into_inner();
+    let welcome = match tokio::time::timeout(NET_TIMEOUT * 3, inbound.message()).await {
+        Ok(Ok(Some(m))) => match m.msg {
+            Some(Msg::Welcome(w)) => w,
+            _ => return Err(unreachable("the first message was not a welcome".into())),
+        },
+        Ok(Ok(None)) => return Err(unreachable("stream closed before welcome".into())),
+        Ok(Err(s)) => return Err(refused(s)),
+        Err(_) => return Err(unreachable("no welcome".into())),
+    };
+    rt.welcomed(&welcome, hello_sent);
+    tracing::info!(manager = %addr, runtime = %welcome.runtime_id, subset = %welcome.subset, "session established");
+
+    let ttl = Duration::from_millis(u64::from(welcome.lease_ttl_ms.max(100)));
+    let mut tasks = JoinSet::new();
+    let sent_at: Arc<std::sync::Mutex<HashMap<u64, Instant>>> = Arc::default();
+    {
+        let (tx, sent_at) = (tx.clone(), sent_at.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(ttl / 3);
+            let mut seq = 0u64;
+            loop {
+                tick.tick().await;
+                seq += 1;
+                {
+                    let mut m = sent_at.lock().unwrap_or_else(|e| e.into_inner());
+                    m.retain(|s, _| seq.saturating_sub(*s) < 16);
+                    m.insert(seq, Instant::now());
+                }
+                let hb = RuntimeMessage {
+                    msg: Some(Out::Heartbeat(Heartbeat { seq })),
+                };
+                if tx.send(hb).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    // A silent manager is a dead one: renewals come every ttl/3.
+    loop {
+        let msg = match tokio::time::timeout(ttl * 2, inbound.message()).await {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => {
+                return Err(SessionError::Ended("the manager closed the stream".into()));
+            }
+            Ok(Err(s)) => return Err(SessionError::Ended(s.message().to_string())),
+            Err(_) => {
+                return Err(SessionError::Ended(
+                    "no message from the manager for 2×TTL".into(),
+                ));
+            }
+        };
+        match msg.msg {
+            Some(Msg::Event(ev)) => rt.on_event(ev),
+            Some(Msg::Synced(_)) => rt.on_synced(),
+            Some(Msg::Revoke(r)) => {
+                rt.revoke(&r.keys);
+                let (rt, tx) = (rt.clone(), tx.clone());
+                tasks.spawn(async move {
+                    rt.drained(&r.keys).await;
+                    let _ = tx
+                        .send(RuntimeMessage {
+                            msg: Some(Out::Released(Released {
+                                keys: r.keys,
+                                epoch: r.epoch,
+                            })),
+                        })
+                        .await;
+                });
+            }
+            Some(Msg::Lease(l)) => {
+                let sent = sent_at
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&l.seq)
+                    .copied();
+                // Validity counts from when the heartbeat was sent, the safe side.
+                if let Some(sent) = sent {
+                    rt.renewed(sent + Duration::from_millis(u64::from(l.ttl_ms)));
+                }
+            }
+            Some(Msg::Welcome(_)) | None => {}
+        }
+    }
+}
