@@ -1,2 +1,60 @@
-//! The opmesh SDK: write operators that reconcile only what their runtime
-//! sidecar hands them.
+//! The opmesh SDK: write Kubernetes operators that reconcile only the slice
+//! of objects their runtime sidecar hands them.
+//!
+//! The shape follows kube-runtime's `Controller`: a `reconcile(Arc<K>,
+//! Arc<Ctx>) -> Result<Action, E>` function and an error policy. The
+//! difference is where work comes from: the opmesh manager watches the API
+//! server once, routes each key to exactly one replica, and this replica's
+//! sidecar hands over the keys it owns, with their objects. The sidecar's
+//! work queue has controller-runtime semantics (dedup, per-key backoff,
+//! requeue-after, max concurrency).
+//!
+//! - [`Mesh`] — the connection to the sidecar ([`Mesh::connect`] fails fast
+//!   with [`Error::NoSidecar`] if there is none).
+//! - [`Controller`] — `new` / `owns` / `run`.
+//! - [`Action`] — what to do after a reconcile.
+//! - [`Cache`] — typed reads of the slice cache (get, list, list by owner).
+//! - [`current`] — the key, subset and replica of the running reconcile.
+//!
+//! Writes go straight to the API server with a `kube::Client`.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::{sync::Arc, time::Duration};
+//!
+//! use k8s_openapi::api::core::v1::ConfigMap;
+//! use opmesh_sdk::{Action, Controller, Mesh};
+//!
+//! struct Ctx {
+//!     client: kube::Client,
+//! }
+//!
+//! async fn reconcile(cm: Arc<ConfigMap>, _ctx: Arc<Ctx>) -> Result<Action, kube::Error> {
+//!     let task = opmesh_sdk::current().expect("inside reconcile");
+//!     println!("{} reconciles {} in subset {}", task.runtime_id, task.key, task.subset);
+//!     Ok(Action::requeue(Duration::from_secs(300)))
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> anyhow::Result<()> {
+//!     let mesh = Mesh::connect().await?; // $OPMESH_RUNTIME_SOCKET
+//!     let ctx = Arc::new(Ctx { client: kube::Client::try_default().await? });
+//!     Controller::<ConfigMap>::new(&mesh)
+//!         .run(reconcile, opmesh_sdk::default_error_policy, ctx)
+//!         .await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! A complete operator is in `sdk/examples/configmap_generator.rs`.
+
+mod action;
+mod cache;
+mod controller;
+mod error;
+
+pub use action::{Action, default_error_policy};
+pub use cache::{Cache, gvk_of};
+pub use controller::{Controller, DEFAULT_SOCKET, Mesh, SOCKET_ENV, TaskInfo, current};
+pub use error::{Error, Result};

@@ -262,18 +262,43 @@ impl ControlPlane {
                 continue;
             }
             let text = std::fs::read_to_string(&path)?;
-            let crd: CustomResourceDefinition = serde_yaml::from_str(&text)
-                .with_context(|| format!("parsing {}", path.display()))?;
-            let name = crd.metadata.name.clone().unwrap_or_default();
-            api.patch(
-                &name,
-                &PatchParams::apply("opmesh-tests").force(),
-                &Patch::Apply(&crd),
-            )
-            .await
-            .with_context(|| format!("applying {}", path.display()))?;
-            names.push(name);
+            names.push(
+                self.apply_crd(&api, &text)
+                    .await
+                    .with_context(|| format!("applying {}", path.display()))?,
+            );
         }
+        self.wait_established(&api, names).await
+    }
+
+    /// Applies one CRD manifest and waits until it is Established.
+    pub async fn install_crd_yaml(&self, yaml: &str) -> anyhow::Result<()> {
+        let api: Api<CustomResourceDefinition> = Api::all(self.client().await?);
+        let name = self.apply_crd(&api, yaml).await?;
+        self.wait_established(&api, vec![name]).await
+    }
+
+    async fn apply_crd(
+        &self,
+        api: &Api<CustomResourceDefinition>,
+        yaml: &str,
+    ) -> anyhow::Result<String> {
+        let crd: CustomResourceDefinition = serde_yaml::from_str(yaml).context("parsing CRD")?;
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(
+            &name,
+            &PatchParams::apply("opmesh-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+        Ok(name)
+    }
+
+    async fn wait_established(
+        &self,
+        api: &Api<CustomResourceDefinition>,
+        names: Vec<String>,
+    ) -> anyhow::Result<()> {
         for name in names {
             crate::eventually(
                 &format!("CRD {name} to be Established"),

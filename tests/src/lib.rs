@@ -3,12 +3,14 @@
 //! - [`control_plane`]: a real kube-apiserver and etcd, built from the Go module
 //!   proxy by `tests/control-plane/build.sh`, one per test binary.
 //! - [`cluster`]: helpers for namespaces, Pods, bound tokens and token reviews.
+//! - [`mesh`]: the manager, sidecars and example operator as real processes.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
 //!
 //! The tests themselves live in `tests/tests/`.
 
 pub mod cluster;
 pub mod control_plane;
+pub mod mesh;
 
 use std::{future::Future, time::Duration};
 

@@ -55,6 +55,18 @@ impl Process {
         log_dir: &Path,
         cleanup: &Path,
     ) -> anyhow::Result<Self> {
+        Self::spawn_with_env(name, program, args, &[], log_dir, cleanup)
+    }
+
+    /// Like [`Process::spawn`], with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log_dir: &Path,
+        cleanup: &Path,
+    ) -> anyhow::Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
@@ -65,6 +77,7 @@ impl Process {
             .arg(cleanup)
             .arg(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(out)
             .stderr(err)
@@ -106,6 +119,30 @@ impl Process {
     /// The last `lines` lines of the log file.
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.log, lines)
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&self) -> bool {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own and returns
+    /// its exit code (`None` if it was killed by a signal or is still running).
+    pub fn wait_exit(&self, timeout: Duration) -> Option<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Some(status.code());
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Asks the process to stop and waits up to `timeout` for it.

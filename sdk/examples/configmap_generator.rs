@@ -1,0 +1,254 @@
+//! An example operator built with the opmesh SDK: `ConfigMapGenerator`.
+//!
+//! Each `ConfigMapGenerator` owns a ConfigMap named `<name>-generated` holding
+//! its `spec.data`. The operator writes `status.handledBy` (subset/pod),
+//! `status.observedGeneration` and `status.version`, and appends one JSON
+//! line per reconcile to `--records` so tests can check who reconciled what,
+//! and when.
+//!
+//! The same binary runs as every version; `--version` (`OPMESH_EXAMPLE_VERSION`)
+//! only labels what it writes.
+//!
+//! ```text
+//! configmap_generator crd            # print the CRD
+//! configmap_generator run --version v2 --records /tmp/v2.jsonl
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write as _,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use clap::{Parser, Subcommand};
+use k8s_openapi::{api::core::v1::ConfigMap, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use kube::{
+    Api, Client, CustomResource, CustomResourceExt as _, Resource as _, ResourceExt as _,
+    api::{Patch, PatchParams},
+};
+use opmesh_sdk::{Action, Controller, Mesh};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Generates a ConfigMap from `data`.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[kube(
+    group = "example.opmesh.io",
+    version = "v1",
+    kind = "ConfigMapGenerator",
+    namespaced,
+    status = "ConfigMapGeneratorStatus",
+    shortname = "cmg",
+    printcolumn = r#"{"name":"Handled By","type":"string","jsonPath":".status.handledBy"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapGeneratorSpec {
+    /// The data of the generated ConfigMap.
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+    /// Fail this many reconciles of each generation before succeeding, to
+    /// exercise error backoff.
+    #[serde(default)]
+    pub fail_times: u32,
+    /// After success, reconcile again after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requeue_after_ms: Option<u64>,
+}
+
+/// What the operator observed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapGeneratorStatus {
+    /// `subset/pod` of the replica that reconciled last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_by: Option<String>,
+    /// The generation reconciled last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The operator version that reconciled last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+#[derive(Parser)]
+#[command(about = "Example opmesh operator: ConfigMapGenerator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the ConfigMapGenerator CRD as YAML.
+    Crd,
+    /// Run the operator against the sidecar at $OPMESH_RUNTIME_SOCKET.
+    Run {
+        /// The operator version this process reports.
+        #[arg(
+            long = "operator-version",
+            env = "OPMESH_EXAMPLE_VERSION",
+            default_value = "v1"
+        )]
+        version: String,
+        /// Append a JSON line per reconcile to this file.
+        #[arg(long, env = "OPMESH_EXAMPLE_RECORDS")]
+        records: Option<PathBuf>,
+    },
+}
+
+struct Ctx {
+    client: Client,
+    version: String,
+    records: Option<PathBuf>,
+    /// Failed attempts per (key, generation), for `failTimes`.
+    attempts: Mutex<HashMap<(String, i64), u32>>,
+}
+
+/// One reconcile, as recorded for tests.
+#[derive(Serialize)]
+struct Record<'a> {
+    key: &'a str,
+    runtime: &'a str,
+    subset: &'a str,
+    version: &'a str,
+    generation: i64,
+    start_us: u128,
+    end_us: u128,
+    outcome: &'a str,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("kube: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("failing on purpose ({0} of failTimes)")]
+    OnPurpose(u32),
+    #[error("reconcile called outside a task")]
+    NoTask,
+}
+
+fn now_us() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or_default()
+}
+
+async fn reconcile(obj: Arc<ConfigMapGenerator>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let start = now_us();
+    let task = opmesh_sdk::current().ok_or(Error::NoTask)?;
+    let generation = obj.metadata.generation.unwrap_or_default();
+    let result = apply(&obj, &ctx, &task, generation).await;
+    if let Some(path) = &ctx.records {
+        let outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        let line = serde_json::to_string(&Record {
+            key: &task.key,
+            runtime: &task.runtime_id,
+            subset: &task.subset,
+            version: &ctx.version,
+            generation,
+            start_us: start,
+            end_us: now_us(),
+            outcome: &outcome,
+        })
+        .unwrap_or_default();
+        // One write per line with O_APPEND keeps lines whole.
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+    result
+}
+
+async fn apply(
+    obj: &ConfigMapGenerator,
+    ctx: &Ctx,
+    task: &opmesh_sdk::TaskInfo,
+    generation: i64,
+) -> Result<Action, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    if obj.spec.fail_times > 0 {
+        let mut attempts = ctx.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = attempts.entry((task.key.clone(), generation)).or_insert(0);
+        if *n < obj.spec.fail_times {
+            *n += 1;
+            return Err(Error::OnPurpose(*n));
+        }
+    }
+
+    let owner = obj.controller_owner_ref(&()).into_iter().collect();
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}-generated")),
+            namespace: Some(ns.clone()),
+            owner_references: Some(owner),
+            labels: Some(BTreeMap::from([(
+                "example.opmesh.io/generator".to_string(),
+                name.clone(),
+            )])),
+            ..Default::default()
+        },
+        data: Some(obj.spec.data.clone()),
+        ..Default::default()
+    };
+    let pp = PatchParams::apply("configmap-generator").force();
+    Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+        .patch(&format!("{name}-generated"), &pp, &Patch::Apply(&cm))
+        .await?;
+
+    let pod = task.runtime_id.rsplit('/').next().unwrap_or_default();
+    let status = serde_json::json!({
+        "status": ConfigMapGeneratorStatus {
+            handled_by: Some(format!("{}/{pod}", task.subset)),
+            observed_generation: Some(generation),
+            version: Some(ctx.version.clone()),
+        }
+    });
+    Api::<ConfigMapGenerator>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+
+    Ok(match obj.spec.requeue_after_ms {
+        Some(ms) => Action::requeue(Duration::from_millis(ms)),
+        None => Action::await_change(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Crd => {
+            print!("{}", serde_yaml::to_string(&ConfigMapGenerator::crd())?);
+            Ok(())
+        }
+        Command::Run { version, records } => {
+            let mesh = Mesh::connect().await?;
+            let ctx = Arc::new(Ctx {
+                client: Client::try_default().await?,
+                version,
+                records,
+                attempts: Mutex::default(),
+            });
+            Controller::<ConfigMapGenerator>::new(&mesh)
+                .owns::<ConfigMap>()
+                .run(reconcile, opmesh_sdk::default_error_policy, ctx)
+                .await?;
+            Ok(())
+        }
+    }
+}

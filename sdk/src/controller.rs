@@ -1,0 +1,261 @@
+//! The `Controller`: receives tasks from the sidecar and runs `reconcile`.
+
+use std::{future::Future, marker::PhantomData, path::PathBuf, sync::Arc, time::Duration};
+
+use kube::Resource;
+use opmesh_proto::v1::{
+    Completion, Empty, GroupVersionKind, RegisterRequest, Task, TasksRequest,
+    completion::Result as Outcome, runtime_service_client::RuntimeServiceClient,
+};
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tracing::Instrument as _;
+
+use crate::{
+    action::Action,
+    cache::{Cache, decode, gvk_of},
+    error::{Error, Result},
+};
+
+/// Where the SDK looks for the sidecar's socket.
+pub const SOCKET_ENV: &str = "OPMESH_RUNTIME_SOCKET";
+/// The socket path when [`SOCKET_ENV`] is unset.
+pub const DEFAULT_SOCKET: &str = "/var/run/opmesh/runtime.sock";
+/// How long [`Mesh::connect`] waits for the sidecar.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection to this pod's runtime sidecar.
+#[derive(Clone, Debug)]
+pub struct Mesh {
+    client: RuntimeServiceClient<Channel>,
+    socket: PathBuf,
+}
+
+/// The task being reconciled, available inside `reconcile` through
+/// [`current`].
+#[derive(Clone, Debug, Default)]
+pub struct TaskInfo {
+    /// The primary key, `namespace/name` or `name`.
+    pub key: String,
+    /// The subset this replica belongs to, as the manager resolved it.
+    pub subset: String,
+    /// This replica's runtime id (its pod, `namespace/name`).
+    pub runtime_id: String,
+}
+
+tokio::task_local! {
+    static CURRENT: TaskInfo;
+}
+
+/// The task being reconciled, when called from inside `reconcile` or the
+/// error policy.
+pub fn current() -> Option<TaskInfo> {
+    CURRENT.try_with(Clone::clone).ok()
+}
+
+/// Reconciles objects of type `K` that the sidecar hands this replica.
+pub struct Controller<K> {
+    mesh: Mesh,
+    owns: Vec<GroupVersionKind>,
+    _k: PhantomData<fn() -> K>,
+}
+
+// === impl Mesh ===
+
+impl Mesh {
+    /// Connects to the sidecar at `$OPMESH_RUNTIME_SOCKET` (default
+    /// `/var/run/opmesh/runtime.sock`). Fails within seconds with
+    /// [`Error::NoSidecar`] if nothing answers.
+    pub async fn connect() -> Result<Self> {
+        let path = std::env::var_os(SOCKET_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        Self::connect_to(path).await
+    }
+
+    /// Connects to the sidecar socket at `path`.
+    pub async fn connect_to(path: impl Into<PathBuf>) -> Result<Self> {
+        let socket = path.into();
+        let no_sidecar = |reason: String| Error::NoSidecar {
+            path: socket.clone(),
+            reason,
+        };
+        if !socket.exists() {
+            return Err(no_sidecar("the socket does not exist".into()));
+        }
+        let path = socket.clone();
+        // The URI is a placeholder: the connector always dials the socket.
+        let endpoint =
+            Endpoint::from_static("http://opmesh-runtime.local").connect_timeout(CONNECT_TIMEOUT);
+        let channel = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            })),
+        )
+        .await
+        .map_err(|_| no_sidecar("timed out".into()))?
+        .map_err(|e| no_sidecar(format!("{e}: {}", source_chain(&e))))?;
+        Ok(Self {
+            client: RuntimeServiceClient::new(channel),
+            socket,
+        })
+    }
+
+    /// Typed reads of the slice cache.
+    pub fn cache(&self) -> Cache {
+        Cache::new(self.client.clone())
+    }
+
+    /// The socket this connection uses.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push(s.to_string());
+        cur = s.source();
+    }
+    out.join(": ")
+}
+
+// === impl Controller ===
+
+impl<K> Controller<K>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Send + Sync + 'static,
+    K::Scope: 'static,
+{
+    /// A controller for `K`, the primary type. (`for` is a Rust keyword, so
+    /// kube-runtime's `Controller::new` shape is used.)
+    pub fn new(mesh: &Mesh) -> Self {
+        Self {
+            mesh: mesh.clone(),
+            owns: Vec::new(),
+            _k: PhantomData,
+        }
+    }
+
+    /// Also reconcile `K` when an object of type `C` that it controls
+    /// (a controller ownerReference) changes.
+    pub fn owns<C>(mut self) -> Self
+    where
+        C: Resource<DynamicType = ()>,
+        C::Scope: 'static,
+    {
+        self.owns.push(gvk_of::<C>());
+        self
+    }
+
+    /// Registers with the sidecar and reconciles every task it hands out
+    /// until the sidecar goes away.
+    pub async fn run<Ctx, E, R, RFut, P>(
+        self,
+        reconcile: R,
+        error_policy: P,
+        ctx: Arc<Ctx>,
+    ) -> Result<()>
+    where
+        Ctx: Send + Sync + 'static,
+        E: std::fmt::Display + Send + 'static,
+        R: Fn(Arc<K>, Arc<Ctx>) -> RFut + Send + Sync + 'static,
+        RFut: Future<Output = Result<Action, E>> + Send + 'static,
+        P: Fn(Arc<K>, &E, Arc<Ctx>) -> Action + Send + Sync + 'static,
+    {
+        let mut client = self.mesh.client.clone();
+        client
+            .register(RegisterRequest {
+                primary: Some(gvk_of::<K>()),
+                owns: self.owns.clone(),
+            })
+            .await?;
+        let mut tasks = client.tasks(TasksRequest {}).await?.into_inner();
+        let reconcile = Arc::new(reconcile);
+        let error_policy = Arc::new(error_policy);
+        tracing::info!(kind = %K::kind(&()), "controller started");
+        while let Some(task) = tasks.message().await? {
+            let (client, reconcile, error_policy, ctx) = (
+                client.clone(),
+                reconcile.clone(),
+                error_policy.clone(),
+                ctx.clone(),
+            );
+            tokio::spawn(async move {
+                let id = task.id;
+                let completion = handle(task, reconcile.as_ref(), error_policy.as_ref(), ctx).await;
+                let mut client = client;
+                if let Err(e) = client.complete(Completion { id, ..completion }).await {
+                    tracing::warn!(task = id, error = %e, "cannot report completion");
+                }
+            });
+        }
+        Err(Error::SidecarGone)
+    }
+}
+
+async fn handle<K, Ctx, E, R, RFut, P>(
+    task: Task,
+    reconcile: &R,
+    error_policy: &P,
+    ctx: Arc<Ctx>,
+) -> Completion
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+    E: std::fmt::Display,
+    R: Fn(Arc<K>, Arc<Ctx>) -> RFut,
+    RFut: Future<Output = Result<Action, E>>,
+    P: Fn(Arc<K>, &E, Arc<Ctx>) -> Action,
+{
+    let info = TaskInfo {
+        key: task.key.clone(),
+        subset: task.subset.clone(),
+        runtime_id: task.runtime_id.clone(),
+    };
+    let obj = match decode::<K>(&task.object) {
+        Ok(o) => Arc::new(o),
+        Err(e) => {
+            // Retrying cannot fix an object that does not decode.
+            return Completion {
+                result: Some(Outcome::Error(e.to_string())),
+                no_retry: true,
+                ..Default::default()
+            };
+        }
+    };
+    let span = tracing::info_span!("reconcile", key = %task.key, subset = %task.subset);
+    CURRENT
+        .scope(info, async move {
+            match reconcile(obj.clone(), ctx.clone()).await {
+                Ok(action) => Completion {
+                    result: Some(match action.requeue_after() {
+                        Some(d) => Outcome::RequeueAfterMs(millis(d)),
+                        None => Outcome::Ok(Empty {}),
+                    }),
+                    ..Default::default()
+                },
+                Err(e) => {
+                    let action = error_policy(obj, &e, ctx);
+                    Completion {
+                        result: Some(Outcome::Error(e.to_string())),
+                        retry_after_ms: action.requeue_after().map(millis).unwrap_or(0),
+                        no_retry: !action.is_backoff() && action.requeue_after().is_none(),
+                        ..Default::default()
+                    }
+                }
+            }
+        })
+        .instrument(span)
+        .await
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

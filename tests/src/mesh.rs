@@ -1,0 +1,404 @@
+//! A running mesh for end-to-end tests and the demo: the manager, and
+//! replicas that are each a runtime sidecar plus the example operator, as
+//! real processes on loopback, each with a Pod object carrying its labels.
+
+use std::{
+    collections::BTreeMap,
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use kube::{
+    Api, Client,
+    api::{DynamicObject, Patch, PatchParams},
+    core::{ApiResource, GroupVersionKind},
+};
+use serde::Deserialize;
+
+use crate::{
+    ControlPlane, cluster,
+    control_plane::{Process, free_port},
+    eventually,
+};
+
+/// Paths of the binaries under test.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// `opmesh-manager`.
+    pub manager: PathBuf,
+    /// `opmesh-runtime`.
+    pub runtime: PathBuf,
+    /// The example operator.
+    pub operator: PathBuf,
+}
+
+/// The manager process.
+pub struct Manager {
+    process: Process,
+    addr: String,
+}
+
+/// One operator replica: a Pod object, a sidecar and an operator process.
+pub struct Replica {
+    /// The pod's name.
+    pub pod: String,
+    /// The subset label value (`version`).
+    pub version: String,
+    /// Where the operator records its reconciles.
+    pub records: PathBuf,
+    /// The sidecar's health port.
+    pub health_port: u16,
+    /// The sidecar.
+    pub sidecar: Process,
+    /// The operator.
+    pub operator: Process,
+}
+
+/// One reconcile, as the example operator records it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Record {
+    /// The primary key.
+    pub key: String,
+    /// The runtime (pod) that reconciled.
+    pub runtime: String,
+    /// Its subset.
+    pub subset: String,
+    /// The operator version.
+    pub version: String,
+    /// The object's generation.
+    pub generation: i64,
+    /// Start, in µs since the epoch.
+    pub start_us: u128,
+    /// End, in µs since the epoch.
+    pub end_us: u128,
+    /// `ok` or `error: ...`.
+    pub outcome: String,
+}
+
+/// The example CRD's API resource.
+pub fn generator_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("example.opmesh.io", "v1", "ConfigMapGenerator"),
+        "configmapgenerators",
+    )
+}
+
+// === impl Binaries ===
+
+impl Binaries {
+    /// Finds the binaries next to the running executable (the cargo target
+    /// directory). They must be built first: `make test` does.
+    pub fn locate() -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        for dir in exe.ancestors().skip(1) {
+            let manager = dir.join("opmesh-manager");
+            if manager.exists() {
+                let bins = Self {
+                    manager,
+                    runtime: dir.join("opmesh-runtime"),
+                    operator: dir.join("examples/configmap_generator"),
+                };
+                for p in [&bins.runtime, &bins.operator] {
+                    if !p.exists() {
+                        bail!(
+                            "{} is missing; run `cargo build --workspace --bins --examples` first (`make test` does)",
+                            p.display()
+                        );
+                    }
+                }
+                return Ok(bins);
+            }
+        }
+        bail!(
+            "opmesh-manager not found near {}; run `cargo build --workspace --bins --examples` first (`make test` does)",
+            exe.display()
+        )
+    }
+
+    /// Installs the example operator's CRD (from `configmap_generator crd`).
+    pub async fn install_example_crd(&self, cp: &ControlPlane) -> anyhow::Result<()> {
+        let out = Command::new(&self.operator).arg("crd").output()?;
+        if !out.status.success() {
+            bail!(
+                "{} crd failed: {}",
+                self.operator.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        cp.install_crd_yaml(&String::from_utf8(out.stdout)?).await
+    }
+}
+
+// === impl Manager ===
+
+impl Manager {
+    /// Starts a manager that handles the meshes in `mesh_namespace`.
+    pub async fn start(
+        cp: &ControlPlane,
+        bins: &Binaries,
+        dir: &Path,
+        mesh_namespace: &str,
+    ) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let process = Process::spawn_with_env(
+            &format!("manager-{port}"),
+            &bins.manager,
+            &[
+                "run".into(),
+                format!("--listen=127.0.0.1:{port}"),
+                format!("--mesh-namespace={mesh_namespace}"),
+            ],
+            &env(cp, &[("RUST_LOG", "info,opmesh_manager=debug")]),
+            dir,
+            dir,
+        )?;
+        let addr = format!("127.0.0.1:{port}");
+        eventually("the manager to listen", Duration::from_secs(30), || {
+            let ok = TcpStream::connect(&addr).is_ok();
+            let running = process.check_running();
+            async move {
+                running?;
+                Ok(ok.then_some(()))
+            }
+        })
+        .await?;
+        Ok(Self {
+            process,
+            addr: format!("http://{addr}"),
+        })
+    }
+
+    /// The gRPC address runtimes dial.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The process.
+    pub fn process(&self) -> &Process {
+        &self.process
+    }
+}
+
+// === impl Replica ===
+
+impl Replica {
+    /// Creates Pod `pod` in `namespace` with labels `app=<app>` and
+    /// `version=<version>`, then starts its sidecar and operator.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        cp: &ControlPlane,
+        bins: &Binaries,
+        client: &Client,
+        dir: &Path,
+        manager: &str,
+        mesh: &str,
+        namespace: &str,
+        pod: &str,
+        labels: &[(&str, &str)],
+        version: &str,
+    ) -> anyhow::Result<Self> {
+        cluster::create_pod(client, namespace, pod, labels, "operator").await?;
+        Self::start_processes(cp, bins, dir, manager, mesh, namespace, pod, version)
+    }
+
+    /// Starts the sidecar and operator for an existing (or absent) Pod.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_processes(
+        cp: &ControlPlane,
+        bins: &Binaries,
+        dir: &Path,
+        manager: &str,
+        mesh: &str,
+        namespace: &str,
+        pod: &str,
+        version: &str,
+    ) -> anyhow::Result<Self> {
+        let socket = dir.join(format!("{pod}.sock"));
+        let records = dir.join(format!("{pod}.jsonl"));
+        let health_port = free_port()?;
+        let sidecar = Process::spawn_with_env(
+            &format!("{pod}-sidecar"),
+            &bins.runtime,
+            &[],
+            &env(
+                cp,
+                &[
+                    ("OPMESH_MANAGER_ADDR", manager),
+                    ("OPMESH_MESH", mesh),
+                    ("OPMESH_POD_NAMESPACE", namespace),
+                    ("OPMESH_POD_NAME", pod),
+                    ("OPMESH_RUNTIME_SOCKET", &socket.display().to_string()),
+                    ("OPMESH_HEALTH_ADDR", &format!("127.0.0.1:{health_port}")),
+                    ("OPMESH_MAX_CONCURRENT_RECONCILES", "4"),
+                ],
+            ),
+            dir,
+            dir,
+        )?;
+        // The operator needs the socket; wait for the sidecar to bind it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            sidecar.check_running()?;
+            if std::time::Instant::now() > deadline {
+                bail!("the sidecar of {pod} did not create {}", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let operator = Process::spawn_with_env(
+            &format!("{pod}-operator"),
+            &bins.operator,
+            &["run".into()],
+            &env(
+                cp,
+                &[
+                    ("OPMESH_RUNTIME_SOCKET", &socket.display().to_string()),
+                    ("OPMESH_EXAMPLE_VERSION", version),
+                    ("OPMESH_EXAMPLE_RECORDS", &records.display().to_string()),
+                ],
+            ),
+            dir,
+            dir,
+        )?;
+        Ok(Self {
+            pod: pod.to_string(),
+            version: version.to_string(),
+            records,
+            health_port,
+            sidecar,
+            operator,
+        })
+    }
+
+    /// True when the sidecar's `/readyz` says ready.
+    pub fn ready(&self) -> bool {
+        http_get(self.health_port, "/readyz").is_some_and(|(code, _)| code == 200)
+    }
+
+    /// The sidecar's `/metrics` text.
+    pub fn metrics(&self) -> Option<String> {
+        http_get(self.health_port, "/metrics").map(|(_, body)| body)
+    }
+
+    /// The records written so far.
+    pub fn records(&self) -> Vec<Record> {
+        read_records(&self.records)
+    }
+
+    /// Fails if either process died.
+    pub fn check_running(&self) -> anyhow::Result<()> {
+        self.sidecar.check_running()?;
+        self.operator.check_running()
+    }
+}
+
+/// Reads a records file; a missing file is empty.
+pub fn read_records(path: &Path) -> Vec<Record> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Applies an OperatorMesh (server-side apply) from a JSON spec.
+pub async fn apply_mesh(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> anyhow::Result<()> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &mesh_resource());
+    let obj = serde_json::json!({
+        "apiVersion": "opmesh.io/v1alpha1",
+        "kind": "OperatorMesh",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    });
+    api.patch(
+        name,
+        &PatchParams::apply("opmesh-tests").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .with_context(|| format!("applying OperatorMesh {namespace}/{name}"))?;
+    Ok(())
+}
+
+/// The OperatorMesh API resource.
+pub fn mesh_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("opmesh.io", "v1alpha1", "OperatorMesh"),
+        "operatormeshes",
+    )
+}
+
+/// Creates a ConfigMapGenerator with `spec`.
+pub async fn create_generator(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> anyhow::Result<()> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &generator_resource());
+    let mut obj = DynamicObject::new(name, &generator_resource()).within(namespace);
+    obj.data = serde_json::json!({ "spec": spec });
+    api.create(&Default::default(), &obj)
+        .await
+        .with_context(|| format!("creating ConfigMapGenerator {namespace}/{name}"))?;
+    Ok(())
+}
+
+/// `status.handledBy` of every ConfigMapGenerator in `namespaces`, keyed by
+/// `namespace/name` (`None` until handled).
+pub async fn handled_by(
+    client: &Client,
+    namespaces: &[String],
+) -> anyhow::Result<BTreeMap<String, Option<String>>> {
+    let mut out = BTreeMap::new();
+    for ns in namespaces {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), ns, &generator_resource());
+        for o in api.list(&Default::default()).await? {
+            let key = format!("{ns}/{}", o.metadata.name.clone().unwrap_or_default());
+            let by = o.data["status"]["handledBy"].as_str().map(str::to_string);
+            out.insert(key, by);
+        }
+    }
+    Ok(out)
+}
+
+fn env(cp: &ControlPlane, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut v = vec![(
+        "KUBECONFIG".to_string(),
+        cp.kubeconfig().display().to_string(),
+    )];
+    if std::env::var_os("RUST_LOG").is_none() {
+        v.push(("RUST_LOG".into(), "info".into()));
+    }
+    v.extend(
+        extra
+            .iter()
+            .map(|(k, val)| (k.to_string(), val.to_string())),
+    );
+    v
+}
+
+/// A minimal HTTP/1.0 GET against 127.0.0.1:`port`, returning status and body.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}

@@ -1,0 +1,212 @@
+//! Shared set-up for the mesh end-to-end tests: a manager per test, scoped
+//! to the test's own namespaces, on the shared control plane.
+
+#![allow(dead_code)]
+
+use std::{collections::BTreeMap, time::Duration};
+
+use kube::Client;
+use opmesh_tests::{
+    ControlPlane, cluster, eventually,
+    mesh::{Binaries, Manager, Replica, apply_mesh, handled_by},
+};
+use serde_json::json;
+use tokio::sync::OnceCell;
+
+/// Generous: the suite runs on 2 cores with many processes.
+pub const TIMEOUT: Duration = Duration::from_secs(90);
+
+static CRD: OnceCell<()> = OnceCell::const_new();
+
+/// One test's world: its namespace, manager and replicas.
+pub struct World {
+    /// The shared control plane.
+    pub cp: &'static ControlPlane,
+    /// An admin client.
+    pub client: Client,
+    /// The binaries under test.
+    pub bins: Binaries,
+    /// Sockets, records and logs.
+    pub dir: tempfile::TempDir,
+    /// The mesh's namespace; pods live here too.
+    pub ns: String,
+    /// The label value that puts a namespace into this test's mesh.
+    pub tag: String,
+    /// This test's manager.
+    pub manager: Manager,
+    /// The replicas started so far.
+    pub replicas: Vec<Replica>,
+}
+
+impl World {
+    /// Sets up a namespace and a manager for one test.
+    pub async fn new(prefix: &str) -> anyhow::Result<Self> {
+        let cp = ControlPlane::shared().await?;
+        let bins = Binaries::locate()?;
+        CRD.get_or_try_init(|| bins.install_example_crd(cp)).await?;
+        let client = cp.client().await?;
+        let ns = cluster::create_namespace(&client, prefix, &[]).await?;
+        let dir = tempfile::Builder::new().prefix("opmesh-e2e-").tempdir()?;
+        let manager = Manager::start(cp, &bins, dir.path(), &ns).await?;
+        Ok(Self {
+            cp,
+            client,
+            bins,
+            dir,
+            tag: ns.clone(),
+            ns,
+            manager,
+            replicas: Vec::new(),
+        })
+    }
+
+    /// A namespace for objects, inside this test's mesh.
+    pub async fn object_namespace(
+        &self,
+        prefix: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<String> {
+        let mut all = vec![("opmesh.io/test", self.tag.as_str())];
+        all.extend_from_slice(labels);
+        cluster::create_namespace(&self.client, prefix, &all).await
+    }
+
+    /// A mesh named `mesh` with subsets selected by `version` label.
+    pub async fn apply_mesh(
+        &self,
+        routing: serde_json::Value,
+        subsets: &[&str],
+    ) -> anyhow::Result<()> {
+        apply_mesh(
+            &self.client,
+            &self.ns,
+            "mesh",
+            self.mesh_spec(routing, subsets),
+        )
+        .await
+    }
+
+    /// The spec [`World::apply_mesh`] applies.
+    pub fn mesh_spec(&self, routing: serde_json::Value, subsets: &[&str]) -> serde_json::Value {
+        json!({
+            "selector": {"matchLabels": {"app": "cmg"}},
+            "namespaceSelector": {"matchLabels": {"opmesh.io/test": self.tag}},
+            "subsets": subsets.iter().map(|s| json!({"name": s, "labels": {"version": s}})).collect::<Vec<_>>(),
+            "routing": routing,
+        })
+    }
+
+    /// Starts a replica of subset `version`.
+    pub async fn replica(&mut self, pod: &str, version: &str) -> anyhow::Result<()> {
+        let r = Replica::start(
+            self.cp,
+            &self.bins,
+            &self.client,
+            self.dir.path(),
+            self.manager.addr(),
+            &format!("{}/mesh", self.ns),
+            &self.ns,
+            pod,
+            &[("app", "cmg"), ("version", version)],
+            version,
+        )
+        .await?;
+        self.replicas.push(r);
+        Ok(())
+    }
+
+    /// Waits until every replica's sidecar is ready.
+    pub async fn all_ready(&self) -> anyhow::Result<()> {
+        eventually("every sidecar to be ready", TIMEOUT, || async {
+            for r in &self.replicas {
+                r.check_running()?;
+            }
+            self.manager.process().check_running()?;
+            Ok(self.replicas.iter().all(|r| r.ready()).then_some(()))
+        })
+        .await
+    }
+
+    /// Waits until every object in `namespaces` has a `handledBy`, and
+    /// returns `key -> subset`.
+    pub async fn wait_handled(
+        &self,
+        namespaces: &[String],
+        expected: usize,
+    ) -> anyhow::Result<BTreeMap<String, String>> {
+        eventually(
+            &format!("{expected} objects to be handled"),
+            TIMEOUT,
+            || async {
+                for r in &self.replicas {
+                    r.check_running()?;
+                }
+                let all = handled_by(&self.client, namespaces).await?;
+                if all.len() < expected || all.values().any(Option::is_none) {
+                    return Ok(None);
+                }
+                Ok(Some(
+                    all.into_iter()
+                        .map(|(k, v)| {
+                            (
+                                k,
+                                v.unwrap_or_default()
+                                    .split('/')
+                                    .next()
+                                    .unwrap_or_default()
+                                    .to_string(),
+                            )
+                        })
+                        .collect(),
+                ))
+            },
+        )
+        .await
+    }
+
+    /// Every record of every replica.
+    pub fn records(&self) -> Vec<opmesh_tests::mesh::Record> {
+        self.replicas.iter().flat_map(|r| r.records()).collect()
+    }
+
+    /// Prints the tail of every process log; call when a test fails.
+    pub fn dump_logs(&self) {
+        eprintln!("--- manager ---\n{}", self.manager.process().log_tail(60));
+        for r in &self.replicas {
+            eprintln!("--- {} sidecar ---\n{}", r.pod, r.sidecar.log_tail(30));
+            eprintln!("--- {} operator ---\n{}", r.pod, r.operator.log_tail(30));
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+    }
+}
+
+/// 64-bit FNV-1a, written here independently of the manager.
+pub fn fnv1a64(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The subset whose weight range holds `hash`: ranges in declared order,
+/// `[W(i-1)·2⁶⁴/T, W(i)·2⁶⁴/T)`.
+pub fn oracle<'a>(hash: u64, weights: &[(&'a str, u64)]) -> &'a str {
+    let total: u128 = weights.iter().map(|(_, w)| u128::from(*w)).sum();
+    let mut acc = 0u128;
+    for (name, w) in weights {
+        acc += u128::from(*w);
+        if u128::from(hash) < (acc << 64) / total {
+            return name;
+        }
+    }
+    weights.last().map(|(n, _)| *n).unwrap_or_default()
+}
