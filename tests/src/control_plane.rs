@@ -108,7 +108,7 @@ impl ControlPlane {
                 "--log-level=warn".into(),
             ],
             &root,
-            &root,
+            Some(&root),
         )?;
 
         let mut args = vec![
@@ -147,7 +147,7 @@ impl ControlPlane {
             &bin_dir.join("kube-apiserver"),
             &args,
             &root,
-            &root,
+            Some(&root),
         )?;
 
         let server = format!("https://127.0.0.1:{api_port}");

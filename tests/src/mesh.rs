@@ -153,7 +153,7 @@ impl Manager {
             ],
             &env(cp, &[("RUST_LOG", "info,opmesh_manager=debug")]),
             dir,
-            dir,
+            None,
         )?;
         let addr = format!("127.0.0.1:{port}");
         eventually("the manager to listen", Duration::from_secs(30), || {
@@ -236,7 +236,7 @@ impl Replica {
                 ],
             ),
             dir,
-            dir,
+            None,
         )?;
         // The operator needs the socket; wait for the sidecar to bind it.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -260,7 +260,7 @@ impl Replica {
                 ],
             ),
             dir,
-            dir,
+            None,
         )?;
         Ok(Self {
             pod: pod.to_string(),

@@ -22,7 +22,7 @@ cleanup=$1; shift
 child=$!
 {
   while read -r _; do :; done
-  : > "$cleanup/.stopping"
+  [ -n "$cleanup" ] && : > "$cleanup/.stopping"
   kill -TERM "$child" 2>/dev/null
   sleep 10
   kill -KILL "$child" 2>/dev/null
@@ -31,7 +31,7 @@ watcher=$!
 wait "$child"
 rc=$?
 kill "$watcher" 2>/dev/null
-if [ -e "$cleanup/.stopping" ]; then rm -rf "$cleanup"; fi
+if [ -n "$cleanup" ] && [ -e "$cleanup/.stopping" ]; then rm -rf "$cleanup"; fi
 exit "$rc"
 "#;
 
@@ -47,13 +47,15 @@ pub struct Process {
 
 impl Process {
     /// Starts `program` with `args`, logging stdout and stderr to
-    /// `log_dir/<name>.log`. `cleanup` is removed after a requested stop.
+    /// `log_dir/<name>.log`. `cleanup`, if given, is removed after a
+    /// requested stop (or once the test binary exits). Dropping the
+    /// `Process` stops it.
     pub fn spawn(
         name: &str,
         program: &Path,
         args: &[String],
         log_dir: &Path,
-        cleanup: &Path,
+        cleanup: Option<&Path>,
     ) -> anyhow::Result<Self> {
         Self::spawn_with_env(name, program, args, &[], log_dir, cleanup)
     }
@@ -65,7 +67,7 @@ impl Process {
         args: &[String],
         env: &[(String, String)],
         log_dir: &Path,
-        cleanup: &Path,
+        cleanup: Option<&Path>,
     ) -> anyhow::Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -74,7 +76,7 @@ impl Process {
             .arg("-c")
             .arg(SUPERVISOR)
             .arg("opmesh-supervisor")
-            .arg(cleanup)
+            .arg(cleanup.map(Path::as_os_str).unwrap_or_default())
             .arg(program)
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))

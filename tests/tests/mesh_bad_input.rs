@@ -1,0 +1,209 @@
+//! Bad input gets a clear error that says what to fix, and the last good
+//! state stays in force.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TIMEOUT, World};
+use kube::{Api, api::DynamicObject};
+use opmesh_tests::{
+    cluster,
+    control_plane::Process,
+    eventually,
+    mesh::{Replica, apply_mesh, create_generator, mesh_resource},
+};
+use serde_json::json;
+
+#[tokio::test]
+async fn invalid_meshes_are_rejected_by_the_api_server() -> anyhow::Result<()> {
+    let w = World::new("reject").await?;
+    let cases = [
+        (
+            json!({"weights": [{"subset": "v1", "weight": 80}, {"subset": "v2", "weight": 10}]}),
+            "weights must sum to weightTotal",
+        ),
+        (
+            json!({"weights": [{"subset": "v1", "weight": 100}], "pins": [{"subset": "v9", "namespaces": ["x"]}]}),
+            "every pin must name a subset",
+        ),
+    ];
+    for (routing, message) in cases {
+        let err = w
+            .apply_mesh(routing, &["v1", "v2"])
+            .await
+            .expect_err("must be rejected");
+        assert!(format!("{err:#}").contains(message), "{err:#}");
+    }
+    let dup = w
+        .apply_mesh(
+            json!({"weights": [{"subset": "v1", "weight": 100}]}),
+            &["v1", "v1"],
+        )
+        .await;
+    assert!(
+        format!("{:#}", dup.expect_err("duplicate subsets"))
+            .contains("subset names must be unique")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_invalid_regex_is_reported_and_the_last_policy_stays_in_force() -> anyhow::Result<()> {
+    let mut w = World::new("regex").await?;
+    w.apply_mesh(
+        json!({"weights": [{"subset": "v1", "weight": 100}, {"subset": "v2", "weight": 0}]}),
+        &["v1", "v2"],
+    )
+    .await?;
+    w.replica("v1-0", "v1").await?;
+    w.replica("v2-0", "v2").await?;
+    w.all_ready().await?;
+    let ns = w.object_namespace("regex-data", &[]).await?;
+    create_generator(&w.client, &ns, "before", json!({})).await?;
+    w.wait_handled(std::slice::from_ref(&ns), 1).await?;
+
+    // Would move everything to v2, but its regex does not compile.
+    w.apply_mesh(
+        json!({
+            "weights": [{"subset": "v1", "weight": 0}, {"subset": "v2", "weight": 100}],
+            "pins": [{"subset": "v2", "namespaceRegex": "team-("}],
+        }),
+        &["v1", "v2"],
+    )
+    .await?;
+    let meshes: Api<DynamicObject> =
+        Api::namespaced_with(w.client.clone(), &w.ns, &mesh_resource());
+    let ready = eventually("Ready=False InvalidSpec", TIMEOUT, || async {
+        let m = meshes.get("mesh").await?;
+        let generation = m.metadata.generation;
+        let status = &m.data["status"];
+        let ready = status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Ready")
+            .cloned();
+        Ok(ready.filter(|c| {
+            c["reason"] == "InvalidSpec" && status["observedGeneration"].as_i64() == generation
+        }))
+    })
+    .await?;
+    let message = ready["message"].as_str().unwrap_or_default();
+    assert_eq!(ready["status"], "False");
+    assert!(
+        message.contains("namespaceRegex") && message.contains("team-("),
+        "{message}"
+    );
+    assert!(
+        message.contains("last valid policy stays in force"),
+        "{message}"
+    );
+
+    create_generator(&w.client, &ns, "after", json!({})).await?;
+    let handled = w.wait_handled(std::slice::from_ref(&ns), 2).await?;
+    assert!(
+        handled.values().all(|s| s == "v1"),
+        "the previous policy routes: {handled:?}"
+    );
+    Ok(())
+}
+
+async fn refused_runtime(
+    w: &World,
+    pod: &str,
+    mesh: &str,
+    labels: &[(&str, &str)],
+    expect: &str,
+) -> anyhow::Result<()> {
+    cluster::create_pod(&w.client, &w.ns, pod, labels, "operator").await?;
+    let r = Replica::start_processes(
+        w.cp,
+        &w.bins,
+        w.dir.path(),
+        w.manager.addr(),
+        mesh,
+        &w.ns,
+        pod,
+        "v1",
+    )?;
+    // Refused with a clear message, and retried with backoff.
+    eventually(
+        &format!("two refusals saying {expect:?}"),
+        TIMEOUT,
+        || async {
+            r.check_running()?;
+            let log = r.sidecar.log_tail(200);
+            let refusals = log
+                .lines()
+                .filter(|l| l.contains("refused") && l.contains(expect))
+                .count();
+            Ok((refusals >= 2).then_some(()))
+        },
+    )
+    .await?;
+    assert!(!r.ready(), "a refused runtime is not ready");
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_meshes_and_foreign_pods_are_refused_with_a_clear_status() -> anyhow::Result<()> {
+    let w = World::new("refuse").await?;
+    apply_mesh(
+        &w.client,
+        &w.ns,
+        "mesh",
+        w.mesh_spec(
+            json!({"weights": [{"subset": "v1", "weight": 100}]}),
+            &["v1"],
+        ),
+    )
+    .await?;
+    let unknown = format!("{}/no-such-mesh", w.ns);
+    refused_runtime(
+        &w,
+        "stray-0",
+        &unknown,
+        &[("app", "cmg"), ("version", "v1")],
+        "no OperatorMesh",
+    )
+    .await?;
+    let mesh = format!("{}/mesh", w.ns);
+    refused_runtime(
+        &w,
+        "stray-1",
+        &mesh,
+        &[("app", "other"), ("version", "v1")],
+        "do not match the mesh's spec.selector",
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_sdk_without_a_sidecar_fails_fast() -> anyhow::Result<()> {
+    let w = World::new("nosidecar").await?;
+    let missing = w.dir.path().join("missing.sock");
+    let op = Process::spawn_with_env(
+        "lonely-operator",
+        &w.bins.operator,
+        &["run".into()],
+        &[
+            (
+                "OPMESH_RUNTIME_SOCKET".into(),
+                missing.display().to_string(),
+            ),
+            ("KUBECONFIG".into(), w.cp.kubeconfig().display().to_string()),
+        ],
+        w.dir.path(),
+        None,
+    )?;
+    let code = op
+        .wait_exit(Duration::from_secs(20))
+        .expect("the operator exits instead of hanging");
+    assert_ne!(code, Some(0));
+    let log = op.log_tail(20);
+    assert!(log.contains("no opmesh runtime sidecar at"), "{log}");
+    assert!(log.contains("OPMESH_RUNTIME_SOCKET"), "{log}");
+    Ok(())
+}
