@@ -99,8 +99,8 @@ async fn errors_back_off_requeues_wait_and_deleted_keys_stop() -> anyhow::Result
 fn now_us() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros()
+        .map(|d| d.as_micros())
+        .unwrap_or_default()
 }
 
 /// Sum of a metric's samples in a Prometheus text exposition.
