@@ -15,5 +15,8 @@ test: control-plane
 	cargo build --workspace --bins --examples
 	cargo test --workspace
 
+# Starts a local control plane, the manager and two operator versions, runs
+# a canary, prints who handled what, and waits for Ctrl-C.
 demo: control-plane
-	@echo "The demo arrives with the mesh (manager, sidecar, SDK); for now this builds the control plane."
+	cargo build --workspace --bins --examples
+	./target/debug/opmesh-demo

@@ -194,6 +194,7 @@ async fn the_sdk_without_a_sidecar_fails_fast() -> anyhow::Result<()> {
                 missing.display().to_string(),
             ),
             ("KUBECONFIG".into(), w.cp.kubeconfig().display().to_string()),
+            ("RUST_BACKTRACE".into(), "0".into()),
         ],
         w.dir.path(),
         None,
@@ -202,7 +203,7 @@ async fn the_sdk_without_a_sidecar_fails_fast() -> anyhow::Result<()> {
         .wait_exit(Duration::from_secs(20))
         .expect("the operator exits instead of hanging");
     assert_ne!(code, Some(0));
-    let log = op.log_tail(20);
+    let log = op.log_tail(500);
     assert!(log.contains("no opmesh runtime sidecar at"), "{log}");
     assert!(log.contains("OPMESH_RUNTIME_SOCKET"), "{log}");
     Ok(())
