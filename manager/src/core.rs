@@ -9,8 +9,8 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use kube::{Client, ResourceExt as _, api::DynamicObject, core::TypeMeta};
@@ -32,6 +32,8 @@ use crate::{
 
 /// How often the status snapshot is refreshed when something changed.
 const STATUS_EVERY: Duration = Duration::from_millis(500);
+/// How often leases and silent runtimes are checked.
+const LEASE_EVERY: Duration = Duration::from_millis(50);
 
 /// Everything the core reacts to.
 #[derive(Debug)]
@@ -62,6 +64,9 @@ pub enum Input {
         runtime: RuntimeId,
         /// The session's sequence number, so a stale session cannot end a newer one.
         seq: u64,
+        /// True after a goodbye: the runtime drained and holds nothing, so its
+        /// keys move at once. Otherwise they wait for its lease to run out.
+        graceful: bool,
     },
     /// A runtime released revoked keys.
     Released {
@@ -83,6 +88,8 @@ pub struct Connected {
     pub seq: u64,
     /// The runtime's pending set; the session's writer drains it.
     pub pending: Arc<Pending>,
+    /// When the runtime was last heard from; the session's reader updates it.
+    pub last_contact: Arc<Mutex<Instant>>,
 }
 
 /// What the status writer needs to know about one mesh.
@@ -125,8 +132,19 @@ struct Mesh {
 struct Session {
     mesh: String,
     seq: u64,
+    /// The holder id of this session's keys: `pod@seq`.
+    holder: String,
     pending: Arc<Pending>,
     needs_sync: bool,
+    last_contact: Arc<Mutex<Instant>>,
+}
+
+/// Keys of a session that ended without a goodbye: held until its lease
+/// must have run out.
+struct Expiring {
+    mesh: String,
+    holder: String,
+    deadline: Instant,
 }
 
 struct WatchState {
@@ -146,7 +164,12 @@ pub struct Core {
     namespaces: HashMap<String, Labels>,
     namespaces_synced: bool,
     next_seq: u64,
-    revokes: HashMap<RuntimeId, Vec<String>>,
+    /// Revokes to send, by holder.
+    revokes: HashMap<String, Vec<String>>,
+    expiring: Vec<Expiring>,
+    /// No key is assigned before this: runtimes may still hold leases from
+    /// an earlier manager.
+    assign_after: Instant,
     status: watch::Sender<Arc<StatusSnapshot>>,
     dirty: bool,
 }
@@ -174,6 +197,8 @@ impl Core {
             namespaces_synced: false,
             next_seq: 1,
             revokes: HashMap::new(),
+            expiring: Vec::new(),
+            assign_after: Instant::now() + lease_ttl + margin(lease_ttl),
             status,
             dirty: true,
         };
@@ -184,11 +209,25 @@ impl Core {
     /// are the watch tasks the core's lifetime owns.
     pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>, _owned: Vec<Task>) {
         let mut tick = tokio::time::interval(STATUS_EVERY);
+        let mut leases = tokio::time::interval(LEASE_EVERY);
+        let mut started = false;
         loop {
             tokio::select! {
                 input = inputs.recv() => {
                     let Some(input) = input else { break };
                     self.handle(input);
+                    self.flush();
+                }
+                _ = leases.tick() => {
+                    if !started && Instant::now() >= self.assign_after {
+                        // Any lease an earlier manager granted has run out.
+                        started = true;
+                        let ids: Vec<String> = self.meshes.keys().cloned().collect();
+                        for id in ids {
+                            self.place_all(&id);
+                        }
+                    }
+                    self.expire();
                     self.flush();
                 }
                 _ = tick.tick() => {
@@ -218,10 +257,15 @@ impl Core {
                 // If the session handler is gone, undo the join so no key waits
                 // on a runtime nobody serves.
                 if let Err(Ok(c)) = reply.send(result) {
-                    self.disconnect(&c.runtime, c.seq);
+                    // Nothing was ever sent to it, so nothing can be running.
+                    self.disconnect(&c.runtime, c.seq, true);
                 }
             }
-            Input::Disconnect { runtime, seq } => self.disconnect(&runtime, seq),
+            Input::Disconnect {
+                runtime,
+                seq,
+                graceful,
+            } => self.disconnect(&runtime, seq, graceful),
             Input::Released { runtime, seq, keys } => self.released(&runtime, seq, keys),
         }
     }
@@ -307,8 +351,14 @@ impl Core {
                     break;
                 };
                 match mesh.own.holder(&key) {
-                    Some(Holder::Owned(r)) => {
-                        if let Some(s) = self.sessions.get(r) {
+                    Some(Holder::Owned(holder)) => {
+                        let session = holder
+                            .rsplit_once('@')
+                            .and_then(|(pod, _)| self.sessions.get(pod))
+                            .filter(|s| s.holder == *holder);
+                        // A holder without a session gets the state when its
+                        // keys are reassigned.
+                        if let Some(s) = session {
                             let ty = if exists {
                                 EventType::Applied
                             } else {
@@ -482,10 +532,11 @@ impl Core {
             self.ensure_watch(g);
         }
 
-        // A newer session from the same pod replaces the old one.
+        // A newer session from the same pod replaces the old one, whose keys
+        // wait for its lease like any vanished session's.
         if let Some(old) = self.sessions.get(&runtime) {
             let seq = old.seq;
-            self.disconnect(&runtime, seq);
+            self.disconnect(&runtime, seq, false);
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -499,13 +550,16 @@ impl Core {
                 epoch: seq,
             })),
         });
+        let last_contact = Arc::new(Mutex::new(Instant::now()));
         self.sessions.insert(
             runtime.clone(),
             Session {
                 mesh: id.clone(),
                 seq,
+                holder: format!("{runtime}@{seq}"),
                 pending: pending.clone(),
                 needs_sync: true,
+                last_contact: last_contact.clone(),
             },
         );
         if let Some(mesh) = self.meshes.get_mut(&id) {
@@ -517,10 +571,11 @@ impl Core {
             runtime,
             seq,
             pending,
+            last_contact,
         })
     }
 
-    fn disconnect(&mut self, runtime: &str, seq: u64) {
+    fn disconnect(&mut self, runtime: &str, seq: u64, graceful: bool) {
         if self.sessions.get(runtime).is_none_or(|s| s.seq != seq) {
             return;
         }
@@ -528,28 +583,81 @@ impl Core {
             return;
         };
         session.pending.close();
-        self.revokes.remove(runtime);
-        tracing::info!(mesh = %session.mesh, runtime = %runtime, "runtime left");
+        self.revokes.remove(&session.holder);
         if let Some(mesh) = self.meshes.get_mut(&session.mesh) {
             mesh.own.leave(runtime);
         }
+        if graceful {
+            tracing::info!(mesh = %session.mesh, runtime = %runtime, "runtime said goodbye; its keys move now");
+            if let Some(mesh) = self.meshes.get_mut(&session.mesh) {
+                mesh.own.free(&session.holder);
+            }
+        } else {
+            // It may still be reconciling until its lease runs out, which is at
+            // most one TTL after the last heartbeat we heard.
+            let last = *lock(&session.last_contact);
+            let deadline = last + self.lease_ttl + margin(self.lease_ttl);
+            tracing::info!(mesh = %session.mesh, runtime = %runtime, wait = ?deadline.saturating_duration_since(Instant::now()), "runtime lost; its keys move when its lease has run out");
+            self.expiring.push(Expiring {
+                mesh: session.mesh.clone(),
+                holder: session.holder.clone(),
+                deadline,
+            });
+        }
         self.place_all(&session.mesh);
+    }
+
+    /// Frees the keys of sessions whose lease has run out, and ends sessions
+    /// that went silent.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let limit = self.lease_ttl + margin(self.lease_ttl);
+        let silent: Vec<(RuntimeId, u64)> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now.saturating_duration_since(*lock(&s.last_contact)) > limit)
+            .map(|(r, s)| (r.clone(), s.seq))
+            .collect();
+        for (runtime, seq) in silent {
+            tracing::warn!(runtime = %runtime, "no heartbeat for longer than the lease; ending the session");
+            self.disconnect(&runtime, seq, false);
+        }
+        let (due, rest): (Vec<Expiring>, Vec<Expiring>) = std::mem::take(&mut self.expiring)
+            .into_iter()
+            .partition(|e| e.deadline <= now);
+        self.expiring = rest;
+        for e in due {
+            self.dirty = true;
+            if let Some(mesh) = self.meshes.get_mut(&e.mesh) {
+                let freed = mesh.own.free(&e.holder);
+                tracing::info!(mesh = %e.mesh, holder = %e.holder, keys = freed.len(), "lease expired; reassigning");
+            }
+            self.place_all(&e.mesh);
+        }
     }
 
     fn released(&mut self, runtime: &str, seq: u64, keys: Vec<String>) {
         let Some(session) = self.sessions.get(runtime).filter(|s| s.seq == seq) else {
             return;
         };
-        let id = session.mesh.clone();
+        let (id, holder) = (session.mesh.clone(), session.holder.clone());
         for key in keys {
             let freed = self
                 .meshes
                 .get_mut(&id)
-                .is_some_and(|m| m.own.released(runtime, &key));
+                .is_some_and(|m| m.own.released(&holder, &key));
             if freed {
                 self.place(&id, &key);
             }
         }
+    }
+
+    /// The session that holds keys as `holder`, if it is still connected.
+    fn session_of(&mut self, holder: &str) -> Option<&mut Session> {
+        let (runtime, _) = holder.rsplit_once('@')?;
+        self.sessions
+            .get_mut(runtime)
+            .filter(|s| s.holder == holder)
     }
 
     // --- placement ---
@@ -566,6 +674,7 @@ impl Core {
 
     fn ready(&self, mesh: &Mesh) -> bool {
         self.namespaces_synced
+            && Instant::now() >= self.assign_after
             && mesh.policy.is_some()
             && mesh.primary.is_some()
             && mesh
@@ -592,7 +701,9 @@ impl Core {
         let desired = if has_objects {
             policy
                 .route(key, ns_labels)
-                .and_then(|s| mesh.own.pick(s, key).cloned())
+                .and_then(|s| mesh.own.pick(s, key))
+                .and_then(|pod| self.sessions.get(pod))
+                .map(|s| s.holder.clone())
         } else {
             None
         };
@@ -600,8 +711,11 @@ impl Core {
             return;
         };
         match mesh.own.place(key, desired.as_ref(), policy.paused()) {
-            Some(Move::Assign(runtime, key)) => {
-                if let Some(s) = self.sessions.get_mut(&runtime) {
+            Some(Move::Assign(holder, key)) => {
+                let Some((runtime, _)) = holder.rsplit_once('@') else {
+                    return;
+                };
+                if let Some(s) = self.sessions.get_mut(runtime) {
                     for (g, ns, name) in mesh.objects.get(&key).into_iter().flatten() {
                         if let Some(obj) = self
                             .store
@@ -624,8 +738,9 @@ impl Core {
     /// Sends the batched revokes and the `Synced` markers that close each
     /// assignment batch.
     fn flush(&mut self) {
-        for (runtime, keys) in self.revokes.drain() {
-            if let Some(s) = self.sessions.get(&runtime) {
+        let revokes: Vec<(String, Vec<String>)> = self.revokes.drain().collect();
+        for (holder, keys) in revokes {
+            if let Some(s) = self.session_of(&holder) {
                 s.pending
                     .drop_keys(&keys.iter().map(String::as_str).collect());
                 s.pending.control(ManagerMessage {
@@ -691,7 +806,8 @@ impl Core {
                         .count();
                     let keys: u64 = members
                         .iter()
-                        .map(|r| owned.get(r.as_str()).copied().unwrap_or(0))
+                        .filter_map(|r| self.sessions.get(r.as_str()))
+                        .map(|s| owned.get(s.holder.as_str()).copied().unwrap_or(0))
                         .sum();
                     subsets.push((
                         s.name.clone(),
@@ -816,4 +932,15 @@ fn push_object(
             })),
         },
     );
+}
+
+/// Extra wait on top of the lease TTL before a silent runtime's keys move:
+/// a tenth of the TTL, at least 200 ms.
+pub fn margin(ttl: Duration) -> Duration {
+    (ttl / 10).max(Duration::from_millis(200))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data; a panic elsewhere cannot leave it half-written.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

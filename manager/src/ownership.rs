@@ -3,8 +3,12 @@
 //! [`Move`]s into messages.
 //!
 //! Invariant: a key is held by at most one runtime. A key only leaves a
-//! runtime through `Revoke` → `Released`; only after `Released` (or after the
-//! runtime is gone) may the key be assigned elsewhere.
+//! runtime through `Revoke` → `Released`, a goodbye, or the expiry of the
+//! runtime's lease; only then may the key be assigned elsewhere.
+//!
+//! Ring members are stable runtime ids (pods); holders are whatever id the
+//! caller assigns with (the manager uses one per session), so a reconnected
+//! pod never inherits holdings its earlier session may still be acting on.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -52,9 +56,10 @@ impl Ownership {
         self.rebuild(subset);
     }
 
-    /// Removes a runtime that is gone. Its keys become unowned at once; the
-    /// caller then re-places them.
-    pub fn leave(&mut self, runtime: &str) -> Vec<String> {
+    /// Takes a runtime off its subset's ring, so no new keys go to it. The
+    /// keys it holds stay held until [`Ownership::free`]: a runtime that
+    /// vanished may still be reconciling until its lease runs out.
+    pub fn leave(&mut self, runtime: &str) {
         let subsets: Vec<usize> = self
             .members
             .iter()
@@ -67,10 +72,16 @@ impl Ownership {
             }
             self.rebuild(s);
         }
+    }
+
+    /// Frees every key `holder` holds, once it can no longer reconcile them
+    /// (it released them, said goodbye, or its lease ran out). The caller
+    /// then re-places them.
+    pub fn free(&mut self, holder: &str) -> Vec<String> {
         let freed: Vec<String> = self
             .holders
             .iter()
-            .filter(|(_, h)| matches!(h, Holder::Owned(r) | Holder::Revoking(r) if r == runtime))
+            .filter(|(_, h)| matches!(h, Holder::Owned(r) | Holder::Revoking(r) if r == holder))
             .map(|(k, _)| k.clone())
             .collect();
         for k in &freed {
@@ -209,6 +220,10 @@ mod tests {
     enum Op {
         Join(usize, u8),
         Leave(u8),
+        /// The runtime vanishes without a word: off the ring at once, but its
+        /// keys stay held until its lease expires.
+        Crash(u8),
+        Expire(u8),
         Answer(usize),
         Flip(usize),
         Pause(bool),
@@ -218,6 +233,8 @@ mod tests {
         prop_oneof![
             (0usize..2, 0u8..5).prop_map(|(s, r)| Op::Join(s, r)),
             (0u8..5).prop_map(Op::Leave),
+            (0u8..5).prop_map(Op::Crash),
+            (0u8..5).prop_map(Op::Expire),
             (0usize..64).prop_map(Op::Answer),
             (0usize..2).prop_map(Op::Flip),
             any::<bool>().prop_map(Op::Pause),
@@ -230,25 +247,48 @@ mod tests {
             let keys: Vec<String> = (0..40).map(|i| format!("ns-{}/obj-{i}", i % 7)).collect();
             let mut w = World { weights: vec![true, false], ..Default::default() };
             let mut paused = false;
+            let mut crashed: HashSet<String> = HashSet::new();
             for op in ops {
                 match op {
                     Op::Join(s, r) => {
                         let id = format!("pod-{r}");
-                        // A runtime lives in one subset at a time.
-                        if !w.own.members(0).chain(w.own.members(1)).any(|m| *m == id) {
+                        // A runtime lives in one subset at a time; a crashed one
+                        // comes back only after it expired.
+                        if !crashed.contains(&id)
+                            && !w.own.members(0).chain(w.own.members(1)).any(|m| *m == id)
+                        {
                             w.own.join(s, &id);
                         }
                     }
                     Op::Leave(r) => {
                         let id = format!("pod-{r}");
-                        // A runtime that is gone holds nothing any more.
+                        // A graceful leave: drained, so it holds nothing any more.
                         w.held.remove(&id);
                         w.in_flight.retain(|(x, _)| *x != id);
                         w.own.leave(&id);
+                        w.own.free(&id);
+                    }
+                    Op::Crash(r) => {
+                        let id = format!("pod-{r}");
+                        // Still holding (maybe reconciling) until it expires.
+                        w.own.leave(&id);
+                        crashed.insert(id);
+                    }
+                    Op::Expire(r) => {
+                        let id = format!("pod-{r}");
+                        if crashed.remove(&id) {
+                            w.held.remove(&id);
+                            w.in_flight.retain(|(x, _)| *x != id);
+                            w.own.free(&id);
+                        }
                     }
                     Op::Answer(i) => {
-                        if !w.in_flight.is_empty() {
-                            let (r, k) = w.in_flight.remove(i % w.in_flight.len());
+                        // Only a live runtime answers a revoke.
+                        let live: Vec<usize> = (0..w.in_flight.len())
+                            .filter(|j| !crashed.contains(&w.in_flight[*j].0))
+                            .collect();
+                        if !live.is_empty() {
+                            let (r, k) = w.in_flight.remove(live[i % live.len()]);
                             // The runtime drops the key, then says Released.
                             w.held.entry(r.clone()).or_default().remove(&k);
                             prop_assert!(w.own.released(&r, &k));
@@ -263,8 +303,13 @@ mod tests {
                 w.settle(&keys, paused);
                 w.check()?;
             }
-            // With every revoke answered and the mesh unpaused, every key ends
-            // with its policy owner: nothing is lost.
+            // With every crashed runtime expired, every revoke answered and the
+            // mesh unpaused, every key ends with its policy owner: nothing is lost.
+            for id in crashed.drain() {
+                w.held.remove(&id);
+                w.in_flight.retain(|(x, _)| *x != id);
+                w.own.free(&id);
+            }
             while let Some((r, k)) = w.in_flight.pop() {
                 w.held.entry(r.clone()).or_default().remove(&k);
                 w.own.released(&r, &k);

@@ -112,6 +112,7 @@ impl MeshService for MeshServer {
             runtime,
             seq,
             pending,
+            last_contact,
         } = connected;
 
         // Writer: pending set -> stream. A bounded channel gives backpressure;
@@ -123,7 +124,13 @@ impl MeshService for MeshServer {
             while let Some(batch) = writer_pending.next_batch(BATCH).await {
                 for msg in batch {
                     if tx.send(Ok(msg)).await.is_err() {
-                        let _ = core.send(Input::Disconnect { runtime: rt, seq }).await;
+                        let _ = core
+                            .send(Input::Disconnect {
+                                runtime: rt,
+                                seq,
+                                graceful: false,
+                            })
+                            .await;
                         return;
                     }
                 }
@@ -134,6 +141,7 @@ impl MeshService for MeshServer {
         let core = self.core.clone();
         let ttl_ms = u32::try_from(self.lease_ttl.as_millis()).unwrap_or(u32::MAX);
         tokio::spawn(async move {
+            let mut graceful = false;
             loop {
                 let msg = match inbound.message().await {
                     Ok(Some(m)) => m,
@@ -143,6 +151,7 @@ impl MeshService for MeshServer {
                         break;
                     }
                 };
+                *last_contact.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
                 match msg.msg {
                     Some(In::Heartbeat(hb)) => pending.urgent(ManagerMessage {
                         msg: Some(Msg::Lease(LeaseRenewal {
@@ -160,11 +169,20 @@ impl MeshService for MeshServer {
                             break;
                         }
                     }
-                    Some(In::Goodbye(_)) => break,
+                    Some(In::Goodbye(_)) => {
+                        graceful = true;
+                        break;
+                    }
                     Some(In::Report(_)) | Some(In::Hello(_)) | None => {}
                 }
             }
-            let _ = core.send(Input::Disconnect { runtime, seq }).await;
+            let _ = core
+                .send(Input::Disconnect {
+                    runtime,
+                    seq,
+                    graceful,
+                })
+                .await;
         });
 
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -64,25 +64,36 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let rt = Arc::new(state::Runtime::new(config));
     let (stop_tx, stop) = watch::channel(false);
+    let (server_stop_tx, mut server_stop) = watch::channel(false);
     let session = tokio::spawn(session::run(rt.clone(), stop.clone()));
     let dispatch = tokio::spawn(dispatch::run(rt.clone(), stop.clone()));
     let http = tokio::spawn(http::serve(rt.clone(), health, stop.clone()));
     tracing::info!(socket = %rt.config.socket.display(), "runtime serving the operator");
-    let mut stopped = stop.clone();
-    let result = tonic::transport::Server::builder()
-        .add_service(RuntimeServiceServer::new(server::RuntimeServer::new(
-            rt.clone(),
-        )))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(socket), async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await;
-    let _ = stopped.wait_for(|s| *s).await;
+    // The operator socket stays up while draining, so running reconciles
+    // can still complete.
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RuntimeServiceServer::new(server::RuntimeServer::new(
+                rt.clone(),
+            )))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(socket), async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            }),
+    );
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    // The session drains, then says goodbye before it returns.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(40), session).await;
     rt.queue.shut_down();
-    for task in [session, dispatch, http] {
+    let _ = server_stop_tx.send(true);
+    for task in [dispatch, http] {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
     }
+    let result = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
     let _ = std::fs::remove_file(&rt.config.socket);
-    result.map_err(Into::into)
+    match result {
+        Ok(Ok(r)) => r.map_err(Into::into),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Ok(()),
+    }
 }

@@ -61,11 +61,11 @@ pub async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let addr = rt.config.manager[attempt % rt.config.manager.len().max(1)].clone();
         attempt += 1;
-        let result = tokio::select! {
-            r = session(&rt, &addr) => r,
-            _ = shutdown.wait_for(|s| *s) => return,
-        };
+        let result = session(&rt, &addr, &mut shutdown).await;
         rt.session_lost();
+        if *shutdown.borrow() {
+            return;
+        }
         match &result {
             Err(SessionError::Ended(why)) => {
                 tracing::warn!(manager = %addr, reason = %why, "session ended; reconnecting");
@@ -87,7 +87,14 @@ pub async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-async fn session(rt: &Arc<Runtime>, addr: &str) -> Result<(), SessionError> {
+/// How long a graceful shutdown waits for running reconciles.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn session(
+    rt: &Arc<Runtime>,
+    addr: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), SessionError> {
     let unreachable = |reason: String| SessionError::Unreachable {
         addr: addr.to_string(),
         reason,
@@ -100,10 +107,10 @@ async fn session(rt: &Arc<Runtime>, addr: &str) -> Result<(), SessionError> {
         .connect_timeout(NET_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(NET_TIMEOUT);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
+    let channel = tokio::select! {
+        c = endpoint.connect() => c.map_err(|e| unreachable(e.to_string()))?,
+        _ = shutdown.wait_for(|s| *s) => return Ok(()),
+    };
     let mut client = MeshServiceClient::new(channel);
 
     let (tx, rx) = mpsc::channel::<RuntimeMessage>(64);
@@ -178,19 +185,28 @@ async fn session(rt: &Arc<Runtime>, addr: &str) -> Result<(), SessionError> {
         });
     }
 
-    // A silent manager is a dead one: renewals come every ttl/3.
+    // Without renewals the lease runs out; then every key is dropped and
+    // running reconciles are cancelled, before the manager (which waits a
+    // margin longer) gives the keys to anyone else.
     loop {
-        let msg = match tokio::time::timeout(ttl * 2, inbound.message()).await {
-            Ok(Ok(Some(m))) => m,
-            Ok(Ok(None)) => {
-                return Err(SessionError::Ended("the manager closed the stream".into()));
+        let lease_end = rt.lease_until().unwrap_or_else(Instant::now);
+        let msg = tokio::select! {
+            m = inbound.message() => Some(m),
+            _ = tokio::time::sleep_until(lease_end) => {
+                return Err(SessionError::Ended("the lease ran out without renewal".into()));
             }
-            Ok(Err(s)) => return Err(SessionError::Ended(s.message().to_string())),
-            Err(_) => {
-                return Err(SessionError::Ended(
-                    "no message from the manager for 2×TTL".into(),
-                ));
+            r = shutdown.wait_for(|s| *s) => {
+                drop(r);
+                None
             }
+        };
+        let Some(msg) = msg else {
+            return goodbye(rt, &tx).await;
+        };
+        let msg = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(SessionError::Ended("the manager closed the stream".into())),
+            Err(s) => return Err(SessionError::Ended(s.message().to_string())),
         };
         match msg.msg {
             Some(Msg::Event(ev)) => rt.on_event(ev),
@@ -224,4 +240,26 @@ async fn session(rt: &Arc<Runtime>, addr: &str) -> Result<(), SessionError> {
             Some(Msg::Welcome(_)) | None => {}
         }
     }
+}
+
+/// A graceful shutdown: start nothing new, let running reconciles finish,
+/// then say goodbye so the manager moves the keys at once.
+async fn goodbye(rt: &Runtime, tx: &mpsc::Sender<RuntimeMessage>) -> Result<(), SessionError> {
+    rt.start_draining();
+    tracing::info!("draining before goodbye");
+    if tokio::time::timeout(DRAIN_TIMEOUT, rt.drained_all())
+        .await
+        .is_err()
+    {
+        tracing::warn!("reconciles still running after {DRAIN_TIMEOUT:?}; leaving without goodbye");
+        return Ok(());
+    }
+    let bye = RuntimeMessage {
+        msg: Some(Out::Goodbye(opmesh_proto::v1::Goodbye {})),
+    };
+    let _ = tokio::time::timeout(NET_TIMEOUT, tx.send(bye)).await;
+    // Give the stream a moment to carry the goodbye before it is torn down.
+    let _ = tokio::time::timeout(Duration::from_millis(500), tx.closed()).await;
+    tracing::info!("said goodbye");
+    Ok(())
 }

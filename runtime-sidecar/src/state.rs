@@ -78,6 +78,8 @@ pub struct Runtime {
     inflight: Mutex<HashMap<u64, Inflight>>,
     operator: Mutex<Option<(u64, TaskSender)>>,
     next_id: AtomicU64,
+    /// True while shutting down: no new reconciles start.
+    draining: std::sync::atomic::AtomicBool,
     /// The registration, announced to the session task.
     pub registration: watch::Sender<Option<Registration>>,
     /// Bumped whenever dispatch conditions or in-flight work change.
@@ -98,6 +100,7 @@ impl Runtime {
             inflight: Mutex::default(),
             operator: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            draining: std::sync::atomic::AtomicBool::new(false),
             registration: watch::channel(None).0,
             changed: watch::channel(0).0,
         }
@@ -126,6 +129,9 @@ impl Runtime {
     /// True when a reconcile may start now: welcomed, synced, lease valid
     /// and an operator connected.
     pub fn can_dispatch(&self) -> bool {
+        if self.draining.load(Ordering::Relaxed) {
+            return false;
+        }
         let s = self.session();
         s.synced
             && s.lease_until.is_some_and(|t| Instant::now() < t)
@@ -250,8 +256,9 @@ impl Runtime {
         }
     }
 
-    /// The session ended: drop every key, since the manager may give them to
-    /// another runtime.
+    /// The session ended (or its lease ran out): drop every key, since the
+    /// manager will give them to another runtime, and cancel running
+    /// reconciles, whose writes the SDK's fence now refuses anyway.
     pub fn session_lost(&self) {
         {
             let mut s = self.session();
@@ -260,7 +267,51 @@ impl Runtime {
         self.metrics.owned_keys.set(0);
         self.queue.clear();
         self.cache().clear();
+        self.cancel_inflight();
         self.bump();
+    }
+
+    /// Asks the operator to stop every running reconcile.
+    pub fn cancel_inflight(&self) {
+        let Some((op, tx)) = lock(&self.operator).clone() else {
+            return;
+        };
+        let ids: Vec<u64> = lock(&self.inflight)
+            .iter()
+            .filter(|(_, i)| i.operator == op)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let cancel = Task {
+                id,
+                cancel: true,
+                ..Default::default()
+            };
+            if tx.try_send(Ok(cancel)).is_err() {
+                tracing::warn!(task = id, "cannot send cancel to the operator");
+            }
+        }
+    }
+
+    /// Stops starting reconciles, for a graceful shutdown.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.bump();
+    }
+
+    /// Waits until no reconcile is running.
+    pub async fn drained_all(&self) {
+        let mut changed = self.changed.subscribe();
+        while !lock(&self.inflight).is_empty() {
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// When the lease ends, if there is one.
+    pub fn lease_until(&self) -> Option<Instant> {
+        self.session().lease_until
     }
 
     // --- operator ---
@@ -330,6 +381,7 @@ impl Runtime {
             object,
             subset,
             runtime_id,
+            cancel: false,
         };
         if tx.try_send(Ok(task)).is_err() {
             // The stream is gone or full; undo.

@@ -201,8 +201,11 @@ async fn apply(
         data: Some(obj.spec.data.clone()),
         ..Default::default()
     };
+    // Writes are fenced: if this replica loses the key or its lease
+    // mid-reconcile, they fail instead of racing the new owner.
+    let client = opmesh_sdk::fenced(&ctx.client);
     let pp = PatchParams::apply("configmap-generator").force();
-    Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+    Api::<ConfigMap>::namespaced(client.clone(), &ns)
         .patch(&format!("{name}-generated"), &pp, &Patch::Apply(&cm))
         .await?;
 
@@ -214,7 +217,7 @@ async fn apply(
             version: Some(ctx.version.clone()),
         }
     });
-    Api::<ConfigMapGenerator>::namespaced(ctx.client.clone(), &ns)
+    Api::<ConfigMapGenerator>::namespaced(client, &ns)
         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
         .await?;
 

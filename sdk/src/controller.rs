@@ -1,6 +1,13 @@
 //! The `Controller`: receives tasks from the sidecar and runs `reconcile`.
 
-use std::{future::Future, marker::PhantomData, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    marker::PhantomData,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use kube::Resource;
 use opmesh_proto::v1::{
@@ -43,14 +50,31 @@ pub struct TaskInfo {
     pub runtime_id: String,
 }
 
+struct Current {
+    info: TaskInfo,
+    sidecar: RuntimeServiceClient<Channel>,
+}
+
 tokio::task_local! {
-    static CURRENT: TaskInfo;
+    static CURRENT: Current;
 }
 
 /// The task being reconciled, when called from inside `reconcile` or the
 /// error policy.
 pub fn current() -> Option<TaskInfo> {
-    CURRENT.try_with(Clone::clone).ok()
+    CURRENT.try_with(|c| c.info.clone()).ok()
+}
+
+/// A client whose writes are fenced for the key being reconciled: once this
+/// replica loses the key or its lease, writes fail with [`crate::Fenced`].
+/// Call it inside `reconcile`; outside, the client is returned unfenced.
+pub fn fenced(client: &kube::Client) -> kube::Client {
+    CURRENT
+        .try_with(|c| {
+            crate::fence::Fence::new(c.info.key.clone(), c.sidecar.clone(), client.clone())
+                .into_client()
+        })
+        .unwrap_or_else(|_| client.clone())
 }
 
 /// Reconciles objects of type `K` that the sidecar hands this replica.
@@ -180,22 +204,55 @@ where
         let mut tasks = client.tasks(TasksRequest {}).await?.into_inner();
         let reconcile = Arc::new(reconcile);
         let error_policy = Arc::new(error_policy);
+        let running: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>> = Arc::default();
         tracing::info!(kind = %K::kind(&()), "controller started");
         while let Some(task) = tasks.message().await? {
-            let (client, reconcile, error_policy, ctx) = (
+            let id = task.id;
+            if task.cancel {
+                // The lease ran out or the key was lost: stop, and say so.
+                let handle = lock(&running).remove(&id);
+                if let Some(handle) = handle {
+                    handle.abort();
+                    tracing::warn!(task = id, "reconcile cancelled by the sidecar");
+                    let completion = Completion {
+                        id,
+                        result: Some(Outcome::Error(
+                            "cancelled: this replica lost the key or its lease".into(),
+                        )),
+                        no_retry: true,
+                        ..Default::default()
+                    };
+                    let _ = client.clone().complete(completion).await;
+                }
+                continue;
+            }
+            let (sidecar, reconcile, error_policy, ctx, done) = (
                 client.clone(),
                 reconcile.clone(),
                 error_policy.clone(),
                 ctx.clone(),
+                running.clone(),
             );
-            tokio::spawn(async move {
-                let id = task.id;
-                let completion = handle(task, reconcile.as_ref(), error_policy.as_ref(), ctx).await;
-                let mut client = client;
-                if let Err(e) = client.complete(Completion { id, ..completion }).await {
+            let mut guard = lock(&running);
+            let join = tokio::spawn(async move {
+                let completion = handle(
+                    task,
+                    sidecar.clone(),
+                    reconcile.as_ref(),
+                    error_policy.as_ref(),
+                    ctx,
+                )
+                .await;
+                // A cancelled task was already completed by the cancel.
+                if lock(&done).remove(&id).is_none() {
+                    return;
+                }
+                let mut sidecar = sidecar;
+                if let Err(e) = sidecar.complete(Completion { id, ..completion }).await {
                     tracing::warn!(task = id, error = %e, "cannot report completion");
                 }
             });
+            guard.insert(id, join.abort_handle());
         }
         Err(Error::SidecarGone)
     }
@@ -203,6 +260,7 @@ where
 
 async fn handle<K, Ctx, E, R, RFut, P>(
     task: Task,
+    sidecar: RuntimeServiceClient<Channel>,
     reconcile: &R,
     error_policy: &P,
     ctx: Arc<Ctx>,
@@ -232,7 +290,7 @@ where
     };
     let span = tracing::info_span!("reconcile", key = %task.key, subset = %task.subset);
     CURRENT
-        .scope(info, async move {
+        .scope(Current { info, sidecar }, async move {
             match reconcile(obj.clone(), ctx.clone()).await {
                 Ok(action) => Completion {
                     result: Some(match action.requeue_after() {
@@ -258,4 +316,9 @@ where
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A map of abort handles stays usable after a panic elsewhere.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

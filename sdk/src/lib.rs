@@ -16,7 +16,11 @@
 //! - [`Cache`] — typed reads of the slice cache (get, list, list by owner).
 //! - [`current`] — the key, subset and replica of the running reconcile.
 //!
-//! Writes go straight to the API server with a `kube::Client`.
+//! - [`fenced`] — wrap the `kube::Client` used for writes, so that a write
+//!   after this replica lost the key or its lease fails with [`Fenced`].
+//!
+//! Writes go straight to the API server; wrap the client with [`fenced`]
+//! inside `reconcile`.
 //!
 //! # Example
 //!
@@ -53,8 +57,10 @@ mod action;
 mod cache;
 mod controller;
 mod error;
+mod fence;
 
 pub use action::{Action, default_error_policy};
 pub use cache::{Cache, gvk_of};
-pub use controller::{Controller, DEFAULT_SOCKET, Mesh, SOCKET_ENV, TaskInfo, current};
+pub use controller::{Controller, DEFAULT_SOCKET, Mesh, SOCKET_ENV, TaskInfo, current, fenced};
 pub use error::{Error, Result};
+pub use fence::{Fence, Fenced};

@@ -24,6 +24,10 @@ use crate::{
     eventually,
 };
 
+/// The lease TTL the test managers grant: short, so that failover is quick,
+/// yet long enough for a loaded 2-core machine.
+pub const LEASE_TTL: Duration = Duration::from_secs(3);
+
 /// Paths of the binaries under test.
 #[derive(Clone, Debug)]
 pub struct Binaries {
@@ -150,6 +154,7 @@ impl Manager {
                 "run".into(),
                 format!("--listen=127.0.0.1:{port}"),
                 format!("--mesh-namespace={mesh_namespace}"),
+                format!("--lease-ttl-ms={}", LEASE_TTL.as_millis()),
             ],
             &env(cp, &[("RUST_LOG", "info,opmesh_manager=debug")]),
             dir,
