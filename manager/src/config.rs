@@ -14,6 +14,22 @@ pub struct Config {
     /// Only handle OperatorMeshes in this namespace (default: all namespaces).
     #[arg(long, env = "OPMESH_MESH_NAMESPACE")]
     pub mesh_namespace: Option<String>,
+    /// Elect a leader through a Lease, so several managers can run; only the
+    /// leader accepts runtimes. Off means this manager is the only one.
+    #[arg(long, env = "OPMESH_LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "OPMESH_LEASE_NAME", default_value = "opmesh-manager")]
+    pub lease_name: String,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "OPMESH_LEASE_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This manager's identity in the Lease (use the pod name).
+    #[arg(long, env = "OPMESH_IDENTITY", default_value = "")]
+    pub identity: String,
+    /// How long the leader's Lease lasts without renewal, in seconds.
+    #[arg(long, env = "OPMESH_LEADER_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=600))]
+    pub leader_lease_seconds: u64,
 }
 
 // === impl Config ===

@@ -53,6 +53,9 @@ pub enum Refusal {
     /// The manager is shutting down.
     #[error("the manager is shutting down")]
     ShuttingDown,
+    /// This manager is a standby.
+    #[error("this manager is not the leader; try another manager address")]
+    NotLeader,
 }
 
 impl From<Refusal> for Status {
@@ -64,7 +67,9 @@ impl From<Refusal> for Status {
             Refusal::NoValidPolicy { .. }
             | Refusal::NotAMember { .. }
             | Refusal::PrimaryMismatch { .. } => Status::failed_precondition(msg),
-            Refusal::Lookup(_) | Refusal::ShuttingDown => Status::unavailable(msg),
+            Refusal::Lookup(_) | Refusal::ShuttingDown | Refusal::NotLeader => {
+                Status::unavailable(msg)
+            }
         }
     }
 }

@@ -29,17 +29,25 @@ pub struct MeshServer {
     core: mpsc::Sender<Input>,
     client: Client,
     lease_ttl: Duration,
+    leader: tokio::sync::watch::Receiver<bool>,
 }
 
 // === impl MeshServer ===
 
 impl MeshServer {
-    /// A server that hands sessions to the core behind `core`.
-    pub fn new(core: mpsc::Sender<Input>, client: Client, lease_ttl: Duration) -> Self {
+    /// A server that hands sessions to the core behind `core`, while
+    /// `leader` is true.
+    pub fn new(
+        core: mpsc::Sender<Input>,
+        client: Client,
+        lease_ttl: Duration,
+        leader: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         Self {
             core,
             client,
             lease_ttl,
+            leader,
         }
     }
 
@@ -92,6 +100,9 @@ impl MeshService for MeshServer {
         &self,
         request: Request<Streaming<RuntimeMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        if !*self.leader.borrow() {
+            return Err(Refusal::NotLeader.into());
+        }
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await

@@ -99,6 +99,13 @@ impl From<&Gvk> for opmesh_proto::v1::GroupVersionKind {
 
 // === impl Task ===
 
+impl Task {
+    /// Spawns `fut`, owned by the returned handle.
+    pub fn spawn(fut: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        Self(tokio::spawn(fut))
+    }
+}
+
 impl Drop for Task {
     fn drop(&mut self) {
         self.0.abort();

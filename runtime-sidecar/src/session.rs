@@ -57,9 +57,12 @@ pub async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
         _ = shutdown.wait_for(|s| *s) => return,
     }
     let mut backoff = BACKOFF_START;
+    let addrs = rt.config.manager.clone();
     let mut attempt = 0usize;
     loop {
-        let addr = rt.config.manager[attempt % rt.config.manager.len().max(1)].clone();
+        // Try each manager address in turn (a standby refuses; the leader
+        // accepts); back off only after a whole round failed.
+        let addr = addrs[attempt % addrs.len().max(1)].clone();
         attempt += 1;
         let result = session(&rt, &addr, &mut shutdown).await;
         rt.session_lost();
@@ -78,6 +81,11 @@ pub async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot open session; retrying")
             }
             Ok(()) => {}
+        }
+        if !attempt.is_multiple_of(addrs.len().max(1))
+            && !matches!(result, Err(SessionError::Refused { .. }))
+        {
+            continue;
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}

@@ -137,24 +137,51 @@ fn now_us() -> u128 {
 }
 
 async fn reconcile(obj: Arc<ConfigMapGenerator>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let start = now_us();
     let task = opmesh_sdk::current().ok_or(Error::NoTask)?;
     let generation = obj.metadata.generation.unwrap_or_default();
+    let mut record = Recorder {
+        ctx: ctx.clone(),
+        key: task.key.clone(),
+        runtime: task.runtime_id.clone(),
+        subset: task.subset.clone(),
+        generation,
+        start_us: now_us(),
+        outcome: None,
+    };
     let result = apply(&obj, &ctx, &task, generation).await;
-    if let Some(path) = &ctx.records {
-        let outcome = match &result {
-            Ok(_) => "ok".to_string(),
-            Err(e) => format!("error: {e}"),
+    record.outcome = Some(match &result {
+        Ok(_) => "ok".to_string(),
+        Err(e) => format!("error: {e}"),
+    });
+    result
+}
+
+/// Writes the record of one reconcile when dropped, so a reconcile that is
+/// cancelled midway is recorded too (as `cancelled`).
+struct Recorder {
+    ctx: Arc<Ctx>,
+    key: String,
+    runtime: String,
+    subset: String,
+    generation: i64,
+    start_us: u128,
+    outcome: Option<String>,
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let Some(path) = &self.ctx.records else {
+            return;
         };
         let line = serde_json::to_string(&Record {
-            key: &task.key,
-            runtime: &task.runtime_id,
-            subset: &task.subset,
-            version: &ctx.version,
-            generation,
-            start_us: start,
+            key: &self.key,
+            runtime: &self.runtime,
+            subset: &self.subset,
+            version: &self.ctx.version,
+            generation: self.generation,
+            start_us: self.start_us,
             end_us: now_us(),
-            outcome: &outcome,
+            outcome: self.outcome.as_deref().unwrap_or("cancelled"),
         })
         .unwrap_or_default();
         // One write per line with O_APPEND keeps lines whole.
@@ -166,7 +193,6 @@ async fn reconcile(obj: Arc<ConfigMapGenerator>, ctx: Arc<Ctx>) -> Result<Action
             let _ = f.write_all(format!("{line}\n").as_bytes());
         }
     }
-    result
 }
 
 async fn apply(

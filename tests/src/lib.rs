@@ -4,13 +4,17 @@
 //!   proxy by `tests/control-plane/build.sh`, one per test binary.
 //! - [`cluster`]: helpers for namespaces, Pods, bound tokens and token reviews.
 //! - [`mesh`]: the manager, sidecars and example operator as real processes.
+//! - [`proxy`]: a loopback TCP proxy whose connections can be cut.
+//! - [`history`]: checks reconcile records for overlapping owners.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
 //!
 //! The tests themselves live in `tests/tests/`.
 
 pub mod cluster;
 pub mod control_plane;
+pub mod history;
 pub mod mesh;
+pub mod proxy;
 
 use std::{future::Future, time::Duration};
 

@@ -146,16 +146,38 @@ impl Manager {
         dir: &Path,
         mesh_namespace: &str,
     ) -> anyhow::Result<Self> {
-        let port = free_port()?;
+        Self::start_on(cp, bins, dir, mesh_namespace, free_port()?, None).await
+    }
+
+    /// Starts a manager on `port`; with `lease`, it competes for leadership
+    /// through that Lease (in `mesh_namespace`).
+    pub async fn start_on(
+        cp: &ControlPlane,
+        bins: &Binaries,
+        dir: &Path,
+        mesh_namespace: &str,
+        port: u16,
+        lease: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let mut args = vec![
+            "run".into(),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--mesh-namespace={mesh_namespace}"),
+            format!("--lease-ttl-ms={}", LEASE_TTL.as_millis()),
+        ];
+        if let Some(lease) = lease {
+            args.extend([
+                "--leader-election".into(),
+                format!("--lease-name={lease}"),
+                format!("--lease-namespace={mesh_namespace}"),
+                format!("--identity=manager-{port}"),
+                "--leader-lease-seconds=3".into(),
+            ]);
+        }
         let process = Process::spawn_with_env(
             &format!("manager-{port}"),
             &bins.manager,
-            &[
-                "run".into(),
-                format!("--listen=127.0.0.1:{port}"),
-                format!("--mesh-namespace={mesh_namespace}"),
-                format!("--lease-ttl-ms={}", LEASE_TTL.as_millis()),
-            ],
+            &args,
             &env(cp, &[("RUST_LOG", "info,opmesh_manager=debug")]),
             dir,
             None,
@@ -174,6 +196,15 @@ impl Manager {
             process,
             addr: format!("http://{addr}"),
         })
+    }
+
+    /// The manager's port.
+    pub fn port(&self) -> u16 {
+        self.addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
     }
 
     /// The gRPC address runtimes dial.

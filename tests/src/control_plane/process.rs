@@ -17,9 +17,10 @@ use anyhow::{Context as _, bail};
 /// its directory. Rust cannot run code for a `static` at exit, so this is what
 /// keeps a shared control plane from leaking processes.
 const SUPERVISOR: &str = r#"
-cleanup=$1; shift
+cleanup=$1; pidfile=$2; shift 2
 "$@" &
 child=$!
+echo "$child" > "$pidfile"
 {
   while read -r _; do :; done
   [ -n "$cleanup" ] && : > "$cleanup/.stopping"
@@ -39,6 +40,7 @@ exit "$rc"
 pub struct Process {
     name: String,
     log: PathBuf,
+    pidfile: PathBuf,
     child: Mutex<Child>,
     stdin: Mutex<Option<ChildStdin>>,
 }
@@ -70,13 +72,21 @@ impl Process {
         cleanup: Option<&Path>,
     ) -> anyhow::Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
-        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let pidfile = log_dir.join(format!("{name}.pid"));
+        let _ = std::fs::remove_file(&pidfile);
+        // Append: a restarted process keeps its earlier lines.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
         let err = out.try_clone()?;
         let mut child = Command::new("bash")
             .arg("-c")
             .arg(SUPERVISOR)
             .arg("opmesh-supervisor")
             .arg(cleanup.map(Path::as_os_str).unwrap_or_default())
+            .arg(&pidfile)
             .arg(program)
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -89,6 +99,7 @@ impl Process {
         Ok(Self {
             name: name.to_string(),
             log,
+            pidfile,
             child: Mutex::new(child),
             stdin: Mutex::new(stdin),
         })
@@ -121,6 +132,39 @@ impl Process {
     /// The last `lines` lines of the log file.
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.log, lines)
+    }
+
+    /// The supervised program's pid (not the supervisor's), once known.
+    pub fn pid(&self) -> Option<u32> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(pid) = std::fs::read_to_string(&self.pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return Some(pid);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends `signal` (e.g. `"KILL"`, `"TERM"`) to the program itself.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.pid().context("the process has no pid file")?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            bail!(
+                "kill -{signal} {pid} failed ({} may have exited)",
+                self.name
+            );
+        }
+        Ok(())
     }
 
     /// True while the process runs.
