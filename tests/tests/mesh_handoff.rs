@@ -17,17 +17,29 @@ use serde_json::json;
 #[tokio::test]
 async fn paused_freezes_ownership_and_unpausing_moves_keys_live() -> anyhow::Result<()> {
     let mut w = World::new("handoff").await?;
-    let all_v1 = json!({"weights": [{"subset": "v1", "weight": 100}, {"subset": "v2", "weight": 0}]});
+    let all_v1 =
+        json!({"weights": [{"subset": "v1", "weight": 100}, {"subset": "v2", "weight": 0}]});
     w.apply_mesh(all_v1, &["v1", "v2"]).await?;
     w.replica("v1-0", "v1").await?;
     w.replica("v2-0", "v2").await?;
     w.all_ready().await?;
     let ns = w.object_namespace("handoff-data", &[]).await?;
     for i in 0..30 {
-        create_generator(&w.client, &ns, &format!("gen-{i}"), json!({"data": {"v": "1"}})).await?;
+        create_generator(
+            &w.client,
+            &ns,
+            &format!("gen-{i}"),
+            json!({"data": {"v": "1"}}),
+        )
+        .await?;
     }
     let namespaces = vec![ns.clone()];
-    assert!(w.wait_handled(&namespaces, 30).await?.values().all(|s| s == "v1"));
+    assert!(
+        w.wait_handled(&namespaces, 30)
+            .await?
+            .values()
+            .all(|s| s == "v1")
+    );
 
     // Paused, with every key now routed to v2: nothing moves, but updates
     // still reach the current owner.
@@ -37,13 +49,18 @@ async fn paused_freezes_ownership_and_unpausing_moves_keys_live() -> anyhow::Res
     );
     spec["paused"] = json!(true);
     opmesh_tests::mesh::apply_mesh(&w.client, &w.ns, "mesh", spec.clone()).await?;
-    let meshes: Api<DynamicObject> = Api::namespaced_with(w.client.clone(), &w.ns, &mesh_resource());
+    let meshes: Api<DynamicObject> =
+        Api::namespaced_with(w.client.clone(), &w.ns, &mesh_resource());
     eventually("the paused spec to be observed", TIMEOUT, || async {
         let m = meshes.get("mesh").await?;
-        Ok((m.data["status"]["observedGeneration"].as_i64() == m.metadata.generation).then_some(()))
+        Ok(
+            (m.data["status"]["observedGeneration"].as_i64() == m.metadata.generation)
+                .then_some(()),
+        )
     })
     .await?;
-    let gens: Api<DynamicObject> = Api::namespaced_with(w.client.clone(), &ns, &generator_resource());
+    let gens: Api<DynamicObject> =
+        Api::namespaced_with(w.client.clone(), &ns, &generator_resource());
     for i in 0..30 {
         gens.patch(
             &format!("gen-{i}"),
@@ -52,16 +69,25 @@ async fn paused_freezes_ownership_and_unpausing_moves_keys_live() -> anyhow::Res
         )
         .await?;
     }
-    eventually("the updates to be reconciled, still by v1", TIMEOUT, || async {
-        let rs = w.records();
-        let done = (0..30).all(|i| {
-            rs.iter()
-                .any(|r| r.key == format!("{ns}/gen-{i}") && r.generation == 2 && r.outcome == "ok")
-        });
-        Ok(done.then_some(()))
-    })
+    eventually(
+        "the updates to be reconciled, still by v1",
+        TIMEOUT,
+        || async {
+            let rs = w.records();
+            let done = (0..30).all(|i| {
+                rs.iter().any(|r| {
+                    r.key == format!("{ns}/gen-{i}") && r.generation == 2 && r.outcome == "ok"
+                })
+            });
+            Ok(done.then_some(()))
+        },
+    )
     .await?;
-    let moved: Vec<_> = w.records().into_iter().filter(|r| r.subset == "v2").collect();
+    let moved: Vec<_> = w
+        .records()
+        .into_iter()
+        .filter(|r| r.subset == "v2")
+        .collect();
     assert!(moved.is_empty(), "a paused mesh moved keys: {moved:?}");
 
     // Unpaused: every key moves to v2 live, by revoke -> drain -> released.
