@@ -352,13 +352,9 @@ impl Core {
                 };
                 match mesh.own.holder(&key) {
                     Some(Holder::Owned(holder)) => {
-                        let session = holder
-                            .rsplit_once('@')
-                            .and_then(|(pod, _)| self.sessions.get(pod))
-                            .filter(|s| s.holder == *holder);
                         // A holder without a session gets the state when its
                         // keys are reassigned.
-                        if let Some(s) = session {
+                        if let Some(s) = session_of(&mut self.sessions, holder) {
                             let ty = if exists {
                                 EventType::Applied
                             } else {
@@ -652,14 +648,6 @@ impl Core {
         }
     }
 
-    /// The session that holds keys as `holder`, if it is still connected.
-    fn session_of(&mut self, holder: &str) -> Option<&mut Session> {
-        let (runtime, _) = holder.rsplit_once('@')?;
-        self.sessions
-            .get_mut(runtime)
-            .filter(|s| s.holder == holder)
-    }
-
     // --- placement ---
 
     fn place_all(&mut self, id: &str) {
@@ -712,10 +700,7 @@ impl Core {
         };
         match mesh.own.place(key, desired.as_ref(), policy.paused()) {
             Some(Move::Assign(holder, key)) => {
-                let Some((runtime, _)) = holder.rsplit_once('@') else {
-                    return;
-                };
-                if let Some(s) = self.sessions.get_mut(runtime) {
+                if let Some(s) = session_of(&mut self.sessions, &holder) {
                     for (g, ns, name) in mesh.objects.get(&key).into_iter().flatten() {
                         if let Some(obj) = self
                             .store
@@ -740,7 +725,7 @@ impl Core {
     fn flush(&mut self) {
         let revokes: Vec<(String, Vec<String>)> = self.revokes.drain().collect();
         for (holder, keys) in revokes {
-            if let Some(s) = self.session_of(&holder) {
+            if let Some(s) = session_of(&mut self.sessions, &holder) {
                 s.pending
                     .drop_keys(&keys.iter().map(String::as_str).collect());
                 s.pending.control(ManagerMessage {
@@ -883,6 +868,15 @@ impl Mesh {
             .filter(|k| !self.objects.contains_key(*k));
         self.objects.keys().chain(held)
     }
+}
+
+/// The session that holds keys as `holder` (`pod@seq`), if still connected.
+fn session_of<'a>(
+    sessions: &'a mut HashMap<RuntimeId, Session>,
+    holder: &str,
+) -> Option<&'a mut Session> {
+    let (runtime, _) = holder.rsplit_once('@')?;
+    sessions.get_mut(runtime).filter(|s| s.holder == holder)
 }
 
 fn gvk_of<'a>(mesh: &'a Mesh, key: &str) -> Option<&'a Gvk> {

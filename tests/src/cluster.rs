@@ -34,6 +34,17 @@ pub async fn create_namespace(
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
+    create_named_namespace(client, &name, labels).await?;
+    Ok(name)
+}
+
+/// Creates namespace `name` with `labels`.
+pub async fn create_named_namespace(
+    client: &Client,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let name = name.to_string();
     let ns = Namespace {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -46,7 +57,7 @@ pub async fn create_namespace(
         .create(&PostParams::default(), &ns)
         .await
         .with_context(|| format!("creating namespace {name}"))?;
-    Ok(name)
+    Ok(())
 }
 
 /// Creates a Pod object with `labels`, running as ServiceAccount

@@ -15,10 +15,9 @@ use std::{
 };
 
 use anyhow::bail;
-use k8s_openapi::api::core::v1::Namespace;
-use kube::{Api, api::ObjectMeta};
+use kube::Api;
 use opmesh_tests::{
-    ControlPlane,
+    ControlPlane, cluster,
     control_plane::Options,
     eventually,
     mesh::{Binaries, Manager, Replica, apply_mesh, create_generator, handled_by},
@@ -95,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("opmesh-demo-").tempdir()?;
 
     let ns = "opmesh-demo";
-    create_namespace(&client, ns, &[]).await?;
+    cluster::create_named_namespace(&client, ns, &[]).await?;
     println!("starting the manager...");
     let manager = Manager::start(&cp, &bins, dir.path(), ns).await?;
     apply_mesh(
@@ -166,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             "false"
         };
-        create_namespace(&client, &name, &[("canary", canary)]).await?;
+        cluster::create_named_namespace(&client, &name, &[("canary", canary)]).await?;
         for obj in OBJECTS {
             create_generator(&client, &name, obj, json!({"data": {"team": team}})).await?;
         }
@@ -264,30 +263,6 @@ OperatorMesh {ns}/configmap-generator: subsets {} | weights {} | ready {ready}",
 (mesh status not complete yet: {e})"
         ),
     }
-}
-
-async fn create_namespace(
-    client: &kube::Client,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> anyhow::Result<()> {
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.to_string()),
-            labels: Some(
-                labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            ),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .create(&Default::default(), &ns)
-        .await?;
-    Ok(())
 }
 
 /// What the policy says: pinned namespaces go to v2, the rest by FNV-1a-64
