@@ -127,6 +127,9 @@ struct Mesh {
     objects: HashMap<String, HashSet<(String, String, String)>>,
     /// The key each object belongs to.
     key_of: HashMap<(String, String, String), String>,
+    /// Keys runtimes reported holding when they (re)connected, by holder,
+    /// not yet adopted or revoked.
+    reported: HashMap<String, String>,
 }
 
 struct Session {
@@ -437,6 +440,7 @@ impl Core {
                     own: Ownership::default(),
                     objects: HashMap::new(),
                     key_of: HashMap::new(),
+                    reported: HashMap::new(),
                 });
                 mesh.generation = om.metadata.generation;
                 match Policy::compile(&om.spec) {
@@ -560,8 +564,16 @@ impl Core {
         );
         if let Some(mesh) = self.meshes.get_mut(&id) {
             mesh.own.join(subset, &runtime);
+            let holder = format!("{runtime}@{seq}");
+            for held in &hello.held {
+                mesh.reported.insert(held.key.clone(), holder.clone());
+            }
         }
-        tracing::info!(mesh = %id, runtime = %runtime, subset = %subset_name, "runtime joined");
+        tracing::info!(mesh = %id, runtime = %runtime, subset = %subset_name, held = hello.held.len(), "runtime joined");
+        // Reported keys first: they can stay where they are without waiting.
+        for held in &hello.held {
+            self.place(&id, &held.key);
+        }
         self.place_all(&id);
         Ok(Connected {
             runtime,
@@ -582,6 +594,7 @@ impl Core {
         self.revokes.remove(&session.holder);
         if let Some(mesh) = self.meshes.get_mut(&session.mesh) {
             mesh.own.leave(runtime);
+            mesh.reported.retain(|_, h| *h != session.holder);
         }
         if graceful {
             tracing::info!(mesh = %session.mesh, runtime = %runtime, "runtime said goodbye; its keys move now");
@@ -626,7 +639,9 @@ impl Core {
             self.dirty = true;
             if let Some(mesh) = self.meshes.get_mut(&e.mesh) {
                 let freed = mesh.own.free(&e.holder);
-                tracing::info!(mesh = %e.mesh, holder = %e.holder, keys = freed.len(), "lease expired; reassigning");
+                if !freed.is_empty() {
+                    tracing::info!(mesh = %e.mesh, holder = %e.holder, keys = freed.len(), "lease expired; reassigning");
+                }
             }
             self.place_all(&e.mesh);
         }
@@ -660,9 +675,9 @@ impl Core {
         }
     }
 
-    fn ready(&self, mesh: &Mesh) -> bool {
+    /// True when the mesh's view of the cluster is complete enough to route.
+    fn synced(&self, mesh: &Mesh) -> bool {
         self.namespaces_synced
-            && Instant::now() >= self.assign_after
             && mesh.policy.is_some()
             && mesh.primary.is_some()
             && mesh
@@ -676,7 +691,7 @@ impl Core {
         let Some(mesh) = self.meshes.get(id) else {
             return;
         };
-        if !self.ready(mesh) {
+        if !self.synced(mesh) {
             return;
         }
         let Some(policy) = mesh.policy.clone() else {
@@ -698,20 +713,43 @@ impl Core {
         let Some(mesh) = self.meshes.get_mut(id) else {
             return;
         };
+        if let Some(reporter) = mesh.reported.remove(key) {
+            let pod = |h: &str| h.rsplit_once('@').map(|(p, _)| p.to_string());
+            if let Some(Holder::Owned(h) | Holder::Revoking(h)) = mesh.own.holder(key)
+                && pod(h) != pod(&reporter)
+            {
+                // Another runtime holds it: the reporter must let go.
+                tracing::warn!(key, holder = %h, reporter = %reporter, "reported key is held elsewhere; revoking it from the reporter");
+                self.revokes
+                    .entry(reporter)
+                    .or_default()
+                    .push(key.to_string());
+                return;
+            }
+            // Unowned, or held by an earlier session of the same pod, which
+            // the reporter now is: keep it there if the policy agrees, without
+            // waiting for leases; otherwise take it back through a revoke.
+            let keep = desired.as_ref() == Some(&reporter) || (policy.paused() && has_objects);
+            if keep {
+                mesh.own.adopt(key, &reporter);
+                send_key(&mut self.sessions, &self.store, mesh, &reporter, key);
+            } else {
+                mesh.own.mark_revoking(key, &reporter);
+                self.revokes
+                    .entry(reporter)
+                    .or_default()
+                    .push(key.to_string());
+            }
+            return;
+        }
+        // Anything else waits until no lease from an earlier manager can
+        // still be running.
+        if Instant::now() < self.assign_after {
+            return;
+        }
         match mesh.own.place(key, desired.as_ref(), policy.paused()) {
             Some(Move::Assign(holder, key)) => {
-                if let Some(s) = session_of(&mut self.sessions, &holder) {
-                    for (g, ns, name) in mesh.objects.get(&key).into_iter().flatten() {
-                        if let Some(obj) = self
-                            .store
-                            .get(g)
-                            .and_then(|m| m.get(&(ns.clone(), name.clone())))
-                        {
-                            push_object(&s.pending, &key, EventType::Applied, obj, gvk_of(mesh, g));
-                        }
-                    }
-                    s.needs_sync = true;
-                }
+                send_key(&mut self.sessions, &self.store, mesh, &holder, &key);
             }
             Some(Move::Revoke(runtime, key)) => {
                 self.revokes.entry(runtime).or_default().push(key);
@@ -868,6 +906,29 @@ impl Mesh {
             .filter(|k| !self.objects.contains_key(*k));
         self.objects.keys().chain(held)
     }
+}
+
+/// Sends every object of `key` to `holder`'s session, to be closed by a
+/// `Synced` marker at the next flush.
+fn send_key(
+    sessions: &mut HashMap<RuntimeId, Session>,
+    store: &HashMap<String, HashMap<ObjName, Arc<DynamicObject>>>,
+    mesh: &Mesh,
+    holder: &str,
+    key: &str,
+) {
+    let Some(s) = session_of(sessions, holder) else {
+        return;
+    };
+    for (g, ns, name) in mesh.objects.get(key).into_iter().flatten() {
+        if let Some(obj) = store
+            .get(g)
+            .and_then(|m| m.get(&(ns.clone(), name.clone())))
+        {
+            push_object(&s.pending, key, EventType::Applied, obj, gvk_of(mesh, g));
+        }
+    }
+    s.needs_sync = true;
 }
 
 /// The session that holds keys as `holder` (`pod@seq`), if still connected.

@@ -147,6 +147,21 @@ impl Ownership {
         }
     }
 
+    /// Gives `key` to `holder` as it is: a runtime reported holding it after
+    /// a reconnect, and the policy still wants it there.
+    pub fn adopt(&mut self, key: &str, holder: &str) {
+        self.holders
+            .insert(key.to_string(), Holder::Owned(holder.to_string()));
+    }
+
+    /// Records that `holder` still holds `key` and has been asked to release
+    /// it: a runtime reported holding it after a reconnect, but the policy
+    /// wants it elsewhere.
+    pub fn mark_revoking(&mut self, key: &str, holder: &str) {
+        self.holders
+            .insert(key.to_string(), Holder::Revoking(holder.to_string()));
+    }
+
     /// Records that `runtime` released `key`. Returns true if the key was
     /// being revoked from it (and is now unowned, ready to be placed).
     pub fn released(&mut self, runtime: &str, key: &str) -> bool {

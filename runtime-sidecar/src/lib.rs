@@ -68,6 +68,19 @@ pub async fn run(
     let session = tokio::spawn(session::run(rt.clone(), stop.clone()));
     let dispatch = tokio::spawn(dispatch::run(rt.clone(), stop.clone()));
     let http = tokio::spawn(http::serve(rt.clone(), health, stop.clone()));
+    // While disconnected nothing else notices the lease running out.
+    let watchdog = {
+        let (rt, mut stop) = (rt.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(25));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => rt.expire_lease(),
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        })
+    };
     tracing::info!(socket = %rt.config.socket.display(), "runtime serving the operator");
     // The operator socket stays up while draining, so running reconciles
     // can still complete.
@@ -86,7 +99,7 @@ pub async fn run(
     let _ = tokio::time::timeout(std::time::Duration::from_secs(40), session).await;
     rt.queue.shut_down();
     let _ = server_stop_tx.send(true);
-    for task in [dispatch, http] {
+    for task in [dispatch, http, watchdog] {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
     }
     let result = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;

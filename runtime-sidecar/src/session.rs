@@ -65,10 +65,13 @@ pub async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
         let addr = addrs[attempt % addrs.len().max(1)].clone();
         attempt += 1;
         let result = session(&rt, &addr, &mut shutdown).await;
-        rt.session_lost();
         if *shutdown.borrow() {
+            rt.session_lost();
             return;
         }
+        // Keep the keys (without starting reconciles) while the lease runs,
+        // to report them to whichever manager answers next.
+        rt.session_ended();
         match &result {
             Err(SessionError::Ended(why)) => {
                 tracing::warn!(manager = %addr, reason = %why, "session ended; reconnecting");
@@ -132,7 +135,11 @@ async fn session(
         runtime_version: env!("CARGO_PKG_VERSION").to_string(),
         capacity: rt.config.max_concurrent_reconciles,
         auth_token: String::new(),
-        held: Vec::new(),
+        held: rt
+            .held_keys()
+            .into_iter()
+            .map(|key| opmesh_proto::v1::HeldKey { key, epoch: 0 })
+            .collect(),
     };
     let hello_sent = Instant::now();
     // The channel is fresh, so this cannot fail.
@@ -201,6 +208,7 @@ async fn session(
         let msg = tokio::select! {
             m = inbound.message() => Some(m),
             _ = tokio::time::sleep_until(lease_end) => {
+                rt.expire_lease();
                 return Err(SessionError::Ended("the lease ran out without renewal".into()));
             }
             r = shutdown.wait_for(|s| *s) => {

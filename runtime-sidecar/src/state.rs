@@ -51,6 +51,10 @@ pub struct Session {
     pub unsynced: HashSet<String>,
     /// When the lease ends, if there is one.
     pub lease_until: Option<Instant>,
+    /// Keys owned when the last session ended, while that lease lasts: they
+    /// are reported in the next hello so a new manager can keep them here.
+    /// Nothing is dispatched for them until the manager re-sends them.
+    pub held: HashSet<String>,
 }
 
 /// A task handed to the operator and not yet completed.
@@ -158,6 +162,11 @@ impl Runtime {
     /// A session was accepted; `hello_sent` starts the first lease.
     pub fn welcomed(&self, w: &Welcome, hello_sent: Instant) {
         let mut s = self.session();
+        // Reported keys wait, like any assignment, for the manager to send
+        // them and close the batch with Synced; those it does not keep it
+        // revokes.
+        let held: Vec<String> = s.held.drain().collect();
+        s.unsynced.extend(held);
         s.runtime_id = w.runtime_id.clone();
         s.subset = w.subset.clone();
         s.lease_until =
@@ -229,6 +238,7 @@ impl Runtime {
             for k in keys {
                 s.owned.remove(k);
                 s.unsynced.remove(k);
+                s.held.remove(k);
             }
             self.metrics
                 .owned_keys
@@ -261,14 +271,72 @@ impl Runtime {
     /// reconciles, whose writes the SDK's fence now refuses anyway.
     pub fn session_lost(&self) {
         {
+            // Cleared under the session lock (order: session, then cache), so
+            // a new session's first events cannot be wiped by a late clear.
             let mut s = self.session();
             *s = Session::default();
+            self.queue.clear();
+            self.cache().clear();
         }
         self.metrics.owned_keys.set(0);
-        self.queue.clear();
-        self.cache().clear();
         self.cancel_inflight();
         self.bump();
+    }
+
+    /// The session ended but the lease still runs: stop starting reconciles
+    /// and forget cached state, but remember the owned keys to report them on
+    /// reconnect. Running reconciles finish (or are cancelled when the lease
+    /// runs out, see [`Runtime::expire_lease`]).
+    pub fn session_ended(&self) {
+        let mut s = self.session();
+        if s.lease_until.is_none_or(|t| Instant::now() >= t) {
+            drop(s);
+            self.session_lost();
+            return;
+        }
+        let owned: Vec<String> = s.owned.drain().collect();
+        s.held.extend(owned);
+        s.unsynced.clear();
+        s.synced = false;
+        self.queue.clear();
+        self.cache().clear();
+        drop(s);
+        self.metrics.owned_keys.set(0);
+        self.bump();
+    }
+
+    /// Drops everything if the lease has run out. Checked under the session
+    /// lock, so a welcome that renewed the lease wins the race.
+    pub fn expire_lease(&self) {
+        let lapsed = {
+            let s = self.session();
+            s.lease_until.is_some_and(|t| Instant::now() >= t)
+        };
+        if lapsed {
+            let mut s = self.session();
+            if s.lease_until.is_some_and(|t| Instant::now() >= t) {
+                tracing::warn!(
+                    "lease ran out; dropping every key and cancelling running reconciles"
+                );
+                *s = Session::default();
+                self.queue.clear();
+                self.cache().clear();
+                drop(s);
+                self.metrics.owned_keys.set(0);
+                self.cancel_inflight();
+                self.bump();
+            }
+        }
+    }
+
+    /// Keys to report in a hello.
+    pub fn held_keys(&self) -> Vec<String> {
+        let s = self.session();
+        if s.lease_until.is_some_and(|t| Instant::now() < t) {
+            s.held.iter().cloned().collect()
+        } else {
+            Vec::new()
+        }
     }
 
     /// Asks the operator to stop every running reconcile.

@@ -106,3 +106,82 @@ async fn paused_freezes_ownership_and_unpausing_moves_keys_live() -> anyhow::Res
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_reconnecting_runtime_keeps_the_keys_it_reports() -> anyhow::Result<()> {
+    let mut w = World::new("held").await?;
+    w.apply_mesh(
+        json!({"weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1"],
+    )
+    .await?;
+    // The runtime reaches the manager through a proxy that the test can cut.
+    let port: u16 = w.manager.addr().rsplit(':').next().unwrap().parse()?;
+    let proxy = opmesh_tests::proxy::Proxy::start(([127, 0, 0, 1], port).into()).await?;
+    opmesh_tests::cluster::create_pod(
+        &w.client,
+        &w.ns,
+        "v1-0",
+        &[("app", "cmg"), ("version", "v1")],
+        "operator",
+    )
+    .await?;
+    let r = opmesh_tests::mesh::Replica::start_processes(
+        w.cp,
+        &w.bins,
+        w.dir.path(),
+        &proxy.url(),
+        &format!("{}/mesh", w.ns),
+        &w.ns,
+        "v1-0",
+        "v1",
+    )?;
+    w.replicas.push(r);
+    w.all_ready().await?;
+    let ns = w.object_namespace("held-data", &[]).await?;
+    for i in 0..20 {
+        create_generator(&w.client, &ns, &format!("gen-{i}"), json!({})).await?;
+    }
+    w.wait_handled(std::slice::from_ref(&ns), 20).await?;
+
+    // Cut the stream: the runtime reconnects within its lease and reports
+    // the 20 keys it holds; the manager keeps them there instead of waiting
+    // for the lease to run out.
+    proxy.cut();
+    eventually(
+        "the manager to take back the reported keys",
+        TIMEOUT,
+        || async {
+            let log = w.manager.process().log_tail(400);
+            Ok(log
+                .lines()
+                .any(|l| l.contains("runtime joined") && l.contains("held=20"))
+                .then_some(()))
+        },
+    )
+    .await?;
+    w.all_ready().await?;
+    let log = w.manager.process().log_tail(400);
+    assert!(
+        !log.contains("lease expired; reassigning"),
+        "keys waited for the lease:\n{log}"
+    );
+    // And it keeps reconciling them.
+    let gens: Api<DynamicObject> =
+        Api::namespaced_with(w.client.clone(), &ns, &generator_resource());
+    gens.patch(
+        "gen-0",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"data": {"v": "2"}}})),
+    )
+    .await?;
+    eventually("the update to be reconciled", TIMEOUT, || async {
+        let ok = w
+            .records()
+            .iter()
+            .any(|r| r.key == format!("{ns}/gen-0") && r.generation == 2 && r.outcome == "ok");
+        Ok(ok.then_some(()))
+    })
+    .await?;
+    Ok(())
+}
