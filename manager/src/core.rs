@@ -130,6 +130,11 @@ struct Mesh {
     /// Keys runtimes reported holding when they (re)connected, by holder,
     /// not yet adopted or revoked.
     reported: HashMap<String, String>,
+    /// No key is assigned before this: runtimes of an earlier mesh of the
+    /// same name may still hold leases.
+    not_before: Instant,
+    /// True until `not_before` has passed and the keys were placed.
+    waiting: bool,
 }
 
 struct Session {
@@ -170,6 +175,9 @@ pub struct Core {
     /// Revokes to send, by holder.
     revokes: HashMap<String, Vec<String>>,
     expiring: Vec<Expiring>,
+    /// Meshes removed while runtimes held their keys: a mesh re-created
+    /// under the same name waits until those leases have run out.
+    deleted_meshes: HashMap<String, Instant>,
     /// No key is assigned before this: runtimes may still hold leases from
     /// an earlier manager.
     assign_after: Instant,
@@ -201,6 +209,7 @@ impl Core {
             next_seq: 1,
             revokes: HashMap::new(),
             expiring: Vec::new(),
+            deleted_meshes: HashMap::new(),
             assign_after: Instant::now() + lease_ttl + margin(lease_ttl),
             status,
             dirty: true,
@@ -260,8 +269,9 @@ impl Core {
                 // If the session handler is gone, undo the join so no key waits
                 // on a runtime nobody serves.
                 if let Err(Ok(c)) = reply.send(result) {
-                    // Nothing was ever sent to it, so nothing can be running.
-                    self.disconnect(&c.runtime, c.seq, true);
+                    // It may hold reported keys under a lease from before;
+                    // let them wait for that lease like any lost session's.
+                    self.disconnect(&c.runtime, c.seq, false);
                 }
             }
             Input::Disconnect {
@@ -429,7 +439,10 @@ impl Core {
         match ev {
             WatchEvent::Apply(om) => {
                 let id = format!("{}/{}", om.namespace().unwrap_or_default(), om.name_any());
+                let not_before = self.deleted_meshes.remove(&id);
                 let mesh = self.meshes.entry(id.clone()).or_insert_with(|| Mesh {
+                    waiting: not_before.is_some(),
+                    not_before: not_before.unwrap_or_else(Instant::now),
                     namespace: om.namespace().unwrap_or_default(),
                     name: om.name_any(),
                     generation: None,
@@ -459,18 +472,7 @@ impl Core {
             }
             WatchEvent::Delete(om) => {
                 let id = format!("{}/{}", om.namespace().unwrap_or_default(), om.name_any());
-                self.meshes.remove(&id);
-                let gone: Vec<RuntimeId> = self
-                    .sessions
-                    .iter()
-                    .filter(|(_, s)| s.mesh == id)
-                    .map(|(r, _)| r.clone())
-                    .collect();
-                for r in gone {
-                    if let Some(s) = self.sessions.remove(&r) {
-                        s.pending.close();
-                    }
-                }
+                self.remove_mesh(&id);
             }
             WatchEvent::Relisted(present) => {
                 let gone: Vec<String> = self
@@ -480,7 +482,7 @@ impl Core {
                     .map(|m| format!("{}/{}", m.namespace, m.name))
                     .collect();
                 for id in gone {
-                    self.meshes.remove(&id);
+                    self.remove_mesh(&id);
                 }
             }
         }
@@ -594,7 +596,20 @@ impl Core {
         self.revokes.remove(&session.holder);
         if let Some(mesh) = self.meshes.get_mut(&session.mesh) {
             mesh.own.leave(runtime);
-            mesh.reported.retain(|_, h| *h != session.holder);
+            // Keys it reported but that were not placed yet are still its own
+            // until its lease runs out.
+            let unplaced: Vec<String> = mesh
+                .reported
+                .iter()
+                .filter(|(_, h)| **h == session.holder)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in unplaced {
+                mesh.reported.remove(&k);
+                if mesh.own.holder(&k).is_none() {
+                    mesh.own.mark_revoking(&k, &session.holder);
+                }
+            }
         }
         if graceful {
             tracing::info!(mesh = %session.mesh, runtime = %runtime, "runtime said goodbye; its keys move now");
@@ -616,10 +631,45 @@ impl Core {
         self.place_all(&session.mesh);
     }
 
+    /// Drops a mesh and ends its sessions. Their runtimes drop their keys
+    /// when their leases run out; until then a mesh re-created under the
+    /// same name assigns nothing.
+    fn remove_mesh(&mut self, id: &str) {
+        self.meshes.remove(id);
+        let gone: Vec<RuntimeId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.mesh == id)
+            .map(|(r, _)| r.clone())
+            .collect();
+        let mut until = Instant::now();
+        for r in gone {
+            if let Some(s) = self.sessions.remove(&r) {
+                s.pending.close();
+                until = until.max(*lock(&s.last_contact) + self.lease_ttl + margin(self.lease_ttl));
+            }
+        }
+        self.deleted_meshes.insert(id.to_string(), until);
+        self.expiring.retain(|e| e.mesh != id);
+    }
+
     /// Frees the keys of sessions whose lease has run out, and ends sessions
     /// that went silent.
     fn expire(&mut self) {
         let now = Instant::now();
+        self.deleted_meshes.retain(|_, t| *t > now);
+        let waking: Vec<String> = self
+            .meshes
+            .iter_mut()
+            .filter(|(_, m)| m.waiting && m.not_before <= now)
+            .map(|(id, m)| {
+                m.waiting = false;
+                id.clone()
+            })
+            .collect();
+        for id in waking {
+            self.place_all(&id);
+        }
         let limit = self.lease_ttl + margin(self.lease_ttl);
         let silent: Vec<(RuntimeId, u64)> = self
             .sessions
@@ -742,9 +792,9 @@ impl Core {
             }
             return;
         }
-        // Anything else waits until no lease from an earlier manager can
-        // still be running.
-        if Instant::now() < self.assign_after {
+        // Anything else waits until no lease from an earlier manager (or
+        // an earlier mesh of this name) can still be running.
+        if Instant::now() < self.assign_after.max(mesh.not_before) {
             return;
         }
         match mesh.own.place(key, desired.as_ref(), policy.paused()) {
@@ -971,6 +1021,7 @@ fn push_object(
     let namespace = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
     pending.object(
+        key,
         &gvk.key(),
         &namespace.clone(),
         &name.clone(),

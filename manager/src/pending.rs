@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 enum Slot {
     Object {
+        key: String,
         gvk: String,
         namespace: String,
         name: String,
@@ -51,8 +52,11 @@ impl std::fmt::Debug for Pending {
 impl Pending {
     /// Queues the latest state of an object, replacing any queued older state
     /// in place.
-    pub fn object(&self, gvk: &str, namespace: &str, name: &str, msg: ManagerMessage) {
+    /// The slot includes the primary key, so an object that moves from one
+    /// key to another keeps both its Deleted (old key) and Applied (new key).
+    pub fn object(&self, key: &str, gvk: &str, namespace: &str, name: &str, msg: ManagerMessage) {
         let slot = Slot::Object {
+            key: key.to_string(),
             gvk: gvk.to_string(),
             namespace: namespace.to_string(),
             name: name.to_string(),
@@ -165,10 +169,10 @@ mod tests {
     #[tokio::test]
     async fn updates_coalesce_in_place_before_later_markers() {
         let p = Pending::default();
-        p.object("g", "ns", "a", event("ns/a", "1"));
+        p.object("ns/a", "g", "ns", "a", event("ns/a", "1"));
         p.control(synced());
-        p.object("g", "ns", "a", event("ns/a", "2"));
-        p.object("g", "ns", "b", event("ns/b", "1"));
+        p.object("ns/a", "g", "ns", "a", event("ns/a", "2"));
+        p.object("ns/b", "g", "ns", "b", event("ns/b", "1"));
         let batch = p.next_batch(10).await.unwrap();
         assert_eq!(batch.len(), 3);
         assert_eq!(batch[0], event("ns/a", "2"));
@@ -179,8 +183,8 @@ mod tests {
     #[tokio::test]
     async fn dropped_keys_are_not_sent_and_close_ends_the_stream() {
         let p = Pending::default();
-        p.object("g", "ns", "a", event("ns/a", "1"));
-        p.object("g", "ns", "b", event("ns/b", "1"));
+        p.object("ns/a", "g", "ns", "a", event("ns/a", "1"));
+        p.object("ns/b", "g", "ns", "b", event("ns/b", "1"));
         p.drop_keys(&["ns/a"].into_iter().collect());
         assert_eq!(p.next_batch(10).await.unwrap(), vec![event("ns/b", "1")]);
         p.close();

@@ -43,6 +43,12 @@ pub enum SessionError {
         /// What went wrong.
         reason: String,
     },
+    /// The manager is a standby; another one leads.
+    #[error("{addr} is a standby manager")]
+    Standby {
+        /// The address tried.
+        addr: String,
+    },
     /// The session was established and then ended.
     #[error("session ended: {0}")]
     Ended(String),
@@ -80,6 +86,9 @@ pub async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
             Err(e @ SessionError::Refused { .. }) => {
                 tracing::error!(manager = %addr, error = %e, retry_in = ?backoff, "refused; retrying");
             }
+            Err(e @ SessionError::Standby { .. }) => {
+                tracing::info!(error = %e, "trying another manager")
+            }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot open session; retrying")
             }
@@ -88,6 +97,15 @@ pub async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
         if !attempt.is_multiple_of(addrs.len().max(1))
             && !matches!(result, Err(SessionError::Refused { .. }))
         {
+            continue;
+        }
+        if matches!(result, Err(SessionError::Standby { .. })) {
+            // Behind a Service, the next connection may reach the leader:
+            // retry soon, without growing the backoff.
+            tokio::select! {
+                _ = tokio::time::sleep(BACKOFF_START) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
             continue;
         }
         tokio::select! {
@@ -125,6 +143,7 @@ async fn session(
     let mut client = MeshServiceClient::new(channel);
 
     let (tx, rx) = mpsc::channel::<RuntimeMessage>(64);
+    let reported = rt.held_keys();
     let hello = Hello {
         mesh_namespace: rt.config.mesh.namespace.clone(),
         mesh_name: rt.config.mesh.name.clone(),
@@ -135,10 +154,12 @@ async fn session(
         runtime_version: env!("CARGO_PKG_VERSION").to_string(),
         capacity: rt.config.max_concurrent_reconciles,
         auth_token: String::new(),
-        held: rt
-            .held_keys()
-            .into_iter()
-            .map(|key| opmesh_proto::v1::HeldKey { key, epoch: 0 })
+        held: reported
+            .iter()
+            .map(|key| opmesh_proto::v1::HeldKey {
+                key: key.clone(),
+                epoch: 0,
+            })
             .collect(),
     };
     let hello_sent = Instant::now();
@@ -149,6 +170,9 @@ async fn session(
         })
         .await;
     let refused = |s: tonic::Status| match s.code() {
+        Code::Unavailable if s.message().contains("not the leader") => SessionError::Standby {
+            addr: addr.to_string(),
+        },
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => {
             unreachable(s.message().to_string())
         }
@@ -171,7 +195,7 @@ async fn session(
         Ok(Err(s)) => return Err(refused(s)),
         Err(_) => return Err(unreachable("no welcome".into())),
     };
-    rt.welcomed(&welcome, hello_sent);
+    rt.welcomed(&welcome, hello_sent, &reported);
     tracing::info!(manager = %addr, runtime = %welcome.runtime_id, subset = %welcome.subset, "session established");
 
     let ttl = Duration::from_millis(u64::from(welcome.lease_ttl_ms.max(100)));
@@ -219,6 +243,8 @@ async fn session(
         let Some(msg) = msg else {
             return goodbye(rt, &tx).await;
         };
+        // Reap finished revoke tasks so they do not pile up.
+        while tasks.try_join_next().is_some() {}
         let msg = match msg {
             Ok(Some(m)) => m,
             Ok(None) => return Err(SessionError::Ended("the manager closed the stream".into())),

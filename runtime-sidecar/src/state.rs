@@ -160,13 +160,14 @@ impl Runtime {
     // --- session events ---
 
     /// A session was accepted; `hello_sent` starts the first lease.
-    pub fn welcomed(&self, w: &Welcome, hello_sent: Instant) {
+    pub fn welcomed(&self, w: &Welcome, hello_sent: Instant, reported: &[String]) {
         let mut s = self.session();
         // Reported keys wait, like any assignment, for the manager to send
         // them and close the batch with Synced; those it does not keep it
-        // revokes.
-        let held: Vec<String> = s.held.drain().collect();
-        s.unsynced.extend(held);
+        // revokes. Held keys that were not reported are gone.
+        let held = std::mem::take(&mut s.held);
+        s.unsynced
+            .extend(reported.iter().filter(|k| held.contains(*k)).cloned());
         s.runtime_id = w.runtime_id.clone();
         s.subset = w.subset.clone();
         s.lease_until =
@@ -329,14 +330,10 @@ impl Runtime {
         }
     }
 
-    /// Keys to report in a hello.
+    /// Keys to report in a hello; none once the lease has run out.
     pub fn held_keys(&self) -> Vec<String> {
-        let s = self.session();
-        if s.lease_until.is_some_and(|t| Instant::now() < t) {
-            s.held.iter().cloned().collect()
-        } else {
-            Vec::new()
-        }
+        self.expire_lease();
+        self.session().held.iter().cloned().collect()
     }
 
     /// Asks the operator to stop every running reconcile.

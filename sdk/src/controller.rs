@@ -206,6 +206,9 @@ where
         let error_policy = Arc::new(error_policy);
         let running: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>> = Arc::default();
         tracing::info!(kind = %K::kind(&()), "controller started");
+        // When the stream ends, stop every reconcile still running: the
+        // sidecar has already taken them back and may hand the keys out again.
+        let _abort_on_exit = AbortAll(running.clone());
         while let Some(task) = tasks.message().await? {
             let id = task.id;
             if task.cancel {
@@ -321,4 +324,15 @@ fn millis(d: Duration) -> u64 {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A map of abort handles stays usable after a panic elsewhere.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Aborts every task in the map when dropped.
+struct AbortAll(Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>>);
+
+impl Drop for AbortAll {
+    fn drop(&mut self) {
+        for (_, handle) in lock(&self.0).drain() {
+            handle.abort();
+        }
+    }
 }

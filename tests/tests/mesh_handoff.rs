@@ -185,3 +185,83 @@ async fn a_reconnecting_runtime_keeps_the_keys_it_reports() -> anyhow::Result<()
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn behind_one_address_a_runtime_finds_the_leader() -> anyhow::Result<()> {
+    let mut w = World::new("leader").await?;
+    w.apply_mesh(
+        json!({"weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1"],
+    )
+    .await?;
+    let lease = format!("opmesh-{}", w.ns);
+    let port = |m: &opmesh_tests::mesh::Manager| -> anyhow::Result<u16> {
+        Ok(m.addr().rsplit(':').next().unwrap_or_default().parse()?)
+    };
+    let leader = opmesh_tests::mesh::Manager::start_on(
+        w.cp,
+        &w.bins,
+        w.dir.path(),
+        &w.ns,
+        opmesh_tests::control_plane::free_port()?,
+        Some(&lease),
+    )
+    .await?;
+    eventually("the first manager to lead", TIMEOUT, || async {
+        Ok(leader
+            .process()
+            .log_tail(200)
+            .contains("leading: starting the core")
+            .then_some(()))
+    })
+    .await?;
+    let standby = opmesh_tests::mesh::Manager::start_on(
+        w.cp,
+        &w.bins,
+        w.dir.path(),
+        &w.ns,
+        opmesh_tests::control_plane::free_port()?,
+        Some(&lease),
+    )
+    .await?;
+    // One address, like a Service, that first reaches the standby.
+    let service =
+        opmesh_tests::proxy::Proxy::start(([127, 0, 0, 1], port(&standby)?).into()).await?;
+    opmesh_tests::cluster::create_pod(
+        &w.client,
+        &w.ns,
+        "v1-0",
+        &[("app", "cmg"), ("version", "v1")],
+        "operator",
+    )
+    .await?;
+    let r = opmesh_tests::mesh::Replica::start_processes(
+        w.cp,
+        &w.bins,
+        w.dir.path(),
+        &service.url(),
+        &format!("{}/mesh", w.ns),
+        &w.ns,
+        "v1-0",
+        "v1",
+    )?;
+    eventually("the standby to refuse the runtime", TIMEOUT, || async {
+        Ok(r.sidecar
+            .log_tail(200)
+            .contains("is a standby manager")
+            .then_some(()))
+    })
+    .await?;
+    assert!(!r.ready());
+    // The Service now routes to the leader; the runtime gets there without
+    // a long backoff and reconciles.
+    service
+        .retarget(([127, 0, 0, 1], port(&leader)?).into())
+        .await;
+    w.replicas.push(r);
+    w.all_ready().await?;
+    let ns = w.object_namespace("leader-data", &[]).await?;
+    create_generator(&w.client, &ns, "gen", json!({})).await?;
+    w.wait_handled(std::slice::from_ref(&ns), 1).await?;
+    Ok(())
+}
