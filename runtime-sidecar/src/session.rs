@@ -257,7 +257,13 @@ async fn session(
                 rt.revoke(&r.keys);
                 let (rt, tx) = (rt.clone(), tx.clone());
                 tasks.spawn(async move {
-                    rt.drained(&r.keys).await;
+                    // A running reconcile gets a lease TTL to finish; a hung
+                    // one is cancelled, so the key cannot stay stuck.
+                    if tokio::time::timeout(ttl, rt.drained(&r.keys)).await.is_err() {
+                        tracing::warn!(keys = r.keys.len(), "reconciles of revoked keys still running after a lease TTL; cancelling them");
+                        rt.cancel_keys(&r.keys);
+                        rt.drained(&r.keys).await;
+                    }
                     let _ = tx
                         .send(RuntimeMessage {
                             msg: Some(Out::Released(Released {

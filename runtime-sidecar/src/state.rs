@@ -336,14 +336,24 @@ impl Runtime {
         self.session().held.iter().cloned().collect()
     }
 
+    /// Asks the operator to stop the running reconciles of `keys`.
+    pub fn cancel_keys(&self, keys: &[String]) {
+        let keys: HashSet<&String> = keys.iter().collect();
+        self.cancel_where(|i| keys.contains(&i.key));
+    }
+
     /// Asks the operator to stop every running reconcile.
     pub fn cancel_inflight(&self) {
+        self.cancel_where(|_| true);
+    }
+
+    fn cancel_where(&self, pick: impl Fn(&Inflight) -> bool) {
         let Some((op, tx)) = lock(&self.operator).clone() else {
             return;
         };
         let ids: Vec<u64> = lock(&self.inflight)
             .iter()
-            .filter(|(_, i)| i.operator == op)
+            .filter(|(_, i)| i.operator == op && pick(i))
             .map(|(id, _)| *id)
             .collect();
         for id in ids {

@@ -255,6 +255,9 @@ impl Replica {
         let socket = dir.join(format!("{pod}.sock"));
         let records = dir.join(format!("{pod}.jsonl"));
         let health_port = free_port()?;
+        // A killed sidecar leaves its socket behind; waiting for the file
+        // below must see the new one.
+        let _ = std::fs::remove_file(&socket);
         let sidecar = Process::spawn_with_env(
             &format!("{pod}-sidecar"),
             &bins.runtime,

@@ -67,6 +67,7 @@ struct Chaos {
     lease: String,
     managers: [Option<Manager>; 2],
     ports: [u16; 2],
+    started_managers: [bool; 2],
     slots: Vec<Slot>,
     weights: [(&'static str, u64); 2],
     pinned: BTreeMap<String, bool>,
@@ -124,6 +125,17 @@ impl Chaos {
     }
 
     async fn start_manager(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.managers[i].is_none() && self.started_managers[i] {
+            // A restart gets a fresh port (the old one may have been taken
+            // by another process meanwhile); the proxies follow it, as a
+            // Service would.
+            self.ports[i] = opmesh_tests::control_plane::free_port()?;
+            let to = std::net::SocketAddr::from(([127, 0, 0, 1], self.ports[i]));
+            for slot in &self.slots {
+                slot.proxies[i].retarget(to).await;
+            }
+        }
+        self.started_managers[i] = true;
         let m = Manager::start_on(
             self.cp,
             &self.bins,
@@ -198,6 +210,7 @@ async fn chaos_keeps_one_owner_per_key_and_loses_no_update() -> anyhow::Result<(
         ns: ns.clone(),
         managers: [None, None],
         ports,
+        started_managers: [false, false],
         slots,
         weights: [("v1", 50), ("v2", 50)],
         pinned: BTreeMap::new(),
@@ -213,6 +226,9 @@ async fn chaos_keeps_one_owner_per_key_and_loses_no_update() -> anyhow::Result<(
             if let Some(r) = &s.replica {
                 eprintln!("--- {} sidecar ---\n{}", s.pod, r.sidecar.log_tail(15));
             }
+        }
+        if let Err(e) = &result {
+            eprintln!("chaos failed: {e:#}");
         }
         eprintln!("chaos seed was {seed}");
     }
@@ -398,7 +414,11 @@ async fn run(c: &mut Chaos, events: usize, rng: &mut StdRng) -> anyhow::Result<(
             );
         }
     }
-    assert_eq!(finals.len(), NAMESPACES * OBJECTS);
+    anyhow::ensure!(
+        finals.len() == NAMESPACES * OBJECTS,
+        "only {} objects exist",
+        finals.len()
+    );
     let records = || -> Vec<_> {
         c.slots
             .iter()
@@ -444,12 +464,12 @@ async fn run(c: &mut Chaos, events: usize, rng: &mut StdRng) -> anyhow::Result<(
         finals.len(),
         overlaps.len()
     );
-    assert!(
+    anyhow::ensure!(
         overlaps.is_empty(),
         "keys reconciled by two runtimes at once: {:#?}",
         &overlaps[..overlaps.len().min(5)]
     );
-    assert!(
+    anyhow::ensure!(
         faults >= events,
         "only {faults} of {events} faults were injected"
     );
