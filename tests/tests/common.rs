@@ -98,21 +98,34 @@ impl World {
 
     /// Starts a replica of subset `version`.
     pub async fn replica(&mut self, pod: &str, version: &str) -> anyhow::Result<()> {
-        let r = Replica::start(
+        let manager = self.manager.addr().to_string();
+        let r = self.replica_via(pod, version, &manager).await?;
+        self.replicas.push(r);
+        Ok(())
+    }
+
+    /// Creates the Pod of a replica of subset `version` and starts its
+    /// processes, dialing the manager at `managers` (comma-separated); the
+    /// caller decides when to add it to [`World::replicas`].
+    pub async fn replica_via(
+        &self,
+        pod: &str,
+        version: &str,
+        managers: &str,
+    ) -> anyhow::Result<Replica> {
+        Replica::start(
             self.cp,
             &self.bins,
             &self.client,
             self.dir.path(),
-            self.manager.addr(),
+            managers,
             &format!("{}/mesh", self.ns),
             &self.ns,
             pod,
             &[("app", "cmg"), ("version", version)],
             version,
         )
-        .await?;
-        self.replicas.push(r);
-        Ok(())
+        .await
     }
 
     /// Waits until every replica's sidecar is ready.

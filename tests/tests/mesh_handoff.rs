@@ -118,24 +118,7 @@ async fn a_reconnecting_runtime_keeps_the_keys_it_reports() -> anyhow::Result<()
     // The runtime reaches the manager through a proxy that the test can cut.
     let port: u16 = w.manager.addr().rsplit(':').next().unwrap().parse()?;
     let proxy = opmesh_tests::proxy::Proxy::start(([127, 0, 0, 1], port).into()).await?;
-    opmesh_tests::cluster::create_pod(
-        &w.client,
-        &w.ns,
-        "v1-0",
-        &[("app", "cmg"), ("version", "v1")],
-        "operator",
-    )
-    .await?;
-    let r = opmesh_tests::mesh::Replica::start_processes(
-        w.cp,
-        &w.bins,
-        w.dir.path(),
-        &proxy.url(),
-        &format!("{}/mesh", w.ns),
-        &w.ns,
-        "v1-0",
-        "v1",
-    )?;
+    let r = w.replica_via("v1-0", "v1", &proxy.url()).await?;
     w.replicas.push(r);
     w.all_ready().await?;
     let ns = w.object_namespace("held-data", &[]).await?;
@@ -227,24 +210,7 @@ async fn behind_one_address_a_runtime_finds_the_leader() -> anyhow::Result<()> {
     // One address, like a Service, that first reaches the standby.
     let service =
         opmesh_tests::proxy::Proxy::start(([127, 0, 0, 1], port(&standby)?).into()).await?;
-    opmesh_tests::cluster::create_pod(
-        &w.client,
-        &w.ns,
-        "v1-0",
-        &[("app", "cmg"), ("version", "v1")],
-        "operator",
-    )
-    .await?;
-    let r = opmesh_tests::mesh::Replica::start_processes(
-        w.cp,
-        &w.bins,
-        w.dir.path(),
-        &service.url(),
-        &format!("{}/mesh", w.ns),
-        &w.ns,
-        "v1-0",
-        "v1",
-    )?;
+    let r = w.replica_via("v1-0", "v1", &service.url()).await?;
     eventually("the standby to refuse the runtime", TIMEOUT, || async {
         Ok(r.sidecar
             .log_tail(200)
