@@ -7,12 +7,16 @@
 //!    is the running sum of weights in declared order and `T` their total.
 //!    The arithmetic is exact (u128), so the shares are exact.
 //! 3. Inside a subset, a consistent hash ring with virtual nodes picks the
-//!    replica, so a replica joining or leaving moves only its own share.
+//!    replica, so a replica joining or leaving moves only its own share. The
+//!    ring hashes with XXH64 (seed 0), not FNV-1a: FNV-1a mixes a key's last
+//!    bytes only into its low bits, so `app-0` … `app-99` would sit between
+//!    the same two ring points and all go to one replica.
 
-use std::hash::Hasher as _;
+use std::hash::{BuildHasherDefault, Hasher as _};
 
 use consistent_hash_ring::{Ring, RingBuilder};
 use fnv::FnvHasher;
+use twox_hash::XxHash64;
 
 /// Virtual nodes per replica on the ring. More nodes even out the shares.
 pub const VNODES: usize = 64;
@@ -71,10 +75,14 @@ impl WeightRanges {
     }
 }
 
+/// The ring's hash: XXH64 with seed 0, stable across processes and releases,
+/// so every manager that becomes leader computes the same owners.
+type RingHasher = BuildHasherDefault<XxHash64>;
+
 /// The replicas of one subset on a consistent hash ring.
 #[derive(Clone)]
 pub struct ReplicaRing {
-    ring: Ring<String>,
+    ring: Ring<String, RingHasher>,
 }
 
 // === impl ReplicaRing ===
@@ -83,7 +91,7 @@ impl ReplicaRing {
     /// A ring over `replicas` (runtime ids).
     pub fn new<'a>(replicas: impl IntoIterator<Item = &'a String>) -> Self {
         Self {
-            ring: RingBuilder::default()
+            ring: RingBuilder::new(RingHasher::default())
                 .vnodes(VNODES)
                 .nodes_iter(replicas.into_iter().cloned())
                 .build(),
@@ -188,6 +196,24 @@ mod tests {
                 let h = fnv1a64(key);
                 let (old, new) = (before.subset_of(h), after.subset_of(h));
                 prop_assert!(old == new || new == n - 1, "{key}: {old} -> {new}");
+            }
+        }
+
+        #[test]
+        fn replicas_share_keys_that_differ_only_in_a_suffix(
+            n in 2usize..5,
+            prefix in "[a-z][a-z0-9-]{0,20}/[a-z][a-z-]{0,10}",
+        ) {
+            let replicas: Vec<String> = (0..n).map(|i| format!("ns/pod-{i}")).collect();
+            let ring = ReplicaRing::new(&replicas);
+            let mut shares = std::collections::BTreeMap::<&String, usize>::new();
+            for i in 0..400 {
+                *shares.entry(ring.owner(&format!("{prefix}{i}")).unwrap()).or_default() += 1;
+            }
+            // An even share is 400/n; every replica gets at least a third of it.
+            prop_assert_eq!(shares.len(), n, "{:?}", shares);
+            for (replica, count) in &shares {
+                prop_assert!(*count * n * 3 >= 400, "{} got {} of 400: {:?}", replica, count, shares);
             }
         }
 
