@@ -392,6 +392,28 @@ impl Core {
         }
     }
 
+    /// Indexes the objects already cached for `gvk` into mesh `id`: a mesh
+    /// that starts using a watch another mesh runs sees what that watch has
+    /// seen, not only what changes from now on.
+    fn index_cached(&mut self, id: &str, gvk: &str) {
+        let (Some(mesh), Some(store)) = (self.meshes.get_mut(id), self.store.get(gvk)) else {
+            return;
+        };
+        for (name, obj) in store {
+            let objref = (gvk.to_string(), name.0.clone(), name.1.clone());
+            if mesh.key_of.contains_key(&objref) {
+                continue;
+            }
+            if let Some(key) = mesh.key_for(gvk, obj) {
+                mesh.objects
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(objref.clone());
+                mesh.key_of.insert(objref, key);
+            }
+        }
+    }
+
     // --- namespaces ---
 
     fn on_namespace(&mut self, ev: WatchEvent<NamespaceLabels>) {
@@ -522,16 +544,27 @@ impl Core {
                 existing: existing.key(),
             });
         }
+        // GVKs this mesh declares for the first time: another mesh may
+        // already watch them, so their cached objects are indexed below.
+        let mut declared = Vec::new();
+        if mesh.primary.is_none() {
+            declared.push(primary.key());
+        }
         mesh.primary = Some(primary.clone());
         for g in &hello.owns {
             let g = Gvk::from(g);
-            mesh.owns.insert(g.key(), g);
+            if mesh.owns.insert(g.key(), g.clone()).is_none() {
+                declared.push(g.key());
+            }
         }
         let wanted: Vec<Gvk> = std::iter::once(primary)
             .chain(mesh.owns.values().cloned())
             .collect();
         for g in wanted {
             self.ensure_watch(g);
+        }
+        for gvk in declared {
+            self.index_cached(&id, &gvk);
         }
 
         // A newer session from the same pod replaces the old one, whose keys

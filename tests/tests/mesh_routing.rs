@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use common::{TIMEOUT, World};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
@@ -10,7 +10,10 @@ use kube::{
     Api,
     api::{Patch, PatchParams},
 };
-use opmesh_tests::{eventually, mesh::create_generator};
+use opmesh_tests::{
+    eventually,
+    mesh::{Replica, apply_mesh, create_generator},
+};
 use serde_json::json;
 
 #[tokio::test]
@@ -176,5 +179,60 @@ async fn editing_an_owned_configmap_reconciles_its_owner_in_its_subset() -> anyh
         .iter()
         .for_each(|r| assert_eq!(r.subset, subset, "{r:?}"));
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_mesh_created_later_gets_the_objects_another_mesh_already_watches() -> anyhow::Result<()>
+{
+    let mut w = World::new("late-mesh").await?;
+    w.apply_mesh(
+        json!({"weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1"],
+    )
+    .await?;
+    w.replica("v1-0", "v1").await?;
+    w.all_ready().await?;
+    let ns = w.object_namespace("late-mesh-data", &[]).await?;
+    for i in 0..10 {
+        create_generator(&w.client, &ns, &format!("gen-{i}"), json!({})).await?;
+    }
+    w.wait_handled(std::slice::from_ref(&ns), 10).await?;
+
+    // A second operator's mesh over the same resource, created once the
+    // manager's watch of it is long synced.
+    let mut spec = w.mesh_spec(json!({"weights": [{"subset": "b", "weight": 100}]}), &["b"]);
+    spec["selector"] = json!({"matchLabels": {"app": "cmg-b"}});
+    apply_mesh(&w.client, &w.ns, "mesh-b", spec).await?;
+    let b = Replica::start(
+        w.cp,
+        &w.bins,
+        &w.client,
+        w.dir.path(),
+        w.manager.addr(),
+        &format!("{}/mesh-b", w.ns),
+        &w.ns,
+        "b-0",
+        &[("app", "cmg-b"), ("version", "b")],
+        "b",
+        &[],
+    )
+    .await?;
+    let want: BTreeSet<String> = (0..10).map(|i| format!("{ns}/gen-{i}")).collect();
+    eventually(
+        "the second mesh's replica to reconcile every existing object",
+        TIMEOUT,
+        || async {
+            b.check_running()?;
+            let seen: BTreeSet<String> = b
+                .records()
+                .into_iter()
+                .filter(|r| r.outcome == "ok")
+                .map(|r| r.key)
+                .collect();
+            Ok((seen == want).then_some(()))
+        },
+    )
+    .await?;
     Ok(())
 }
