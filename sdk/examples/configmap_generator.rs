@@ -58,7 +58,7 @@ pub struct ConfigMapGeneratorSpec {
 }
 
 /// What the operator observed.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigMapGeneratorStatus {
     /// `subset/pod` of the replica that reconciled last.
@@ -95,13 +95,19 @@ enum Command {
         /// Append a JSON line per reconcile to this file.
         #[arg(long, env = "OPMESH_EXAMPLE_RECORDS")]
         records: Option<PathBuf>,
+        /// Reconcile without writing: read the cache, record, skip every
+        /// API write. For measuring the mesh's own cost.
+        #[arg(long, env = "OPMESH_EXAMPLE_DRY_RUN")]
+        dry_run: bool,
     },
 }
 
 struct Ctx {
     client: Client,
+    cache: opmesh_sdk::Cache,
     version: String,
     records: Option<PathBuf>,
+    dry_run: bool,
     /// Failed attempts per (key, generation), for `failTimes`.
     attempts: Mutex<HashMap<(String, i64), u32>>,
 }
@@ -123,6 +129,8 @@ struct Record<'a> {
 enum Error {
     #[error("kube: {0}")]
     Kube(#[from] kube::Error),
+    #[error("cache: {0}")]
+    Cache(#[from] opmesh_sdk::Error),
     #[error("failing on purpose ({0} of failTimes)")]
     OnPurpose(u32),
     #[error("reconcile called outside a task")]
@@ -212,40 +220,61 @@ async fn apply(
         }
     }
 
-    let owner = obj.controller_owner_ref(&()).into_iter().collect();
-    let cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(format!("{name}-generated")),
-            namespace: Some(ns.clone()),
-            owner_references: Some(owner),
-            labels: Some(BTreeMap::from([(
-                "example.opmesh.io/generator".to_string(),
-                name.clone(),
-            )])),
-            ..Default::default()
-        },
-        data: Some(obj.spec.data.clone()),
-        ..Default::default()
+    // Like any level-triggered operator, write only what differs from what
+    // is there: the owned ConfigMap as the cache holds it, and our status.
+    let cm_name = format!("{name}-generated");
+    let current: Option<ConfigMap> = ctx.cache.get(Some(&ns), &cm_name).await?;
+    let uid = obj.metadata.uid.as_deref();
+    let cm_current = current.is_some_and(|cm| {
+        cm.data.unwrap_or_default() == obj.spec.data
+            && cm
+                .metadata
+                .owner_references
+                .unwrap_or_default()
+                .iter()
+                .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+    });
+    let pod = task.runtime_id.rsplit('/').next().unwrap_or_default();
+    let want = ConfigMapGeneratorStatus {
+        handled_by: Some(format!("{}/{pod}", task.subset)),
+        observed_generation: Some(generation),
+        version: Some(ctx.version.clone()),
     };
+    let status_current = obj.status.as_ref() == Some(&want);
+    if ctx.dry_run {
+        return Ok(Action::await_change());
+    }
+
     // Writes are fenced: if this replica loses the key or its lease
     // mid-reconcile, they fail instead of racing the new owner.
     let client = opmesh_sdk::fenced(&ctx.client);
-    let pp = PatchParams::apply("configmap-generator").force();
-    Api::<ConfigMap>::namespaced(client.clone(), &ns)
-        .patch(&format!("{name}-generated"), &pp, &Patch::Apply(&cm))
-        .await?;
-
-    let pod = task.runtime_id.rsplit('/').next().unwrap_or_default();
-    let status = serde_json::json!({
-        "status": ConfigMapGeneratorStatus {
-            handled_by: Some(format!("{}/{pod}", task.subset)),
-            observed_generation: Some(generation),
-            version: Some(ctx.version.clone()),
-        }
-    });
-    Api::<ConfigMapGenerator>::namespaced(client, &ns)
-        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-        .await?;
+    if !cm_current {
+        let owner = obj.controller_owner_ref(&()).into_iter().collect();
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(cm_name.clone()),
+                namespace: Some(ns.clone()),
+                owner_references: Some(owner),
+                labels: Some(BTreeMap::from([(
+                    "example.opmesh.io/generator".to_string(),
+                    name.clone(),
+                )])),
+                ..Default::default()
+            },
+            data: Some(obj.spec.data.clone()),
+            ..Default::default()
+        };
+        let pp = PatchParams::apply("configmap-generator").force();
+        Api::<ConfigMap>::namespaced(client.clone(), &ns)
+            .patch(&cm_name, &pp, &Patch::Apply(&cm))
+            .await?;
+    }
+    if !status_current {
+        let status = serde_json::json!({ "status": want });
+        Api::<ConfigMapGenerator>::namespaced(client, &ns)
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+    }
 
     Ok(match obj.spec.requeue_after_ms {
         Some(ms) => Action::requeue(Duration::from_millis(ms)),
@@ -266,12 +295,18 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", serde_yaml::to_string(&ConfigMapGenerator::crd())?);
             Ok(())
         }
-        Command::Run { version, records } => {
+        Command::Run {
+            version,
+            records,
+            dry_run,
+        } => {
             let mesh = Mesh::connect().await?;
             let ctx = Arc::new(Ctx {
                 client: Client::try_default().await?,
+                cache: mesh.cache(),
                 version,
                 records,
+                dry_run,
                 attempts: Mutex::default(),
             });
             Controller::<ConfigMapGenerator>::new(&mesh)

@@ -221,8 +221,8 @@ impl Manager {
 // === impl Replica ===
 
 impl Replica {
-    /// Creates Pod `pod` in `namespace` with labels `app=<app>` and
-    /// `version=<version>`, then starts its sidecar and operator.
+    /// Creates Pod `pod` in `namespace` with `labels`, then starts its
+    /// sidecar and operator (with `operator_env` added to its environment).
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         cp: &ControlPlane,
@@ -235,9 +235,20 @@ impl Replica {
         pod: &str,
         labels: &[(&str, &str)],
         version: &str,
+        operator_env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         cluster::create_pod(client, namespace, pod, labels, "operator").await?;
-        Self::start_processes(cp, bins, dir, manager, mesh, namespace, pod, version)
+        Self::start_processes(
+            cp,
+            bins,
+            dir,
+            manager,
+            mesh,
+            namespace,
+            pod,
+            version,
+            operator_env,
+        )
     }
 
     /// Starts the sidecar and operator for an existing (or absent) Pod.
@@ -251,6 +262,7 @@ impl Replica {
         namespace: &str,
         pod: &str,
         version: &str,
+        operator_env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let socket = dir.join(format!("{pod}.sock"));
         let records = dir.join(format!("{pod}.jsonl"));
@@ -286,18 +298,19 @@ impl Replica {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let socket_env = socket.display().to_string();
+        let records_env = records.display().to_string();
+        let mut operator_vars = vec![
+            ("OPMESH_RUNTIME_SOCKET", socket_env.as_str()),
+            ("OPMESH_EXAMPLE_VERSION", version),
+            ("OPMESH_EXAMPLE_RECORDS", records_env.as_str()),
+        ];
+        operator_vars.extend_from_slice(operator_env);
         let operator = Process::spawn_with_env(
             &format!("{pod}-operator"),
             &bins.operator,
             &["run".into()],
-            &env(
-                cp,
-                &[
-                    ("OPMESH_RUNTIME_SOCKET", &socket.display().to_string()),
-                    ("OPMESH_EXAMPLE_VERSION", version),
-                    ("OPMESH_EXAMPLE_RECORDS", &records.display().to_string()),
-                ],
-            ),
+            &env(cp, &operator_vars),
             dir,
             None,
         )?;

@@ -106,6 +106,7 @@ impl Chaos {
                 pod,
                 &[("app", "cmg"), ("version", version)],
                 version,
+                &[],
             )
             .await?
         } else {
@@ -118,6 +119,7 @@ impl Chaos {
                 &self.ns,
                 pod,
                 version,
+                &[],
             )?
         };
         self.slots[i].replica = Some(replica);

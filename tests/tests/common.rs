@@ -124,6 +124,7 @@ impl World {
             pod,
             &[("app", "cmg"), ("version", version)],
             version,
+            &[],
         )
         .await
     }

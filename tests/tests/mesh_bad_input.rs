@@ -126,6 +126,7 @@ async fn refused_runtime(
         &w.ns,
         pod,
         "v1",
+        &[],
     )?;
     // Refused with a clear message, and retried with backoff.
     eventually(

@@ -29,7 +29,12 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client, ResourceExt as _,
     api::{DynamicObject, Patch, PatchParams},
-    runtime::{Controller, controller::Action, watcher},
+    runtime::{
+        Controller,
+        controller::Action,
+        reflector::{self, ObjectRef, Store, reflector},
+        watcher,
+    },
 };
 use opmesh_tests::{
     ControlPlane,
@@ -104,201 +109,298 @@ async fn main() -> anyhow::Result<()> {
         .await;
     eprintln!("created in {:.1?}", t.elapsed());
 
-    // 1. Baseline: a bare kube-runtime controller, cold.
-    eprintln!("baseline: bare kube-runtime controller...");
-    let baseline = bare_controller(&client, keys).await?;
-    eprintln!("baseline reconciled {keys} keys in {baseline:.2?}");
+    // 1. Baselines: a bare kube-runtime controller, cold. The first run
+    // installs (creates every ConfigMap); the second is what a restart-based
+    // rollout costs; the third does no writes at all.
+    eprintln!("baseline: bare kube-runtime controller, first install...");
+    let install = bare_controller(&client, keys, Work::Writes("baseline/install")).await?;
+    eprintln!("baseline install reconciled {keys} keys in {install:.2?}");
+    let restart = bare_controller(&client, keys, Work::Writes("baseline/restart")).await?;
+    eprintln!("baseline restart reconciled {keys} keys in {restart:.2?}");
+    let dry = bare_controller(&client, keys, Work::None).await?;
+    eprintln!("baseline without writes reconciled {keys} keys in {dry:.2?}");
 
-    // 2. The mesh.
+    // 2. and 3. The mesh, once with an operator that reads its cache and
+    // writes nothing (the mesh's own cost), once with the example operator's
+    // writes.
     let manager = Manager::start(&cp, &bins, dir.path(), "opmesh-bench").await?;
     let ttl = opmesh_tests::mesh::LEASE_TTL;
-    let mesh = |v2: u32| {
-        json!({
-            "selector": {"matchLabels": {"app": "bench"}},
-            "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}],
-            "routing": {"weights": [{"subset": "v1", "weight": 100 - v2}, {"subset": "v2", "weight": v2}], "exclude": ["opmesh-bench"]},
-        })
+    let setup = Setup {
+        cp: &cp,
+        bins: &bins,
+        client: &client,
+        dir: dir.path(),
+        manager: manager.addr(),
+        keys,
     };
-    apply_mesh(&client, "opmesh-bench", "mesh", mesh(0)).await?;
-    let start = |pod: &'static str, version: &'static str| {
-        start_replica(
-            &cp,
-            &bins,
-            &client,
-            dir.path(),
-            manager.addr(),
-            pod,
-            version,
-        )
-    };
-    let v1 = start("v1-0", "v1").await?;
-    let v2a = start("v2-0", "v2").await?;
-    let t = Instant::now();
-    wait_keys(&[&v1], keys, None, "v1", Duration::from_secs(600)).await?;
-    let initial = t.elapsed();
-    eprintln!("mesh initial assignment reconciled in {initial:.2?}");
-
-    // Weight flip: every key moves to v2.
-    let flip_at = now_us();
-    let t = Instant::now();
-    apply_mesh(&client, "opmesh-bench", "mesh", mesh(100)).await?;
-    let handoff = eventually("v2 to own every key", Duration::from_secs(600), || async {
-        let owned = v2a
-            .metrics()
-            .map(|m| gauge(&m, "opmesh_runtime_owned_keys"))
-            .unwrap_or(0.0);
-        Ok((owned as usize >= keys).then(|| t.elapsed()))
-    })
-    .await?;
-    let moved = wait_keys(&[&v2a], keys, Some(flip_at), "v2", Duration::from_secs(600)).await?;
-    let lat = percentiles(
-        moved
-            .values()
-            .map(|end| (end - flip_at) as f64 / 1e6)
-            .collect(),
-    );
-    eprintln!(
-        "weight change: handoff {handoff:.2?}, reconciled p50 {:.2}s p99 {:.2}s max {:.2}s",
-        lat.0, lat.1, lat.2
-    );
-
-    // 3. Crash failover: a second v2 replica shares the keys; kill the first.
-    let v2b = start("v2-1", "v2").await?;
-    eventually(
-        "the v2 replicas to split the keys",
-        Duration::from_secs(600),
-        || async {
-            let a = v2a
-                .metrics()
-                .map(|m| gauge(&m, "opmesh_runtime_owned_keys"))
-                .unwrap_or(0.0);
-            let b = v2b
-                .metrics()
-                .map(|m| gauge(&m, "opmesh_runtime_owned_keys"))
-                .unwrap_or(0.0);
-            Ok(((a + b) as usize == keys && b > 0.0 && v2b.ready()).then_some(()))
-        },
-    )
-    .await?;
-    // Let v2-1 catch up on the keys it received, so what follows measures failover.
-    let b_keys: HashSet<String> = wait_settled(&v2b).await?;
-    let owned_by_a = keys - b_keys.len();
-    let kill_at = now_us();
-    v2a.sidecar.signal("KILL")?;
-    v2a.operator.signal("KILL")?;
-    let t = Instant::now();
-    let failover_handoff = eventually(
-        "the survivor to own every key",
-        Duration::from_secs(600),
-        || async {
-            let owned = v2b
-                .metrics()
-                .map(|m| gauge(&m, "opmesh_runtime_owned_keys"))
-                .unwrap_or(0.0);
-            Ok((owned as usize >= keys).then(|| t.elapsed()))
-        },
-    )
-    .await?;
-    let took_over = wait_keys_where(
-        &[&v2b],
-        owned_by_a,
-        Some(kill_at),
-        "v2",
-        Duration::from_secs(600),
-        |k| !b_keys.contains(k),
-    )
-    .await?;
-    let failover = t.elapsed();
-    let flat: Vec<f64> = took_over
-        .values()
-        .map(|end| (end - kill_at) as f64 / 1e6)
-        .collect();
-    let fl = percentiles(flat);
-    eprintln!(
-        "failover of {owned_by_a} keys: p50 {:.2}s p99 {:.2}s max {:.2}s (ttl {ttl:?})",
-        fl.0, fl.1, fl.2
-    );
+    let cache_only = setup
+        .scenario("dry", &[("OPMESH_EXAMPLE_DRY_RUN", "true")])
+        .await?;
+    let writes = setup.scenario("writes", &[]).await?;
 
     println!("| measurement | value | ratio |");
     println!("|---|---|---|");
+    let secs = |d: Duration| d.as_secs_f64();
     println!(
-        "| baseline: bare kube-runtime controller, cold start to all {keys} keys reconciled | {:.2} s | 1.00 |",
-        baseline.as_secs_f64()
+        "| baseline: bare kube-runtime controller, first install (creates {keys} ConfigMaps) | {:.2} s | {:.2} × restart |",
+        secs(install),
+        secs(install) / secs(restart)
     );
     println!(
-        "| mesh: initial assignment to all keys reconciled (v1) | {:.2} s | {:.2} × baseline |",
-        initial.as_secs_f64(),
-        initial.as_secs_f64() / baseline.as_secs_f64()
+        "| **baseline A**: bare controller restarted, cold start to all {keys} keys reconciled (one status write each) | {:.2} s | 1.00 |",
+        secs(restart)
     );
     println!(
-        "| weight change moving {keys} keys: handoff until v2 owns all | {:.2} s | {:.2} × baseline |",
-        handoff.as_secs_f64(),
-        handoff.as_secs_f64() / baseline.as_secs_f64()
+        "| **baseline B**: bare controller without writes, cold start to all {keys} keys reconciled | {:.2} s | 1.00 |",
+        secs(dry)
     );
-    println!(
-        "| weight change: per-key time to reconciled by v2, p50 / p99 / max | {:.2} / {:.2} / {:.2} s | max = {:.2} × baseline |",
-        lat.0,
-        lat.1,
-        lat.2,
-        lat.2 / baseline.as_secs_f64()
-    );
-    println!(
-        "| crash failover (kill -9, {owned_by_a} keys): handoff until the survivor owns them | {:.2} s | {:.2} × lease TTL ({:.1} s) |",
-        failover_handoff.as_secs_f64(),
-        failover_handoff.as_secs_f64() / ttl.as_secs_f64(),
-        ttl.as_secs_f64()
-    );
-    println!(
-        "| crash failover (kill -9, {owned_by_a} keys): per-key time to reconciled elsewhere, p50 / p99 / max | {:.2} / {:.2} / {:.2} s | max = {:.2} × lease TTL ({:.1} s) |",
-        fl.0,
-        fl.1,
-        fl.2,
-        fl.2 / ttl.as_secs_f64(),
-        ttl.as_secs_f64()
-    );
-    eprintln!("failover complete after {failover:.2?} (handoff {failover_handoff:.2?})");
-    drop((v1, v2a, v2b, manager));
+    for (name, sc, base, base_name) in [
+        ("cache-only reconcile", &cache_only, dry, "B"),
+        (
+            "example operator (one status write per moved key)",
+            &writes,
+            restart,
+            "A",
+        ),
+    ] {
+        let r = |d: f64| d / secs(base);
+        println!(
+            "| {name}: initial assignment to all keys reconciled (v1) | {:.2} s | {:.2} × {base_name} |",
+            secs(sc.initial),
+            r(secs(sc.initial))
+        );
+        println!(
+            "| {name}: weight change moving {keys} keys, handoff until v2 owns all | {:.2} s | {:.2} × {base_name} |",
+            secs(sc.handoff),
+            r(secs(sc.handoff))
+        );
+        println!(
+            "| {name}: weight change, per-key time to reconciled by v2, p50 / p99 / max | {:.2} / {:.2} / {:.2} s | p99 = {:.2} × {base_name} |",
+            sc.moved.0,
+            sc.moved.1,
+            sc.moved.2,
+            r(sc.moved.1)
+        );
+        println!(
+            "| {name}: crash failover (kill -9, {} keys), handoff until the survivor owns them | {:.2} s | {:.2} × lease TTL ({:.1} s) |",
+            sc.orphaned,
+            secs(sc.failover_handoff),
+            secs(sc.failover_handoff) / secs(ttl),
+            secs(ttl)
+        );
+        println!(
+            "| {name}: crash failover, per-key time to reconciled elsewhere, p50 / p99 / max | {:.2} / {:.2} / {:.2} s | p99 = {:.2} × lease TTL |",
+            sc.failover.0,
+            sc.failover.1,
+            sc.failover.2,
+            sc.failover.1 / secs(ttl)
+        );
+    }
+    drop(manager);
     Ok(())
 }
 
-async fn start_replica(
-    cp: &ControlPlane,
-    bins: &Binaries,
-    client: &Client,
-    dir: &std::path::Path,
-    manager: &str,
-    pod: &'static str,
-    version: &'static str,
-) -> anyhow::Result<Replica> {
-    Replica::start(
-        cp,
-        bins,
-        client,
-        dir,
-        manager,
-        "opmesh-bench/mesh",
-        "opmesh-bench",
-        pod,
-        &[("app", "bench"), ("version", version)],
-        version,
-    )
-    .await
+/// What one mesh scenario measured.
+struct Scenario {
+    initial: Duration,
+    handoff: Duration,
+    /// (p50, p99, max) seconds from the weight change to reconciled by v2.
+    moved: (f64, f64, f64),
+    orphaned: usize,
+    failover_handoff: Duration,
+    /// (p50, p99, max) seconds from the kill to reconciled by the survivor.
+    failover: (f64, f64, f64),
 }
 
-/// A bare kube-runtime controller doing the example operator's work, until
-/// every key was reconciled once. Returns the time from its start.
-async fn bare_controller(client: &Client, keys: usize) -> anyhow::Result<Duration> {
+/// What every scenario shares.
+struct Setup<'a> {
+    cp: &'a ControlPlane,
+    bins: &'a Binaries,
+    client: &'a Client,
+    dir: &'a std::path::Path,
+    manager: &'a str,
+    keys: usize,
+}
+
+impl Setup<'_> {
+    /// Mesh `mesh-<name>` over replicas `<name>-v1-0`, `<name>-v2-0` and
+    /// `<name>-v2-1`: v1 owns every key, the weights flip to v2, a second v2
+    /// replica joins and the first is killed with -9.
+    async fn scenario(
+        &self,
+        name: &str,
+        operator_env: &[(&str, &str)],
+    ) -> anyhow::Result<Scenario> {
+        let keys = self.keys;
+        let mesh_name = format!("mesh-{name}");
+        let app = format!("bench-{name}");
+        let mesh = |v2: u32| {
+            json!({
+                "selector": {"matchLabels": {"app": app}},
+                "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}],
+                "routing": {"weights": [{"subset": "v1", "weight": 100 - v2}, {"subset": "v2", "weight": v2}], "exclude": ["opmesh-bench"]},
+            })
+        };
+        apply_mesh(self.client, "opmesh-bench", &mesh_name, mesh(0)).await?;
+        let start = |pod: String, version: &'static str| {
+            let (mesh_name, app) = (mesh_name.clone(), app.clone());
+            async move {
+                Replica::start(
+                    self.cp,
+                    self.bins,
+                    self.client,
+                    self.dir,
+                    self.manager,
+                    &format!("opmesh-bench/{mesh_name}"),
+                    "opmesh-bench",
+                    &pod,
+                    &[("app", &app), ("version", version)],
+                    version,
+                    operator_env,
+                )
+                .await
+            }
+        };
+        eprintln!("[{name}] v1 takes every key...");
+        let v1 = start(format!("{name}-v1-0"), "v1").await?;
+        let v2a = start(format!("{name}-v2-0"), "v2").await?;
+        let t = Instant::now();
+        wait_keys(&[&v1], keys, None, "v1", Duration::from_secs(600)).await?;
+        let initial = t.elapsed();
+        eprintln!("[{name}] initial assignment reconciled in {initial:.2?}");
+
+        // Weight flip: every key moves to v2.
+        let flip_at = now_us();
+        let t = Instant::now();
+        apply_mesh(self.client, "opmesh-bench", &mesh_name, mesh(100)).await?;
+        let handoff = eventually("v2 to own every key", Duration::from_secs(600), || async {
+            Ok((owned(&v2a) >= keys).then(|| t.elapsed()))
+        })
+        .await?;
+        let moved = wait_keys(&[&v2a], keys, Some(flip_at), "v2", Duration::from_secs(600)).await?;
+        let moved = percentiles(
+            moved
+                .values()
+                .map(|end| (end - flip_at) as f64 / 1e6)
+                .collect(),
+        );
+        eprintln!(
+            "[{name}] weight change: handoff {handoff:.2?}, reconciled p50 {:.2}s p99 {:.2}s max {:.2}s",
+            moved.0, moved.1, moved.2
+        );
+
+        // Crash failover: a second v2 replica shares the keys; kill the first.
+        let v2b = start(format!("{name}-v2-1"), "v2").await?;
+        eventually(
+            "the v2 replicas to split the keys",
+            Duration::from_secs(600),
+            || async {
+                let (a, b) = (owned(&v2a), owned(&v2b));
+                Ok((a + b == keys && b > 0 && v2b.ready()).then_some(()))
+            },
+        )
+        .await?;
+        // Let the newcomer catch up on the keys it received, so what follows
+        // measures failover.
+        let b_keys: HashSet<String> = wait_settled(&v2b).await?;
+        let orphaned = keys - b_keys.len();
+        let kill_at = now_us();
+        v2a.sidecar.signal("KILL")?;
+        v2a.operator.signal("KILL")?;
+        let t = Instant::now();
+        let failover_handoff = eventually(
+            "the survivor to own every key",
+            Duration::from_secs(600),
+            || async { Ok((owned(&v2b) >= keys).then(|| t.elapsed())) },
+        )
+        .await?;
+        let took_over = wait_keys_where(
+            &[&v2b],
+            orphaned,
+            Some(kill_at),
+            "v2",
+            Duration::from_secs(600),
+            |k| !b_keys.contains(k),
+        )
+        .await?;
+        let failover = percentiles(
+            took_over
+                .values()
+                .map(|end| (end - kill_at) as f64 / 1e6)
+                .collect(),
+        );
+        eprintln!(
+            "[{name}] failover of {orphaned} keys: handoff {failover_handoff:.2?}, p50 {:.2}s p99 {:.2}s max {:.2}s",
+            failover.0, failover.1, failover.2
+        );
+        drop((v1, v2a, v2b));
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            "opmesh-bench",
+            &opmesh_tests::mesh::mesh_resource(),
+        );
+        api.delete(&mesh_name, &Default::default()).await?;
+        Ok(Scenario {
+            initial,
+            handoff,
+            moved,
+            orphaned,
+            failover_handoff,
+            failover,
+        })
+    }
+}
+
+/// The keys a replica's sidecar says it owns.
+fn owned(replica: &Replica) -> usize {
+    replica
+        .metrics()
+        .map(|m| gauge(&m, "opmesh_runtime_owned_keys"))
+        .unwrap_or(0.0) as usize
+}
+
+/// What the baseline controller's reconcile does.
+#[derive(Clone, Copy)]
+enum Work {
+    /// The example operator's work: apply the ConfigMap unless the cached one
+    /// matches, patch `status.handledBy` to this value unless it already is.
+    Writes(&'static str),
+    /// Nothing: mark the key reconciled.
+    None,
+}
+
+/// A bare kube-runtime controller (concurrency 4, like the sidecars in the
+/// bench), from a cold start until every key was reconciled once. Returns
+/// the time from its start.
+async fn bare_controller(client: &Client, keys: usize, work: Work) -> anyhow::Result<Duration> {
     struct Ctx {
         client: Client,
+        configmaps: Store<ConfigMap>,
         seen: Mutex<HashSet<String>>,
     }
+    let started = Instant::now();
+    let (configmaps, writer) = reflector::store::<ConfigMap>();
+    // The ConfigMap cache is synced before the first reconcile, as a
+    // controller's owned-object cache is.
+    let cm_watch = tokio::spawn(
+        reflector(
+            writer,
+            watcher::watcher(
+                Api::<ConfigMap>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .for_each(|_| async {}),
+    );
+    let _abort = AbortOnDrop(cm_watch.abort_handle());
+    configmaps.wait_until_ready().await?;
     let ar = generator_resource();
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
+        configmaps,
         seen: Mutex::default(),
     });
-    let started = Instant::now();
     let controller = Controller::new_with(api, watcher::Config::default(), ar.clone())
         .owns_with(Api::<ConfigMap>::all(client.clone()), (), watcher::Config::default())
         .with_config(kube::runtime::controller::Config::default().concurrency(4))
@@ -308,24 +410,41 @@ async fn bare_controller(client: &Client, keys: usize) -> anyhow::Result<Duratio
                 async move {
                     let ns = obj.namespace().unwrap_or_default();
                     let name = obj.name_any();
-                    let cm = json!({
-                        "apiVersion": "v1", "kind": "ConfigMap",
-                        "metadata": {"name": format!("{name}-generated"), "namespace": ns,
-                            "ownerReferences": [{"apiVersion": "example.opmesh.io/v1", "kind": "ConfigMapGenerator",
-                                "name": name, "uid": obj.uid().unwrap_or_default(), "controller": true}]},
-                        "data": obj.data["spec"]["data"],
-                    });
-                    Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
-                        .patch(&format!("{name}-generated"), &PatchParams::apply("bench-baseline").force(), &Patch::Apply(&cm))
-                        .await?;
-                    Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &ns, &ar)
-                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": {"handledBy": "baseline/bare"}})))
-                        .await?;
+                    if let Work::Writes(handled_by) = work {
+                        let cm_name = format!("{name}-generated");
+                        let uid = obj.uid().unwrap_or_default();
+                        let current = ctx.configmaps.get(&ObjectRef::new(&cm_name).within(&ns));
+                        let cm_current = current.is_some_and(|cm| {
+                            serde_json::to_value(cm.data.clone().unwrap_or_default()).ok().as_ref()
+                                == Some(&obj.data["spec"]["data"])
+                                && cm.owner_references().iter().any(|o| o.uid == uid)
+                        });
+                        if !cm_current {
+                            let cm = json!({
+                                "apiVersion": "v1", "kind": "ConfigMap",
+                                "metadata": {"name": cm_name, "namespace": ns,
+                                    "ownerReferences": [{"apiVersion": "example.opmesh.io/v1", "kind": "ConfigMapGenerator",
+                                        "name": name, "uid": uid, "controller": true}]},
+                                "data": obj.data["spec"]["data"],
+                            });
+                            Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+                                .patch(&cm_name, &PatchParams::apply("bench-baseline").force(), &Patch::Apply(&cm))
+                                .await?;
+                        }
+                        if obj.data["status"]["handledBy"] != handled_by {
+                            Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &ns, &ar)
+                                .patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": {"handledBy": handled_by}})))
+                                .await?;
+                        }
+                    }
                     ctx.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(format!("{ns}/{name}"));
                     Ok::<_, kube::Error>(Action::await_change())
                 }
             },
-            |_, _, _| Action::requeue(Duration::from_millis(100)),
+            |_, e, _| {
+                eprintln!("baseline reconcile failed: {e}");
+                Action::requeue(Duration::from_millis(100))
+            },
             ctx.clone(),
         )
         .for_each(|_| async {});
@@ -340,6 +459,15 @@ async fn bare_controller(client: &Client, keys: usize) -> anyhow::Result<Duratio
     tokio::select! {
         d = done => d,
         _ = controller => anyhow::bail!("the bare controller stopped"),
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

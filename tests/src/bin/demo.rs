@@ -136,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
                 pod,
                 &[("app", "configmap-generator"), ("version", version)],
                 version,
+                &[],
             )
             .await?,
         );
