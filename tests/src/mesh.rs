@@ -174,11 +174,26 @@ impl Manager {
                 "--leader-lease-seconds=3".into(),
             ]);
         }
+        Self::spawn(cp, bins, dir, port, &args, &[]).await
+    }
+
+    /// Starts a manager on `port` with `args` after `run`, and `extra_env`
+    /// (for example a `KUBECONFIG` with another identity).
+    pub async fn spawn(
+        cp: &ControlPlane,
+        bins: &Binaries,
+        dir: &Path,
+        port: u16,
+        args: &[String],
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut vars = vec![("RUST_LOG", "info,opmesh_manager=debug")];
+        vars.extend_from_slice(extra_env);
         let process = Process::spawn_with_env(
             &format!("manager-{port}"),
             &bins.manager,
-            &args,
-            &env(cp, &[("RUST_LOG", "info,opmesh_manager=debug")]),
+            args,
+            &env(cp, &vars),
             dir,
             None,
         )?;
@@ -222,7 +237,8 @@ impl Manager {
 
 impl Replica {
     /// Creates Pod `pod` in `namespace` with `labels`, then starts its
-    /// sidecar and operator (with `operator_env` added to its environment).
+    /// sidecar and operator (both with `extra_env` added to their
+    /// environment; each ignores what it does not read).
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         cp: &ControlPlane,
@@ -235,19 +251,11 @@ impl Replica {
         pod: &str,
         labels: &[(&str, &str)],
         version: &str,
-        operator_env: &[(&str, &str)],
+        extra_env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         cluster::create_pod(client, namespace, pod, labels, "operator").await?;
         Self::start_processes(
-            cp,
-            bins,
-            dir,
-            manager,
-            mesh,
-            namespace,
-            pod,
-            version,
-            operator_env,
+            cp, bins, dir, manager, mesh, namespace, pod, version, extra_env,
         )
     }
 
@@ -262,7 +270,7 @@ impl Replica {
         namespace: &str,
         pod: &str,
         version: &str,
-        operator_env: &[(&str, &str)],
+        extra_env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let socket = dir.join(format!("{pod}.sock"));
         let records = dir.join(format!("{pod}.jsonl"));
@@ -284,7 +292,10 @@ impl Replica {
                     ("OPMESH_RUNTIME_SOCKET", &socket.display().to_string()),
                     ("OPMESH_HEALTH_ADDR", &format!("127.0.0.1:{health_port}")),
                     ("OPMESH_MAX_CONCURRENT_RECONCILES", "4"),
-                ],
+                ]
+                .into_iter()
+                .chain(extra_env.iter().copied())
+                .collect::<Vec<_>>(),
             ),
             dir,
             None,
@@ -305,7 +316,7 @@ impl Replica {
             ("OPMESH_EXAMPLE_VERSION", version),
             ("OPMESH_EXAMPLE_RECORDS", records_env.as_str()),
         ];
-        operator_vars.extend_from_slice(operator_env);
+        operator_vars.extend_from_slice(extra_env);
         let operator = Process::spawn_with_env(
             &format!("{pod}-operator"),
             &bins.operator,

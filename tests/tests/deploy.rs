@@ -1,0 +1,295 @@
+//! The manifests in `deploy/`: the apiserver accepts them with strict field
+//! validation, they set only settings the binaries know, and their RBAC is
+//! enough — the manager and the example operator, each running as its own
+//! ServiceAccount, reconcile objects end to end.
+
+use std::{collections::BTreeMap, path::Path, process::Command};
+
+use anyhow::Context as _;
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+use kube::{
+    Api, Client, ResourceExt as _,
+    api::{DynamicObject, GroupVersionKind, Patch, PatchParams},
+    discovery::{Scope, pinned_kind},
+};
+use opmesh_tests::{
+    ControlPlane, cluster,
+    control_plane::{free_port, repo_root},
+    eventually,
+    mesh::{Binaries, Manager, Replica, create_generator, handled_by, mesh_resource},
+};
+use serde::Deserialize as _;
+use serde_json::json;
+
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
+#[tokio::test]
+async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> anyhow::Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let bins = Binaries::locate()?;
+    let client = cp.client().await?;
+    let deploy = repo_root().join("deploy");
+
+    // The example CRD is generated, like the OperatorMesh one.
+    let committed = std::fs::read_to_string(deploy.join("examples/configmap-generator/crd.yaml"))?;
+    let generated = Command::new(&bins.operator).arg("crd").output()?;
+    assert_eq!(
+        committed,
+        String::from_utf8(generated.stdout)?,
+        "deploy/examples/configmap-generator/crd.yaml is stale; regenerate it with \
+         `cargo run -p opmesh-sdk --example configmap_generator -- crd`"
+    );
+    cp.install_crd_yaml(&committed).await?;
+
+    let mut objects = apply_file(&client, &deploy.join("manager/manager.yaml")).await?;
+    objects.extend(
+        apply_file(
+            &client,
+            &deploy.join("examples/configmap-generator/operator.yaml"),
+        )
+        .await?,
+    );
+
+    // Every environment variable a container sets is one its binary reads.
+    let deployments: BTreeMap<String, Deployment> = objects
+        .iter()
+        .filter(|o| o.types.as_ref().is_some_and(|t| t.kind == "Deployment"))
+        .map(|o| {
+            Ok((
+                o.name_any(),
+                serde_json::from_value(serde_json::to_value(o)?)?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(deployments.len(), 3, "{:?}", deployments.keys());
+    for (name, d) in &deployments {
+        let pod = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .context("no pod spec")?;
+        for c in pod.init_containers.iter().flatten().chain(&pod.containers) {
+            let command = c.command.clone().unwrap_or_default();
+            // Settings come from each binary's flags (shown with their
+            // variables in --help); an SDK operator also reads the socket
+            // path the SDK documents.
+            let (bin, sub, sdk) = match command.first().map(String::as_str) {
+                Some("opmesh-manager") => (&bins.manager, vec!["run"], &[][..]),
+                Some("opmesh-runtime") => (&bins.runtime, vec![], &[][..]),
+                Some("configmap_generator") => {
+                    (&bins.operator, vec!["run"], &["OPMESH_RUNTIME_SOCKET"][..])
+                }
+                other => anyhow::bail!("{name}/{}: unknown command {other:?}", c.name),
+            };
+            let help = Command::new(bin).args(&sub).arg("--help").output()?;
+            let help = String::from_utf8_lossy(&help.stdout);
+            for var in c.env.iter().flatten() {
+                assert!(
+                    help.contains(&format!("env: {}=", var.name))
+                        || sdk.contains(&var.name.as_str()),
+                    "{name}/{}: {} is not a setting of {}",
+                    c.name,
+                    var.name,
+                    bin.display()
+                );
+            }
+        }
+    }
+
+    // Pods as the Deployments would create them (nothing runs them here;
+    // the processes below stand in for their containers).
+    let manager_pod = pod_from(&client, &deployments["opmesh-manager"], "opmesh-manager-0").await?;
+    let v1_pod = pod_from(
+        &client,
+        &deployments["configmap-generator-v1"],
+        "configmap-generator-v1-0",
+    )
+    .await?;
+    let v2_pod = pod_from(
+        &client,
+        &deployments["configmap-generator-v2"],
+        "configmap-generator-v2-0",
+    )
+    .await?;
+
+    let dir = tempfile::Builder::new()
+        .prefix("opmesh-deploy-")
+        .tempdir()?;
+    let as_pod = |pod: Pod| {
+        let path = dir.path().join(format!("{}.kubeconfig", pod.name_any()));
+        let client = client.clone();
+        async move {
+            let token = cluster::pod_token(&client, &pod, &[]).await?;
+            write_token_kubeconfig(cp.kubeconfig(), &token, &path)?;
+            anyhow::Ok(path.display().to_string())
+        }
+    };
+    let manager_kubeconfig = as_pod(manager_pod).await?;
+    let port = free_port()?;
+    let manager = Manager::spawn(
+        cp,
+        &bins,
+        dir.path(),
+        port,
+        &[
+            "run".into(),
+            format!("--listen=127.0.0.1:{port}"),
+            "--mesh-namespace=configmap-generator".into(),
+            "--leader-election".into(),
+            "--lease-namespace=opmesh-system".into(),
+            "--identity=opmesh-manager-0".into(),
+        ],
+        &[("KUBECONFIG", &manager_kubeconfig)],
+    )
+    .await?;
+    let mut replicas = Vec::new();
+    for (pod, version) in [(v1_pod, "v1"), (v2_pod, "v2")] {
+        let name = pod.name_any();
+        let kubeconfig = as_pod(pod).await?;
+        replicas.push(Replica::start_processes(
+            cp,
+            &bins,
+            dir.path(),
+            manager.addr(),
+            "configmap-generator/configmap-generator",
+            "configmap-generator",
+            &name,
+            version,
+            &[("KUBECONFIG", &kubeconfig)],
+        )?);
+    }
+
+    // The mesh as applied routes 95/5 by namespace.
+    let mut namespaces = Vec::new();
+    for i in 0..6 {
+        let ns = cluster::create_namespace(&client, &format!("{}-team", char::from(b'a' + i)), &[])
+            .await?;
+        create_generator(&client, &ns, "settings", json!({"data": {"team": ns}})).await?;
+        namespaces.push(ns);
+    }
+    let handled = eventually("every object to be handled", TIMEOUT, || async {
+        manager.process().check_running()?;
+        for r in &replicas {
+            r.check_running()?;
+        }
+        let all = handled_by(&client, &namespaces).await?;
+        Ok((all.len() == namespaces.len() && all.values().all(Option::is_some)).then_some(all))
+    })
+    .await?;
+    for (key, by) in &handled {
+        let by = by.as_deref().unwrap_or_default();
+        assert!(
+            by.starts_with("v1/configmap-generator-v1-0")
+                || by.starts_with("v2/configmap-generator-v2-0"),
+            "{key}: {by}"
+        );
+        let (ns, name) = key.split_once('/').context("key")?;
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
+            .get(&format!("{name}-generated"))
+            .await
+            .with_context(|| format!("the ConfigMap of {key}"))?;
+    }
+
+    // The manager may write status and hold its Lease.
+    let meshes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "configmap-generator", &mesh_resource());
+    eventually("the mesh to report Ready", TIMEOUT, || async {
+        let mesh = meshes.get("configmap-generator").await?;
+        let ready = mesh.data["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        Ok(ready.then_some(()))
+    })
+    .await?;
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+        client.clone(),
+        "opmesh-system",
+    )
+    .get("opmesh-manager")
+    .await?;
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some("opmesh-manager-0")
+    );
+    Ok(())
+}
+
+/// Server-side applies every document of a YAML file with strict field
+/// validation, in order; returns them as applied.
+async fn apply_file(client: &Client, path: &Path) -> anyhow::Result<Vec<DynamicObject>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut applied = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_json::to_value(serde_yaml::Value::deserialize(doc)?)?;
+        if value.is_null() {
+            continue;
+        }
+        let obj: DynamicObject = serde_json::from_value(value)?;
+        let types = obj
+            .types
+            .clone()
+            .context("a document without apiVersion/kind")?;
+        let gvk = GroupVersionKind::try_from(&types)?;
+        let (ar, caps) = pinned_kind(client, &gvk).await?;
+        let api: Api<DynamicObject> = match (caps.scope, obj.namespace()) {
+            (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), &ns, &ar),
+            (Scope::Namespaced, None) => anyhow::bail!(
+                "{}: {} {} has no namespace",
+                path.display(),
+                types.kind,
+                obj.name_any()
+            ),
+            (Scope::Cluster, _) => Api::all_with(client.clone(), &ar),
+        };
+        let pp = PatchParams::apply("opmesh-deploy-test")
+            .force()
+            .validation_strict();
+        let out = api
+            .patch(&obj.name_any(), &pp, &Patch::Apply(&obj))
+            .await
+            .with_context(|| {
+                format!(
+                    "{}: applying {} {}",
+                    path.display(),
+                    types.kind,
+                    obj.name_any()
+                )
+            })?;
+        applied.push(DynamicObject {
+            types: Some(types),
+            ..out
+        });
+    }
+    Ok(applied)
+}
+
+/// Creates the Pod `name` a Deployment would create from its template.
+async fn pod_from(client: &Client, d: &Deployment, name: &str) -> anyhow::Result<Pod> {
+    let ns = d.namespace().context("deployment namespace")?;
+    let template = d.spec.as_ref().context("deployment spec")?.template.clone();
+    let mut pod = Pod {
+        metadata: template.metadata.unwrap_or_default(),
+        spec: template.spec,
+        ..Default::default()
+    };
+    pod.metadata.name = Some(name.to_string());
+    pod.metadata.namespace = Some(ns.clone());
+    Ok(Api::<Pod>::namespaced(client.clone(), &ns)
+        .create(&Default::default(), &pod)
+        .await?)
+}
+
+/// Writes a copy of the admin kubeconfig that authenticates with `token`.
+fn write_token_kubeconfig(admin: &Path, token: &str, path: &Path) -> anyhow::Result<()> {
+    let mut kc = kube::config::Kubeconfig::read_from(admin)?;
+    for user in &mut kc.auth_infos {
+        user.auth_info = Some(kube::config::AuthInfo {
+            token: Some(token.to_string().into()),
+            ..Default::default()
+        });
+    }
+    std::fs::write(path, serde_yaml::to_string(&kc)?)?;
+    Ok(())
+}
