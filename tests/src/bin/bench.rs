@@ -46,18 +46,34 @@ use serde_json::json;
 
 struct Args {
     keys: usize,
+    /// Only the cache-only scenario and its baseline.
+    cache_only: bool,
+    /// Concurrent reconciles, of the baseline and of every sidecar.
+    concurrency: u16,
 }
 
 fn args() -> anyhow::Result<Args> {
     let mut keys = 10_000;
+    let mut cache_only = false;
+    let mut concurrency = 4;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--keys" => keys = it.next().context("--keys needs a number")?.parse()?,
-            other => anyhow::bail!("unknown argument {other}; usage: opmesh-bench [--keys N]"),
+            "--cache-only" => cache_only = true,
+            "--concurrency" => {
+                concurrency = it.next().context("--concurrency needs a number")?.parse()?
+            }
+            other => anyhow::bail!(
+                "unknown argument {other}; usage: opmesh-bench [--keys N] [--concurrency N] [--cache-only]"
+            ),
         }
     }
-    Ok(Args { keys })
+    Ok(Args {
+        keys,
+        cache_only,
+        concurrency,
+    })
 }
 
 fn now_us() -> u128 {
@@ -69,12 +85,20 @@ fn now_us() -> u128 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Args { keys } = args()?;
+    let Args {
+        keys,
+        cache_only: only_cache,
+        concurrency,
+    } = args()?;
+    eprintln!("{keys} keys, {concurrency} concurrent reconciles per controller");
     let bins = Binaries::locate()?;
     let cp = ControlPlane::start(Options::default()).await?;
     bins.install_example_crd(&cp).await?;
     let client = cp.client().await?;
-    let dir = tempfile::Builder::new().prefix("opmesh-bench-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("opmesh-bench-")
+        .disable_cleanup(std::env::var_os("OPMESH_BENCH_KEEP").is_some())
+        .tempdir()?;
     let per_ns = 100usize;
     let namespaces: Vec<String> = (0..keys.div_ceil(per_ns))
         .map(|i| format!("bench-{i:04}"))
@@ -112,12 +136,19 @@ async fn main() -> anyhow::Result<()> {
     // 1. Baselines: a bare kube-runtime controller, cold. The first run
     // installs (creates every ConfigMap); the second is what a restart-based
     // rollout costs; the third does no writes at all.
-    eprintln!("baseline: bare kube-runtime controller, first install...");
-    let install = bare_controller(&client, keys, Work::Writes("baseline/install")).await?;
-    eprintln!("baseline install reconciled {keys} keys in {install:.2?}");
-    let restart = bare_controller(&client, keys, Work::Writes("baseline/restart")).await?;
-    eprintln!("baseline restart reconciled {keys} keys in {restart:.2?}");
-    let dry = bare_controller(&client, keys, Work::None).await?;
+    let with_writes = if only_cache {
+        None
+    } else {
+        eprintln!("baseline: bare kube-runtime controller, first install...");
+        let install =
+            bare_controller(&client, keys, concurrency, Work::Writes("baseline/install")).await?;
+        eprintln!("baseline install reconciled {keys} keys in {install:.2?}");
+        let restart =
+            bare_controller(&client, keys, concurrency, Work::Writes("baseline/restart")).await?;
+        eprintln!("baseline restart reconciled {keys} keys in {restart:.2?}");
+        Some((install, restart))
+    };
+    let dry = bare_controller(&client, keys, concurrency, Work::None).await?;
     eprintln!("baseline without writes reconciled {keys} keys in {dry:.2?}");
 
     // 2. and 3. The mesh, once with an operator that reads its cache and
@@ -132,37 +163,44 @@ async fn main() -> anyhow::Result<()> {
         dir: dir.path(),
         manager: manager.addr(),
         keys,
+        concurrency: concurrency.to_string(),
     };
     let cache_only = setup
         .scenario("dry", &[("OPMESH_EXAMPLE_DRY_RUN", "true")])
         .await?;
-    let writes = setup.scenario("writes", &[]).await?;
+    let writes = match with_writes {
+        Some(base) => Some((setup.scenario("writes", &[]).await?, base)),
+        None => None,
+    };
 
     println!("| measurement | value | ratio |");
     println!("|---|---|---|");
     let secs = |d: Duration| d.as_secs_f64();
-    println!(
-        "| baseline: bare kube-runtime controller, first install (creates {keys} ConfigMaps) | {:.2} s | {:.2} × restart |",
-        secs(install),
-        secs(install) / secs(restart)
-    );
-    println!(
-        "| **baseline A**: bare controller restarted, cold start to all {keys} keys reconciled (one status write each) | {:.2} s | 1.00 |",
-        secs(restart)
-    );
+    if let Some((_, (install, restart))) = &writes {
+        println!(
+            "| baseline: bare kube-runtime controller, first install (creates {keys} ConfigMaps) | {:.2} s | {:.2} × A |",
+            secs(*install),
+            secs(*install) / secs(*restart)
+        );
+        println!(
+            "| **baseline A**: bare controller restarted, cold start to all {keys} keys reconciled (one status write each) | {:.2} s | 1.00 |",
+            secs(*restart)
+        );
+    }
     println!(
         "| **baseline B**: bare controller without writes, cold start to all {keys} keys reconciled | {:.2} s | 1.00 |",
         secs(dry)
     );
-    for (name, sc, base, base_name) in [
-        ("cache-only reconcile", &cache_only, dry, "B"),
-        (
+    let mut rows = vec![("cache-only reconcile", &cache_only, dry, "B")];
+    if let Some((sc, (_, restart))) = &writes {
+        rows.push((
             "example operator (one status write per moved key)",
-            &writes,
-            restart,
+            sc,
+            *restart,
             "A",
-        ),
-    ] {
+        ));
+    }
+    for (name, sc, base, base_name) in rows {
         let r = |d: f64| d / secs(base);
         println!(
             "| {name}: initial assignment to all keys reconciled (v1) | {:.2} s | {:.2} × {base_name} |",
@@ -220,6 +258,7 @@ struct Setup<'a> {
     dir: &'a std::path::Path,
     manager: &'a str,
     keys: usize,
+    concurrency: String,
 }
 
 impl Setup<'_> {
@@ -231,6 +270,12 @@ impl Setup<'_> {
         name: &str,
         operator_env: &[(&str, &str)],
     ) -> anyhow::Result<Scenario> {
+        let mut env = vec![(
+            "OPMESH_MAX_CONCURRENT_RECONCILES",
+            self.concurrency.as_str(),
+        )];
+        env.extend_from_slice(operator_env);
+        let operator_env = env.as_slice();
         let keys = self.keys;
         let mesh_name = format!("mesh-{name}");
         let app = format!("bench-{name}");
@@ -372,7 +417,12 @@ enum Work {
 /// A bare kube-runtime controller (concurrency 4, like the sidecars in the
 /// bench), from a cold start until every key was reconciled once. Returns
 /// the time from its start.
-async fn bare_controller(client: &Client, keys: usize, work: Work) -> anyhow::Result<Duration> {
+async fn bare_controller(
+    client: &Client,
+    keys: usize,
+    concurrency: u16,
+    work: Work,
+) -> anyhow::Result<Duration> {
     struct Ctx {
         client: Client,
         configmaps: Store<ConfigMap>,
@@ -403,7 +453,7 @@ async fn bare_controller(client: &Client, keys: usize, work: Work) -> anyhow::Re
     });
     let controller = Controller::new_with(api, watcher::Config::default(), ar.clone())
         .owns_with(Api::<ConfigMap>::all(client.clone()), (), watcher::Config::default())
-        .with_config(kube::runtime::controller::Config::default().concurrency(4))
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .run(
             move |obj: Arc<DynamicObject>, ctx: Arc<Ctx>| {
                 let ar = ar.clone();
