@@ -109,6 +109,8 @@ pub struct MeshStatus {
     pub weights: String,
     /// Per subset: (name, replicas, ready replicas, owned keys).
     pub subsets: Vec<(String, u32, u32, u64)>,
+    /// Watches this mesh needs that are failing: (resource, error).
+    pub watch_errors: Vec<(String, String)>,
 }
 
 /// Status of every mesh, keyed by `namespace/name`.
@@ -157,6 +159,8 @@ struct Expiring {
 
 struct WatchState {
     synced: bool,
+    /// The last error, until the watch lists or delivers again.
+    error: Option<String>,
     _task: Task,
 }
 
@@ -171,6 +175,8 @@ pub struct Core {
     watches: HashMap<String, WatchState>,
     namespaces: HashMap<String, Labels>,
     namespaces_synced: bool,
+    /// The Namespace watch's last error, until it lists or delivers again.
+    namespaces_error: Option<String>,
     next_seq: u64,
     /// Revokes to send, by holder.
     revokes: HashMap<String, Vec<String>>,
@@ -206,6 +212,7 @@ impl Core {
             watches: HashMap::new(),
             namespaces: HashMap::new(),
             namespaces_synced: false,
+            namespaces_error: None,
             next_seq: 1,
             revokes: HashMap::new(),
             expiring: Vec::new(),
@@ -286,7 +293,15 @@ impl Core {
     // --- objects ---
 
     fn on_object(&mut self, gvk: &str, event: WatchEvent<DynamicObject>) {
+        let failed = match &event {
+            WatchEvent::Failed(e) => Some(e.clone()),
+            _ => None,
+        };
+        if let Some(w) = self.watches.get_mut(gvk) {
+            w.error = failed;
+        }
         match event {
+            WatchEvent::Failed(_) => {}
             WatchEvent::Apply(obj) => self.object_changed(gvk, obj, false),
             WatchEvent::Delete(obj) => self.object_changed(gvk, obj, true),
             WatchEvent::Relisted(present) => {
@@ -417,7 +432,12 @@ impl Core {
     // --- namespaces ---
 
     fn on_namespace(&mut self, ev: WatchEvent<NamespaceLabels>) {
+        self.namespaces_error = match &ev {
+            WatchEvent::Failed(e) => Some(e.clone()),
+            _ => None,
+        };
         let changed: Option<String> = match ev {
+            WatchEvent::Failed(_) => None,
             WatchEvent::Apply(o) => {
                 let ((_, name), labels) = o.as_ref();
                 let old = self.namespaces.insert(name.clone(), labels.clone());
@@ -496,6 +516,9 @@ impl Core {
                 let id = format!("{}/{}", om.namespace().unwrap_or_default(), om.name_any());
                 self.remove_mesh(&id);
             }
+            // Logged by the watch; without it the manager cannot know any
+            // mesh, so there is no status to report it in.
+            WatchEvent::Failed(_) => {}
             WatchEvent::Relisted(present) => {
                 let gone: Vec<String> = self
                     .meshes
@@ -874,6 +897,7 @@ impl Core {
             key,
             WatchState {
                 synced: false,
+                error: None,
                 _task: task,
             },
         );
@@ -923,9 +947,23 @@ impl Core {
                     ));
                 }
             }
+            let mut watch_errors: Vec<(String, String)> = mesh
+                .primary
+                .iter()
+                .chain(mesh.owns.values())
+                .filter_map(|g| {
+                    let key = g.key();
+                    let err = self.watches.get(&key)?.error.clone()?;
+                    Some((key, err))
+                })
+                .collect();
+            if let Some(e) = &self.namespaces_error {
+                watch_errors.push(("/v1/Namespace".into(), e.clone()));
+            }
             snap.insert(
                 id.clone(),
                 MeshStatus {
+                    watch_errors,
                     generation: mesh.generation,
                     invalid: mesh.invalid.clone(),
                     has_policy: mesh.policy.is_some(),

@@ -108,6 +108,22 @@ fn to_status(
             "; no policy is in force"
         };
         cond("Ready", false, "InvalidSpec", format!("{why}{kept}"))
+    } else if !st.watch_errors.is_empty() {
+        let what: Vec<String> = st
+            .watch_errors
+            .iter()
+            .map(|(gvk, e)| format!("{gvk}: {e}"))
+            .collect();
+        cond(
+            "Ready",
+            false,
+            "WatchFailed",
+            format!(
+                "the manager cannot watch {}; retrying. Keys are placed only once every watch has \
+                 listed: check the manager's RBAC and that the resource is installed",
+                what.join("; ")
+            ),
+        )
     } else if st.unowned > 0 {
         cond(
             "Ready",

@@ -46,6 +46,9 @@ pub enum WatchEvent<K> {
     Delete(Arc<K>),
     /// A (re)list finished; objects not in the set are gone.
     Relisted(HashSet<ObjName>),
+    /// The watch failed and is retrying with backoff; why, as the API
+    /// server said it.
+    Failed(String),
 }
 
 // === impl Gvk ===
@@ -160,6 +163,7 @@ impl<K> WatchEvent<K> {
             WatchEvent::Apply(o) => WatchEvent::Apply(wrap(o)),
             WatchEvent::Delete(o) => WatchEvent::Delete(wrap(o)),
             WatchEvent::Relisted(s) => WatchEvent::Relisted(s),
+            WatchEvent::Failed(e) => WatchEvent::Failed(e),
         }
     }
 }
@@ -177,7 +181,8 @@ where
     K: kube::Resource + Clone + std::fmt::Debug + Send + 'static,
     S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
-    // The watcher retries on its own with backoff; errors are only logged.
+    // The watcher retries on its own with backoff; errors are logged and
+    // passed on, so the core can report them in the mesh's status.
     let events = events.inspect_err(|e| tracing::warn!(error = %e, "watch error; retrying"));
     let mut events = std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(events));
     let mut listing: HashSet<ObjName> = HashSet::new();
@@ -196,7 +201,7 @@ where
             }
             Ok(watcher::Event::Apply(o)) => Some(WatchEvent::Apply(Arc::new(o))),
             Ok(watcher::Event::Delete(o)) => Some(WatchEvent::Delete(Arc::new(o))),
-            Err(_) => None,
+            Err(e) => Some(WatchEvent::Failed(e.to_string())),
         };
         if let Some(ev) = out
             && core.send(wrap(ev)).await.is_err()

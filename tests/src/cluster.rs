@@ -186,6 +186,24 @@ pub async fn client_with_token(
     Ok(Client::try_from(config)?)
 }
 
+/// Writes a copy of the `admin` kubeconfig that authenticates with `token`
+/// instead, for running a process as a ServiceAccount.
+pub fn write_token_kubeconfig(
+    admin: &std::path::Path,
+    token: &str,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let mut kc = kube::config::Kubeconfig::read_from(admin)?;
+    for user in &mut kc.auth_infos {
+        user.auth_info = Some(kube::config::AuthInfo {
+            token: Some(token.to_string().into()),
+            ..Default::default()
+        });
+    }
+    std::fs::write(path, serde_yaml::to_string(&kc)?)?;
+    Ok(())
+}
+
 fn to_map(labels: &[(&str, &str)]) -> BTreeMap<String, String> {
     labels
         .iter()

@@ -120,7 +120,7 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
         let client = client.clone();
         async move {
             let token = cluster::pod_token(&client, &pod, &[]).await?;
-            write_token_kubeconfig(cp.kubeconfig(), &token, &path)?;
+            cluster::write_token_kubeconfig(cp.kubeconfig(), &token, &path)?;
             anyhow::Ok(path.display().to_string())
         }
     };
@@ -279,17 +279,4 @@ async fn pod_from(client: &Client, d: &Deployment, name: &str) -> anyhow::Result
     Ok(Api::<Pod>::namespaced(client.clone(), &ns)
         .create(&Default::default(), &pod)
         .await?)
-}
-
-/// Writes a copy of the admin kubeconfig that authenticates with `token`.
-fn write_token_kubeconfig(admin: &Path, token: &str, path: &Path) -> anyhow::Result<()> {
-    let mut kc = kube::config::Kubeconfig::read_from(admin)?;
-    for user in &mut kc.auth_infos {
-        user.auth_info = Some(kube::config::AuthInfo {
-            token: Some(token.to_string().into()),
-            ..Default::default()
-        });
-    }
-    std::fs::write(path, serde_yaml::to_string(&kc)?)?;
-    Ok(())
 }

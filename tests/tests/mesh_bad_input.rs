@@ -6,12 +6,15 @@ mod common;
 use std::time::Duration;
 
 use common::{TIMEOUT, World};
-use kube::{Api, api::DynamicObject};
+use kube::{
+    Api,
+    api::{DynamicObject, Patch, PatchParams},
+};
 use opmesh_tests::{
     cluster,
     control_plane::Process,
     eventually,
-    mesh::{Replica, apply_mesh, create_generator, mesh_resource},
+    mesh::{Manager, Replica, apply_mesh, create_generator, handled_by, mesh_resource},
 };
 use serde_json::json;
 
@@ -208,4 +211,188 @@ async fn the_sdk_without_a_sidecar_fails_fast() -> anyhow::Result<()> {
     assert!(log.contains("no opmesh runtime sidecar at"), "{log}");
     assert!(log.contains("OPMESH_RUNTIME_SOCKET"), "{log}");
     Ok(())
+}
+
+#[tokio::test]
+async fn a_watch_the_manager_may_not_run_is_reported_and_recovers_once_granted()
+-> anyhow::Result<()> {
+    let w = World::new("rbac").await?;
+    // A manager of its own, running as a ServiceAccount that may read
+    // everything it needs except ConfigMaps (the example operator's owned kind).
+    let mesh_ns = cluster::create_namespace(&w.client, "rbac-mesh", &[]).await?;
+    let pod = cluster::create_pod(
+        &w.client,
+        &mesh_ns,
+        "limited-manager",
+        &[],
+        "limited-manager",
+    )
+    .await?;
+    let role = format!("opmesh-test-{mesh_ns}");
+    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| json!({"apiGroups": groups, "resources": resources, "verbs": verbs});
+    let read = ["get", "list", "watch"];
+    let mut rules = vec![
+        rule(&["opmesh.io"], &["operatormeshes"], &read),
+        rule(
+            &["opmesh.io"],
+            &["operatormeshes/status"],
+            &["get", "patch", "update"],
+        ),
+        rule(&[""], &["pods", "namespaces"], &read),
+        rule(&["example.opmesh.io"], &["configmapgenerators"], &read),
+    ];
+    let roles: Api<DynamicObject> = Api::all_with(
+        w.client.clone(),
+        &api_resource(
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRole",
+            "clusterroles",
+        ),
+    );
+    let apply_role = |rules: Vec<serde_json::Value>| {
+        let roles = roles.clone();
+        let role = role.clone();
+        async move {
+            let obj = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": role}, "rules": rules});
+            roles
+                .patch(
+                    &role,
+                    &PatchParams::apply("opmesh-tests").force(),
+                    &Patch::Apply(&obj),
+                )
+                .await
+        }
+    };
+    apply_role(rules.clone()).await?;
+    let bindings: Api<DynamicObject> = Api::all_with(
+        w.client.clone(),
+        &api_resource(
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+        ),
+    );
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": role},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"kind": "ServiceAccount", "name": "limited-manager", "namespace": mesh_ns}],
+    });
+    bindings
+        .patch(
+            &role,
+            &PatchParams::apply("opmesh-tests").force(),
+            &Patch::Apply(&binding),
+        )
+        .await?;
+    let token = cluster::pod_token(&w.client, &pod, &[]).await?;
+    let kubeconfig = w.dir.path().join("limited-manager.kubeconfig");
+    cluster::write_token_kubeconfig(w.cp.kubeconfig(), &token, &kubeconfig)?;
+    let port = opmesh_tests::control_plane::free_port()?;
+    let manager = Manager::spawn(
+        w.cp,
+        &w.bins,
+        w.dir.path(),
+        port,
+        &[
+            "run".into(),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--mesh-namespace={mesh_ns}"),
+            format!(
+                "--lease-ttl-ms={}",
+                opmesh_tests::mesh::LEASE_TTL.as_millis()
+            ),
+        ],
+        &[("KUBECONFIG", &kubeconfig.display().to_string())],
+    )
+    .await?;
+
+    apply_mesh(
+        &w.client,
+        &mesh_ns,
+        "mesh",
+        w.mesh_spec(
+            json!({"weights": [{"subset": "v1", "weight": 100}]}),
+            &["v1"],
+        ),
+    )
+    .await?;
+    let replica = Replica::start(
+        w.cp,
+        &w.bins,
+        &w.client,
+        w.dir.path(),
+        manager.addr(),
+        &format!("{mesh_ns}/mesh"),
+        &mesh_ns,
+        "v1-0",
+        &[("app", "cmg"), ("version", "v1")],
+        "v1",
+        &[],
+    )
+    .await?;
+    let ns = w.object_namespace("rbac-data", &[]).await?;
+    create_generator(&w.client, &ns, "gen", json!({})).await?;
+    let namespaces = vec![ns];
+
+    // Reported, with what to fix; nothing is placed on a partial view.
+    let meshes: Api<DynamicObject> =
+        Api::namespaced_with(w.client.clone(), &mesh_ns, &mesh_resource());
+    let ready = |want: &'static str| {
+        let meshes = meshes.clone();
+        async move {
+            let mesh = meshes.get("mesh").await?;
+            let cond = mesh.data["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "Ready")
+                .cloned();
+            anyhow::Ok(cond.filter(|c| c["status"] == want))
+        }
+    };
+    let cond = eventually("Ready=False saying which watch fails", TIMEOUT, || async {
+        manager.process().check_running()?;
+        Ok(ready("False")
+            .await?
+            .filter(|c| c["reason"] == "WatchFailed"))
+    })
+    .await?;
+    let message = cond["message"].as_str().unwrap_or_default();
+    assert!(message.contains("/v1/ConfigMap"), "{message}");
+    assert!(message.contains("forbidden"), "{message}");
+    assert!(message.contains("RBAC"), "{message}");
+    let handled = handled_by(&w.client, &namespaces).await?;
+    assert_eq!(
+        handled.values().filter(|v| v.is_some()).count(),
+        0,
+        "{handled:?}"
+    );
+
+    // Granting the missing permission recovers without a restart.
+    rules.push(rule(&[""], &["configmaps"], &read));
+    apply_role(rules).await?;
+    eventually(
+        "the object to be handled once the watch works",
+        TIMEOUT,
+        || async {
+            manager.process().check_running()?;
+            replica.check_running()?;
+            let handled = handled_by(&w.client, &namespaces).await?;
+            Ok(handled.values().all(Option::is_some).then_some(()))
+        },
+    )
+    .await?;
+    eventually("Ready=True", TIMEOUT, || async { ready("True").await }).await?;
+    Ok(())
+}
+
+fn api_resource(api_version: &str, kind: &str, plural: &str) -> kube::api::ApiResource {
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    kube::api::ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: api_version.into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
 }
