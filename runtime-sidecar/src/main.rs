@@ -3,7 +3,7 @@
 use clap::Parser as _;
 use opmesh_runtime::Config;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
