@@ -1,0 +1,23 @@
+//! The runtime sidecar's environment variables: one definition for the
+//! runtime's flags, the SDK, the manifests in `deploy/` and the tests.
+
+/// The manager's gRPC address(es), comma-separated.
+pub const MANAGER_ADDR: &str = "OPMESH_MANAGER_ADDR";
+/// The OperatorMesh the runtime belongs to, as `namespace/name`.
+pub const MESH: &str = "OPMESH_MESH";
+/// The namespace of the runtime's Pod (downward API).
+pub const POD_NAMESPACE: &str = "OPMESH_POD_NAMESPACE";
+/// The name of the runtime's Pod (downward API).
+pub const POD_NAME: &str = "OPMESH_POD_NAME";
+/// The Unix socket the runtime serves its operator on; the SDK dials it.
+pub const RUNTIME_SOCKET: &str = "OPMESH_RUNTIME_SOCKET";
+/// The address of the runtime's `/healthz`, `/readyz` and `/metrics`.
+pub const HEALTH_ADDR: &str = "OPMESH_HEALTH_ADDR";
+/// How many reconciles the runtime runs at once.
+pub const MAX_CONCURRENT_RECONCILES: &str = "OPMESH_MAX_CONCURRENT_RECONCILES";
+
+/// The socket path the runtime and the SDK use when [`RUNTIME_SOCKET`] is unset.
+pub const DEFAULT_RUNTIME_SOCKET: &str = "/var/run/opmesh/runtime.sock";
+
+/// The variables a runtime container must set: it has no default for them.
+pub const REQUIRED: [&str; 3] = [MESH, POD_NAMESPACE, POD_NAME];
