@@ -6,16 +6,10 @@ use std::{
     sync::Arc,
 };
 
-use opmesh_proto::v1::GroupVersionKind;
 use serde::Deserialize;
 
 /// Identifies a cached object: `(gvk key, namespace, name)`.
-pub type ObjRef = (String, String, String);
-
-/// The index key of a type: `group/version/Kind`, as the manager uses.
-pub fn gvk_key(g: &GroupVersionKind) -> String {
-    format!("{}/{}/{}", g.group, g.version, g.kind)
-}
+pub(crate) type ObjRef = (String, String, String);
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -26,7 +20,7 @@ struct Entry {
 
 /// Cached objects, indexed by object and by owning primary key.
 #[derive(Debug, Default)]
-pub struct Cache {
+pub(crate) struct Cache {
     objects: HashMap<ObjRef, Entry>,
     by_key: HashMap<String, HashSet<ObjRef>>,
 }
@@ -52,7 +46,7 @@ struct OwnerRef {
 
 impl Cache {
     /// Stores the latest state of an object that belongs to `key`.
-    pub fn apply(&mut self, key: &str, obj: ObjRef, bytes: Vec<u8>) {
+    pub(crate) fn apply(&mut self, key: &str, obj: ObjRef, bytes: Vec<u8>) {
         let owner_uids = serde_json::from_slice::<Meta>(&bytes)
             .map(|m| {
                 m.metadata
@@ -83,7 +77,7 @@ impl Cache {
     }
 
     /// Removes an object.
-    pub fn delete(&mut self, obj: &ObjRef) {
+    pub(crate) fn delete(&mut self, obj: &ObjRef) {
         if let Some(e) = self.objects.remove(obj)
             && let Some(set) = self.by_key.get_mut(&e.key)
         {
@@ -95,26 +89,26 @@ impl Cache {
     }
 
     /// Removes every object of `key` (on revoke).
-    pub fn drop_key(&mut self, key: &str) {
+    pub(crate) fn drop_key(&mut self, key: &str) {
         for obj in self.by_key.remove(key).into_iter().flatten() {
             self.objects.remove(&obj);
         }
     }
 
     /// Removes everything (on session loss).
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.objects.clear();
         self.by_key.clear();
     }
 
     /// One object's JSON.
-    pub fn get(&self, obj: &ObjRef) -> Option<Arc<Vec<u8>>> {
+    pub(crate) fn get(&self, obj: &ObjRef) -> Option<Arc<Vec<u8>>> {
         self.objects.get(obj).map(|e| e.object.clone())
     }
 
     /// Objects of type `gvk`, optionally only in `namespace` and only those
     /// with an ownerReference to `owner_uid`.
-    pub fn list(&self, gvk: &str, namespace: &str, owner_uid: &str) -> Vec<Arc<Vec<u8>>> {
+    pub(crate) fn list(&self, gvk: &str, namespace: &str, owner_uid: &str) -> Vec<Arc<Vec<u8>>> {
         let mut out: Vec<(&ObjRef, Arc<Vec<u8>>)> = self
             .objects
             .iter()
@@ -130,13 +124,9 @@ impl Cache {
     }
 
     /// Number of cached objects.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.objects.len()
-    }
-
-    /// True when nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.objects.is_empty()
     }
 }
 

@@ -2,6 +2,8 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
+use opmesh_proto::env;
+
 /// A mesh reference, `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshRef {
@@ -18,32 +20,32 @@ pub struct Config {
     /// The manager's gRPC address(es), comma-separated; tried in order.
     #[arg(
         long,
-        env = "OPMESH_MANAGER_ADDR",
+        env = env::MANAGER_ADDR,
         value_delimiter = ',',
         default_value = "http://opmesh-manager.opmesh-system.svc:9440"
     )]
     pub manager: Vec<String>,
     /// The OperatorMesh this runtime belongs to, as `namespace/name`.
-    #[arg(long, env = "OPMESH_MESH", value_parser = parse_mesh)]
+    #[arg(long, env = env::MESH, value_parser = parse_mesh)]
     pub mesh: MeshRef,
     /// The namespace of the Pod this runtime runs in (use the downward API).
-    #[arg(long, env = "OPMESH_POD_NAMESPACE")]
+    #[arg(long, env = env::POD_NAMESPACE)]
     pub pod_namespace: String,
     /// The name of the Pod this runtime runs in (use the downward API).
-    #[arg(long, env = "OPMESH_POD_NAME")]
+    #[arg(long, env = env::POD_NAME)]
     pub pod_name: String,
     /// The Unix socket the operator connects to.
     #[arg(
         long,
-        env = "OPMESH_RUNTIME_SOCKET",
-        default_value = "/var/run/opmesh/runtime.sock"
+        env = env::RUNTIME_SOCKET,
+        default_value = env::DEFAULT_RUNTIME_SOCKET
     )]
     pub socket: PathBuf,
     /// The address of `/healthz`, `/readyz` and `/metrics`.
-    #[arg(long, env = "OPMESH_HEALTH_ADDR", default_value = "0.0.0.0:9441")]
+    #[arg(long, env = env::HEALTH_ADDR, default_value = "0.0.0.0:9441")]
     pub health: SocketAddr,
     /// How many reconciles run at once.
-    #[arg(long, env = "OPMESH_MAX_CONCURRENT_RECONCILES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, env = env::MAX_CONCURRENT_RECONCILES, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_concurrent_reconciles: u32,
 }
 

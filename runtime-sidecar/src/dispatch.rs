@@ -8,7 +8,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::state::Runtime;
 
 /// Runs until the queue shuts down or `shutdown` fires.
-pub async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
     let max = rt.config.max_concurrent_reconciles as usize;
     rt.metrics
         .max_concurrent

@@ -11,7 +11,11 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::state::Runtime;
 
 /// Serves health and metrics on `listener` until `shutdown` fires.
-pub async fn serve(rt: Arc<Runtime>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    rt: Arc<Runtime>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a { Ok(a) => a, Err(e) => {

@@ -1,29 +1,34 @@
 //! The opmesh runtime sidecar: keeps the session with the manager, a slice
 //! cache and a work queue, and serves its operator on a Unix socket.
 //!
-//! - [`config`] — settings.
-//! - [`queue`] — the work queue with client-go semantics.
-//! - [`cache`] — the slice cache of owned objects.
-//! - [`state`] — shared state: session, ownership, lease, in-flight tasks.
-//! - [`session`] — the session with the manager, with reconnect and backoff.
-//! - [`dispatch`] — hands queued keys to the operator.
-//! - [`server`] — the `RuntimeService` for the operator.
-//! - [`http`] — `/healthz`, `/readyz`, `/metrics`.
-//! - [`metrics`] — controller-runtime-named metrics.
+//! - [`config`] — settings; their environment variables come from
+//!   [`opmesh_proto::env`], shared with the SDK and the manifests.
+//! - `queue` — the work queue with client-go semantics.
+//! - `cache` — the slice cache of owned objects.
+//! - `state` — shared state: the session's slice (owned, unsynced and held
+//!   keys) and lease, with `state/inflight` for reconciles handed to the
+//!   operator.
+//! - `session` — the session with the manager, with reconnect and backoff.
+//! - `dispatch` — hands queued keys to the operator.
+//! - `server` — the `RuntimeService` for the operator.
+//! - `http` — `/healthz`, `/readyz`, `/metrics`.
+//! - `metrics` — controller-runtime-named metrics.
 //!
 //! Invariants: a key is reconciled only while it is owned, synced and the
 //! lease is valid; a revoked key is answered with `Released` only after its
 //! running reconcile finished; on session loss every key is dropped.
 
-pub mod cache;
+#![warn(unreachable_pub)]
+
+mod cache;
 pub mod config;
-pub mod dispatch;
-pub mod http;
-pub mod metrics;
-pub mod queue;
-pub mod server;
-pub mod session;
-pub mod state;
+mod dispatch;
+mod http;
+mod metrics;
+mod queue;
+mod server;
+mod session;
+mod state;
 
 use std::{os::unix::fs::PermissionsExt as _, sync::Arc};
 

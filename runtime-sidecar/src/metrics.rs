@@ -10,31 +10,31 @@ use prometheus_client::{
 type Labels = Vec<(String, String)>;
 
 /// Every metric of the runtime, registered once.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     name: Labels,
     /// `workqueue_depth`.
-    pub depth: Family<Labels, Gauge>,
+    pub(crate) depth: Family<Labels, Gauge>,
     /// `workqueue_adds_total`.
-    pub adds: Family<Labels, Counter>,
+    pub(crate) adds: Family<Labels, Counter>,
     /// `workqueue_retries_total`.
-    pub retries: Family<Labels, Counter>,
+    pub(crate) retries: Family<Labels, Counter>,
     /// `workqueue_queue_duration_seconds`.
-    pub queue_duration: Family<Labels, Histogram>,
+    pub(crate) queue_duration: Family<Labels, Histogram>,
     /// `workqueue_work_duration_seconds`.
-    pub work_duration: Family<Labels, Histogram>,
+    pub(crate) work_duration: Family<Labels, Histogram>,
     /// `controller_runtime_reconcile_total` by result.
-    pub reconcile_total: Family<Labels, Counter>,
+    pub(crate) reconcile_total: Family<Labels, Counter>,
     /// `controller_runtime_reconcile_errors_total`.
-    pub reconcile_errors: Family<Labels, Counter>,
+    pub(crate) reconcile_errors: Family<Labels, Counter>,
     /// `controller_runtime_reconcile_time_seconds`.
-    pub reconcile_time: Family<Labels, Histogram>,
+    pub(crate) reconcile_time: Family<Labels, Histogram>,
     /// `controller_runtime_active_workers`.
-    pub active_workers: Family<Labels, Gauge>,
+    pub(crate) active_workers: Family<Labels, Gauge>,
     /// `controller_runtime_max_concurrent_reconciles`.
-    pub max_concurrent: Family<Labels, Gauge>,
+    pub(crate) max_concurrent: Family<Labels, Gauge>,
     /// `opmesh_runtime_owned_keys`.
-    pub owned_keys: Gauge,
+    pub(crate) owned_keys: Gauge,
 }
 
 fn buckets() -> Histogram {
@@ -47,7 +47,7 @@ fn buckets() -> Histogram {
 
 impl Metrics {
     /// Metrics for controller `name` (the workqueue's and controller's label).
-    pub fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let mut registry = Registry::default();
         let depth = Family::<Labels, Gauge>::default();
         let adds = Family::<Labels, Counter>::default();
@@ -136,12 +136,12 @@ impl Metrics {
     }
 
     /// The `name` label for workqueue metrics.
-    pub fn queue(&self) -> &Labels {
+    pub(crate) fn queue(&self) -> &Labels {
         &self.name
     }
 
     /// The `controller` label, plus `result` when given.
-    pub fn controller(&self, result: Option<&str>) -> Labels {
+    pub(crate) fn controller(&self, result: Option<&str>) -> Labels {
         let mut l = vec![("controller".to_string(), self.name[0].1.clone())];
         if let Some(r) = result {
             l.push(("result".into(), r.into()));
@@ -150,7 +150,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -17,26 +17,26 @@ use std::{
 use tokio::{sync::Notify, time::Instant};
 
 /// First retry delay of a failing key.
-pub const BASE_DELAY: Duration = Duration::from_millis(5);
+pub(crate) const BASE_DELAY: Duration = Duration::from_millis(5);
 /// Longest retry delay of a failing key.
-pub const MAX_DELAY: Duration = Duration::from_secs(1000);
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(1000);
 /// Overall retry rate.
-pub const BUCKET_QPS: f64 = 10.0;
+pub(crate) const BUCKET_QPS: f64 = 10.0;
 /// Overall retry burst.
-pub const BUCKET_BURST: f64 = 100.0;
+pub(crate) const BUCKET_BURST: f64 = 100.0;
 
 /// A key taken from the queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Item {
+pub(crate) struct Item {
     /// The key; the worker must call [`Queue::done`] with it.
-    pub key: String,
+    pub(crate) key: String,
     /// How long the key waited in the queue.
-    pub waited: Duration,
+    pub(crate) waited: Duration,
 }
 
 /// The queue. Cheap to share behind an `Arc`.
 #[derive(Debug)]
-pub struct Queue {
+pub(crate) struct Queue {
     state: Mutex<State>,
     notify: Notify,
 }
@@ -67,7 +67,7 @@ impl Default for Queue {
 
 impl Queue {
     /// An empty queue.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -88,14 +88,14 @@ impl Queue {
 
     /// Marks `key` as needing processing. Returns true if this added a new
     /// pending copy (false if one was already pending).
-    pub fn add(&self, key: &str) -> bool {
+    pub(crate) fn add(&self, key: &str) -> bool {
         let added = self.lock().add(key);
         self.notify.notify_one();
         added
     }
 
     /// Adds `key` after `delay`. An earlier pending delayed add wins.
-    pub fn add_after(&self, key: &str, delay: Duration) {
+    pub(crate) fn add_after(&self, key: &str, delay: Duration) {
         if delay.is_zero() {
             self.add(key);
             return;
@@ -121,24 +121,25 @@ impl Queue {
 
     /// Adds `key` after its rate-limited retry delay and counts a failure.
     /// Returns the delay.
-    pub fn add_rate_limited(&self, key: &str) -> Duration {
+    pub(crate) fn add_rate_limited(&self, key: &str) -> Duration {
         let delay = self.lock().when(key);
         self.add_after(key, delay);
         delay
     }
 
     /// Forgets `key`'s failures, resetting its backoff.
-    pub fn forget(&self, key: &str) {
+    pub(crate) fn forget(&self, key: &str) {
         self.lock().failures.remove(key);
     }
 
     /// How many times `key` has failed since it was last forgotten.
-    pub fn num_requeues(&self, key: &str) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn num_requeues(&self, key: &str) -> u32 {
         self.lock().failures.get(key).copied().unwrap_or(0)
     }
 
     /// Ends processing of `key`; if it was added meanwhile, it is queued again.
-    pub fn done(&self, key: &str) {
+    pub(crate) fn done(&self, key: &str) {
         let mut s = self.lock();
         s.processing.remove(key);
         if s.dirty.contains(key) {
@@ -151,7 +152,7 @@ impl Queue {
 
     /// Drops every trace of `key` (queued, delayed, failures), e.g. when the
     /// key is revoked. A worker still processing it must still call `done`.
-    pub fn remove(&self, key: &str) {
+    pub(crate) fn remove(&self, key: &str) {
         let mut s = self.lock();
         s.dirty.remove(key);
         s.queue.retain(|k| k != key);
@@ -163,7 +164,7 @@ impl Queue {
     }
 
     /// Drops every key, e.g. when the session with the manager is lost.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let mut s = self.lock();
         s.dirty.clear();
         s.queue.clear();
@@ -173,30 +174,26 @@ impl Queue {
         s.failures.clear();
     }
 
-    /// True while `key` is handed to a worker.
-    pub fn is_processing(&self, key: &str) -> bool {
-        self.lock().processing.contains(key)
-    }
-
     /// Keys ready to be handed out.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().queue.len()
     }
 
     /// True when no key is ready.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Stops the queue: [`Queue::get`] returns `None` from now on.
-    pub fn shut_down(&self) {
+    pub(crate) fn shut_down(&self) {
         self.lock().shut_down = true;
         self.notify.notify_waiters();
         self.notify.notify_one();
     }
 
     /// Waits for the next ready key and marks it as processing.
-    pub async fn get(&self) -> Option<Item> {
+    pub(crate) async fn get(&self) -> Option<Item> {
         loop {
             let notified = self.notify.notified();
             let next_due = {

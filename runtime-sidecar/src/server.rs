@@ -11,13 +11,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::{
-    cache::gvk_key,
-    state::{Registration, Runtime},
-};
+use crate::state::{Registration, Runtime};
 
 /// Serves `RuntimeService` from the runtime's state.
-pub struct RuntimeServer {
+pub(crate) struct RuntimeServer {
     rt: Arc<Runtime>,
 }
 
@@ -25,7 +22,7 @@ pub struct RuntimeServer {
 
 impl RuntimeServer {
     /// A server over `rt`.
-    pub fn new(rt: Arc<Runtime>) -> Self {
+    pub(crate) fn new(rt: Arc<Runtime>) -> Self {
         Self { rt }
     }
 }
@@ -48,15 +45,15 @@ impl RuntimeService for RuntimeServer {
             owns: req.owns,
         };
         if let Some(existing) = self.rt.registered()
-            && gvk_key(&existing.primary) != gvk_key(&reg.primary)
+            && existing.primary.key() != reg.primary.key()
         {
             return Err(Status::failed_precondition(format!(
                 "this sidecar serves {}, not {}; one sidecar serves one controller",
-                gvk_key(&existing.primary),
-                gvk_key(&reg.primary)
+                existing.primary.key(),
+                reg.primary.key()
             )));
         }
-        tracing::info!(primary = %gvk_key(&reg.primary), owns = reg.owns.len(), "operator registered");
+        tracing::info!(primary = %reg.primary.key(), owns = reg.owns.len(), "operator registered");
         self.rt.registration.send_replace(Some(reg));
         let c = &self.rt.config;
         Ok(Response::new(RegisterResponse {
@@ -156,7 +153,7 @@ impl RuntimeService for RuntimeServer {
         let object = self
             .rt
             .cache()
-            .get(&(gvk_key(&gvk), req.namespace, req.name))
+            .get(&(gvk.key(), req.namespace, req.name))
             .map(|b| b.as_ref().clone());
         Ok(Response::new(GetResponse { object }))
     }
@@ -169,7 +166,7 @@ impl RuntimeService for RuntimeServer {
         let objects = self
             .rt
             .cache()
-            .list(&gvk_key(&gvk), &req.namespace, &req.owner_uid)
+            .list(&gvk.key(), &req.namespace, &req.owner_uid)
             .into_iter()
             .map(|b| b.as_ref().clone())
             .collect();

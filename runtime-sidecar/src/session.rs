@@ -26,7 +26,7 @@ const NET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a session attempt ended.
 #[derive(Debug, thiserror::Error)]
-pub enum SessionError {
+pub(crate) enum SessionError {
     /// The manager refused this runtime; the message says why.
     #[error("the manager refused this runtime ({code:?}): {message}")]
     Refused {
@@ -55,7 +55,7 @@ pub enum SessionError {
 }
 
 /// Keeps a session with the manager until `shutdown` fires.
-pub async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
     // Nothing to declare before the operator registers.
     let mut reg = rt.registration.subscribe();
     tokio::select! {
@@ -152,14 +152,10 @@ async fn session(
         primary: Some(reg.primary.clone()),
         owns: reg.owns.clone(),
         runtime_version: env!("CARGO_PKG_VERSION").to_string(),
-        capacity: rt.config.max_concurrent_reconciles,
         auth_token: String::new(),
         held: reported
             .iter()
-            .map(|key| opmesh_proto::v1::HeldKey {
-                key: key.clone(),
-                epoch: 0,
-            })
+            .map(|key| opmesh_proto::v1::HeldKey { key: key.clone() })
             .collect(),
     };
     let hello_sent = Instant::now();
@@ -266,10 +262,7 @@ async fn session(
                     }
                     let _ = tx
                         .send(RuntimeMessage {
-                            msg: Some(Out::Released(Released {
-                                keys: r.keys,
-                                epoch: r.epoch,
-                            })),
+                            msg: Some(Out::Released(Released { keys: r.keys })),
                         })
                         .await;
                 });

@@ -24,10 +24,11 @@ use crate::{
     error::{Error, Result},
 };
 
-/// Where the SDK looks for the sidecar's socket.
-pub const SOCKET_ENV: &str = "OPMESH_RUNTIME_SOCKET";
-/// The socket path when [`SOCKET_ENV`] is unset.
-pub const DEFAULT_SOCKET: &str = "/var/run/opmesh/runtime.sock";
+/// Where the SDK looks for the sidecar's socket: the variable the runtime
+/// reads for its `--socket`.
+pub const SOCKET_ENV: &str = opmesh_proto::env::RUNTIME_SOCKET;
+/// The socket path when [`SOCKET_ENV`] is unset, the runtime's default too.
+pub const DEFAULT_SOCKET: &str = opmesh_proto::env::DEFAULT_RUNTIME_SOCKET;
 /// How long [`Mesh::connect`] waits for the sidecar.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

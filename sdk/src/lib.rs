@@ -53,6 +53,8 @@
 //!
 //! A complete operator is in `sdk/examples/configmap_generator.rs`.
 
+#![warn(unreachable_pub)]
+
 mod action;
 mod cache;
 mod controller;

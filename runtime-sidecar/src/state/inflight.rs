@@ -1,0 +1,156 @@
+//! Reconciles handed to the operator: the operator connection, tasks in
+//! flight, their completion and cancellation.
+
+use std::{collections::HashSet, sync::atomic::Ordering};
+
+use opmesh_proto::v1::Task;
+use tokio::{sync::OwnedSemaphorePermit, time::Instant};
+
+use super::{Runtime, TaskSender, lock};
+
+/// A task handed to the operator and not yet completed.
+#[derive(Debug)]
+pub(crate) struct Inflight {
+    /// The key.
+    pub(crate) key: String,
+    /// When it was handed out.
+    pub(crate) started: Instant,
+    /// The operator connection it went to.
+    pub(crate) operator: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+// === impl Runtime ===
+
+impl Runtime {
+    /// Asks the operator to stop the running reconciles of `keys`.
+    pub(crate) fn cancel_keys(&self, keys: &[String]) {
+        let keys: HashSet<&String> = keys.iter().collect();
+        self.cancel_where(|i| keys.contains(&i.key));
+    }
+
+    /// Asks the operator to stop every running reconcile.
+    pub(crate) fn cancel_inflight(&self) {
+        self.cancel_where(|_| true);
+    }
+
+    fn cancel_where(&self, pick: impl Fn(&Inflight) -> bool) {
+        let Some((op, tx)) = lock(&self.operator).clone() else {
+            return;
+        };
+        let ids: Vec<u64> = lock(&self.inflight)
+            .iter()
+            .filter(|(_, i)| i.operator == op && pick(i))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let cancel = Task {
+                id,
+                cancel: true,
+                ..Default::default()
+            };
+            if tx.try_send(Ok(cancel)).is_err() {
+                tracing::warn!(task = id, "cannot send cancel to the operator");
+            }
+        }
+    }
+
+    /// Connects an operator's task stream, replacing any earlier one.
+    /// Returns the connection's id.
+    pub(crate) fn attach_operator(&self, tx: TaskSender) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.operator) = Some((id, tx));
+        self.bump();
+        id
+    }
+
+    /// The operator connection `id` is gone: its unfinished tasks are retried.
+    pub(crate) fn detach_operator(&self, id: u64) {
+        {
+            let mut op = lock(&self.operator);
+            if op.as_ref().is_some_and(|(i, _)| *i == id) {
+                *op = None;
+            }
+        }
+        let orphaned: Vec<Inflight> = {
+            let mut inflight = lock(&self.inflight);
+            let ids: Vec<u64> = inflight
+                .iter()
+                .filter(|(_, i)| i.operator == id)
+                .map(|(t, _)| *t)
+                .collect();
+            ids.into_iter()
+                .filter_map(|t| inflight.remove(&t))
+                .collect()
+        };
+        for i in orphaned {
+            self.queue.done(&i.key);
+            if self.owns(&i.key).0 {
+                self.queue.add_rate_limited(&i.key);
+            }
+        }
+        self.bump();
+    }
+
+    /// Hands `key` with its primary object to the operator. On failure the
+    /// key goes back to the queue.
+    pub(crate) fn hand_out(
+        &self,
+        key: String,
+        object: Vec<u8>,
+        permit: OwnedSemaphorePermit,
+    ) -> bool {
+        let Some((op_id, tx)) = lock(&self.operator).clone() else {
+            self.queue.done(&key);
+            self.queue.add(&key);
+            return false;
+        };
+        let (subset, runtime_id) = {
+            let s = self.session();
+            (s.subset.clone(), s.runtime_id.clone())
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inflight).insert(
+            id,
+            Inflight {
+                key: key.clone(),
+                started: Instant::now(),
+                operator: op_id,
+                _permit: permit,
+            },
+        );
+        let task = Task {
+            id,
+            key,
+            object,
+            subset,
+            runtime_id,
+            cancel: false,
+        };
+        if tx.try_send(Ok(task)).is_err() {
+            // The stream is gone or full; undo.
+            if let Some(i) = lock(&self.inflight).remove(&id) {
+                self.queue.done(&i.key);
+                self.queue.add_rate_limited(&i.key);
+            }
+            return false;
+        }
+        self.metrics
+            .active_workers
+            .get_or_create(&self.metrics.controller(None))
+            .inc();
+        true
+    }
+
+    /// Takes the in-flight task `id` off the books.
+    pub(crate) fn complete(&self, id: u64) -> Option<Inflight> {
+        let done = lock(&self.inflight).remove(&id);
+        if done.is_some() {
+            self.metrics
+                .active_workers
+                .get_or_create(&self.metrics.controller(None))
+                .dec();
+        }
+        done
+    }
+}
