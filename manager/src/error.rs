@@ -4,7 +4,7 @@ use tonic::Status;
 
 /// A runtime session the manager will not accept. Each message says what to fix.
 #[derive(Debug, thiserror::Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The first message was not a valid hello.
     #[error("malformed session: {0}")]
     Malformed(String),

@@ -4,12 +4,12 @@ use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
 
-use crate::{config::Config, watch::Task};
+use crate::{config::Config, task::Task};
 
 /// Starts competing for the Lease named in `config`; `leading` follows
 /// whether this manager holds it. Dropping the returned task stops
 /// competing.
-pub async fn elect(
+pub(crate) async fn elect(
     client: Client,
     config: &Config,
     leading: watch::Sender<bool>,

@@ -1,38 +1,59 @@
 //! The opmesh manager: watches the API server once per resource, routes each
 //! key to one runtime sidecar, and serves the sidecars over gRPC.
 //!
-//! - [`config`] — settings.
-//! - [`crd`] — the `OperatorMesh` custom resource.
-//! - [`selector`] — label selector matching.
-//! - [`policy`] — compiles a spec into a validated routing [`policy::Policy`].
-//! - [`routing`] — the pure routing function (FNV-1a weight ranges, replica ring).
-//! - [`ownership`] — who holds each key; revoke → released → assign.
-//! - [`pending`] — the per-runtime coalescing send queue.
-//! - [`watch`] — one watch per resource type, plus Namespaces and meshes.
-//! - [`core`] — the single task that owns all state and applies the policy.
-//! - [`server`] — the gRPC `MeshService` for runtime sidecars.
-//! - [`status`] — writes `OperatorMesh` status.
-//! - [`error`] — why a runtime is refused, mapped to gRPC status in one place.
-//! - [`leader`] — leader election through a Lease, for several managers.
+//! The rooms, from the pure core outwards:
+//!
+//! - `policy` — a spec compiled into a validated routing policy: selectors,
+//!   pins, weight ranges and the replica ring. Pure.
+//! - `mesh` — one mesh's state: its types, the index of objects by primary
+//!   key, and who holds each key. Pure.
+//! - `coordinator` — the one owner of all mutable state. `step(input, now)`
+//!   returns effects; messages for runtimes go into each session's outbox.
+//!   No I/O, no clock, no client: property-tested in process.
+//! - `driver` — the coordinator's task: feeds it inputs and the time,
+//!   starts the watches it asks for, publishes its snapshots.
+//! - `watch` — watchers as streams; they know nothing of their reader.
+//! - `server` — the gRPC edge: admission and session pumps.
+//! - `snapshot` — the typed view the coordinator publishes (`arc-swap`), read
+//!   by the status writer (`status`) and, next, the admin API, webhook and
+//!   rollout controller.
+//! - `leader` — leader election through a Lease.
+//! - `id`, `gvk` — typed identities and resource types.
+//! - [`config`], [`crd`], `error` — settings, the `OperatorMesh` resource,
+//!   and why a runtime is refused (mapped to a gRPC status in one place).
 //!
 //! The invariant: a key is held by at most one runtime at any time, and
-//! moves only through revoke → released → assign.
+//! moves only through revoke → released → assign, a goodbye, or the end of
+//! the holder's lease.
+
+#![warn(unreachable_pub)]
 
 pub mod config;
-pub mod core;
+mod coordinator;
+// The schema derive copies the spec types into a private module, which the
+// lint sees as unreachable `pub` items; the types themselves are public.
+#[allow(unreachable_pub)]
 pub mod crd;
-pub mod error;
-pub mod leader;
-pub mod ownership;
-pub mod pending;
-pub mod policy;
-pub mod routing;
-pub mod selector;
-pub mod server;
-pub mod status;
-pub mod watch;
+mod driver;
+mod error;
+mod gvk;
+mod id;
+mod leader;
+mod mesh;
+mod policy;
+mod server;
+mod snapshot;
+mod status;
+mod task;
+mod watch;
 
-use std::future::Future;
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use kube::Client;
 use opmesh_proto::v1::mesh_service_server::MeshServiceServer;
@@ -41,8 +62,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::Config;
 
-/// Capacity of the core's input channel; a full channel slows the watches.
-const CORE_INPUTS: usize = 4096;
+use crate::{driver::Driver, snapshot::Published, task::Task};
+
+/// Capacity of the coordinator's input channel; a full channel slows the
+/// watches.
+const INPUTS: usize = 4096;
 
 /// Runs the manager on an already-bound `listener` until `shutdown` resolves.
 /// With leader election, runtimes are refused until this manager leads, and
@@ -53,7 +77,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::channel(CORE_INPUTS);
+    let (tx, rx) = mpsc::channel(INPUTS);
     let (leader_tx, leader) = tokio::sync::watch::channel(!config.leader_election);
     let election = if config.leader_election {
         Some(leader::elect(client.clone(), &config, leader_tx).await?)
@@ -61,23 +85,25 @@ pub async fn run(
         None
     };
 
-    // The core starts once this manager leads; sessions are refused before.
-    let core_task = {
+    // The coordinator starts once this manager leads; sessions are refused
+    // before.
+    let coordinator = {
         let (client, config, tx, mut leader) =
             (client.clone(), config.clone(), tx.clone(), leader.clone());
-        tokio::spawn(async move {
+        Task::spawn(async move {
             if leader.wait_for(|l| *l).await.is_err() {
                 return;
             }
-            tracing::info!("leading: starting the core");
-            let (core, status_rx) = core::Core::new(client.clone(), tx.clone(), config.lease_ttl());
-            let owned = vec![
-                watch::namespaces(client.clone(), tx.clone()),
-                watch::meshes(client.clone(), config.mesh_namespace.as_deref(), tx),
-            ];
-            let status_task = tokio::spawn(status::run(client, status_rx));
-            core.run(rx, owned).await;
-            status_task.abort();
+            tracing::info!("leading: starting the coordinator");
+            let published = Arc::new(Published::new());
+            let _status = Task::spawn(status::run(client.clone(), published.clone()));
+            let driver = Driver {
+                client,
+                mesh_namespace: config.mesh_namespace.clone(),
+                lease_ttl: config.lease_ttl(),
+                published,
+            };
+            driver.run(tx, rx).await;
         })
     };
 
@@ -97,12 +123,12 @@ pub async fn run(
             std::future::pending::<()>().await;
         }
     };
-    let lost_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lost_flag = Arc::new(AtomicBool::new(false));
     let flag = lost_flag.clone();
     let stop = async move {
         tokio::select! {
             _ = shutdown => {}
-            _ = lost_lead => flag.store(true, std::sync::atomic::Ordering::SeqCst),
+            _ = lost_lead => flag.store(true, Ordering::SeqCst),
         }
     };
     let result = tonic::transport::Server::builder()
@@ -111,9 +137,9 @@ pub async fn run(
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await;
-    core_task.abort();
+    drop(coordinator);
     drop(election);
-    if lost_flag.load(std::sync::atomic::Ordering::SeqCst) {
+    if lost_flag.load(Ordering::SeqCst) {
         anyhow::bail!("lost the leader Lease; exiting so a restart can stand by");
     }
     result.map_err(Into::into)

@@ -1,4 +1,6 @@
-//! Compiles an `OperatorMeshSpec` into a [`Policy`] that routes keys.
+//! Compiles an `OperatorMeshSpec` into a [`Policy`] that routes keys: the
+//! pure routing function, with its [`selector`] matching and [`routing`]
+//! arithmetic (weight ranges, replica ring).
 //!
 //! Compilation checks everything the CRD's CEL rules check, plus what CEL
 //! cannot (regexes, selector operators), so a policy that reaches the router
@@ -10,18 +12,21 @@ use std::collections::{HashMap, HashSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use regex::Regex;
 
-use crate::{
-    crd::{Granularity, OperatorMeshSpec},
-    routing::{WeightRanges, fnv1a64},
-    selector::{self, Labels},
-};
+mod routing;
+mod selector;
+
+pub(crate) use routing::ReplicaRing;
+pub(crate) use selector::Labels;
+
+use crate::crd::{Granularity, OperatorMeshSpec};
+use routing::{WeightRanges, fnv1a64};
 
 /// Result type of this module.
-pub type Result<T, E = PolicyError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = PolicyError> = std::result::Result<T, E>;
 
 /// Why a spec is not a valid policy.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum PolicyError {
+pub(crate) enum PolicyError {
     /// `spec.subsets` is empty.
     #[error("spec.subsets is empty; declare at least one subset")]
     NoSubsets,
@@ -66,7 +71,7 @@ pub enum PolicyError {
 
 /// A compiled, valid routing policy.
 #[derive(Debug)]
-pub struct Policy {
+pub(crate) struct Policy {
     subsets: Vec<Subset>,
     granularity: Granularity,
     pins: Vec<Pin>,
@@ -82,11 +87,11 @@ pub struct Policy {
 
 /// One subset: a name and the pod labels that select it.
 #[derive(Debug)]
-pub struct Subset {
+pub(crate) struct Subset {
     /// The subset's name.
-    pub name: String,
+    pub(crate) name: String,
     /// The pod labels that put a pod in this subset.
-    pub labels: Labels,
+    pub(crate) labels: Labels,
 }
 
 #[derive(Debug)]
@@ -99,7 +104,7 @@ struct Pin {
 
 /// Why a runtime's Pod cannot join the mesh.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum MembershipError {
+pub(crate) enum MembershipError {
     /// The Pod's labels do not match `spec.selector`.
     #[error("pod labels {0:?} do not match the mesh's spec.selector")]
     SelectorMismatch(Labels),
@@ -112,7 +117,7 @@ pub enum MembershipError {
 
 impl Policy {
     /// Compiles and validates `spec`.
-    pub fn compile(spec: &OperatorMeshSpec) -> Result<Self> {
+    pub(crate) fn compile(spec: &OperatorMeshSpec) -> Result<Self> {
         if spec.subsets.is_empty() {
             return Err(PolicyError::NoSubsets);
         }
@@ -205,18 +210,18 @@ impl Policy {
     }
 
     /// The subsets in declared order.
-    pub fn subsets(&self) -> &[Subset] {
+    pub(crate) fn subsets(&self) -> &[Subset] {
         &self.subsets
     }
 
     /// True when ownership changes are frozen.
-    pub fn paused(&self) -> bool {
+    pub(crate) fn paused(&self) -> bool {
         self.paused
     }
 
     /// The subset a Pod with `labels` belongs to: the first whose labels it
     /// carries, after checking the mesh's pod selector.
-    pub fn subset_for_pod(&self, labels: &Labels) -> Result<usize, MembershipError> {
+    pub(crate) fn subset_for_pod(&self, labels: &Labels) -> Result<usize, MembershipError> {
         if !selector::matches(&self.pod_selector, labels) {
             return Err(MembershipError::SelectorMismatch(labels.clone()));
         }
@@ -227,7 +232,7 @@ impl Policy {
     }
 
     /// True when objects in namespace `ns` (with `ns_labels`) belong to the mesh.
-    pub fn covers_namespace(&self, ns: &str, ns_labels: &Labels) -> bool {
+    pub(crate) fn covers_namespace(&self, ns: &str, ns_labels: &Labels) -> bool {
         if ns.is_empty() {
             return true;
         }
@@ -241,7 +246,7 @@ impl Policy {
     /// Routes a primary key (`namespace/name`, or `name` for a cluster-scoped
     /// object) to a subset index. `ns_labels` are the namespace's labels.
     /// Returns `None` when no subset may see the key.
-    pub fn route(&self, key: &str, ns_labels: &Labels) -> Option<usize> {
+    pub(crate) fn route(&self, key: &str, ns_labels: &Labels) -> Option<usize> {
         let Some((ns, _)) = key.split_once('/') else {
             return self.cluster_scoped;
         };
@@ -267,7 +272,7 @@ impl Policy {
     }
 
     /// The weights in force, e.g. `v1=80 v2=20`.
-    pub fn weights_summary(&self) -> String {
+    pub(crate) fn weights_summary(&self) -> String {
         let unit = if self.total == 100 {
             String::new()
         } else {

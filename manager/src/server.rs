@@ -1,4 +1,6 @@
-//! The gRPC `MeshService`: accepts runtime sessions and pumps their streams.
+//! The gRPC edge: admits runtime sessions (checks the hello, resolves the
+//! real Pod's labels) and pumps their streams between the network and the
+//! coordinator.
 
 use std::time::Duration;
 
@@ -13,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    core::{Connected, Input},
+    coordinator::{Connected, Input},
     error::Refusal,
 };
 
@@ -25,7 +27,7 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 const BATCH: usize = 256;
 
 /// Serves `MeshService`.
-pub struct MeshServer {
+pub(crate) struct MeshServer {
     core: mpsc::Sender<Input>,
     client: Client,
     lease_ttl: Duration,
@@ -35,9 +37,9 @@ pub struct MeshServer {
 // === impl MeshServer ===
 
 impl MeshServer {
-    /// A server that hands sessions to the core behind `core`, while
+    /// A server that hands sessions to the coordinator behind `core`, while
     /// `leader` is true.
-    pub fn new(
+    pub(crate) fn new(
         core: mpsc::Sender<Input>,
         client: Client,
         lease_ttl: Duration,
@@ -111,7 +113,7 @@ impl MeshService for MeshServer {
             Some(In::Hello(h)) => h,
             _ => return Err(Refusal::Malformed("the first message must be hello".into()).into()),
         };
-        let pod = format!("{}/{}", hello.pod_namespace, hello.pod_name);
+        let pod = crate::id::PodId::new(&hello.pod_namespace, &hello.pod_name);
         let connected = match self.admit(hello).await {
             Ok(c) => c,
             Err(refusal) => {
@@ -120,25 +122,23 @@ impl MeshService for MeshServer {
             }
         };
         let Connected {
-            runtime,
-            seq,
+            holder,
             pending,
-            last_contact,
+            contact,
         } = connected;
 
         // Writer: pending set -> stream. A bounded channel gives backpressure;
         // the pending set coalesces while the runtime is slow.
         let (tx, rx) = mpsc::channel(64);
         let core = self.core.clone();
-        let (rt, writer_pending) = (runtime.clone(), pending.clone());
+        let (writer_holder, writer_pending) = (holder.clone(), pending.clone());
         tokio::spawn(async move {
             while let Some(batch) = writer_pending.next_batch(BATCH).await {
                 for msg in batch {
                     if tx.send(Ok(msg)).await.is_err() {
                         let _ = core
                             .send(Input::Disconnect {
-                                runtime: rt,
-                                seq,
+                                holder: writer_holder,
                                 graceful: false,
                             })
                             .await;
@@ -158,11 +158,11 @@ impl MeshService for MeshServer {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::info!(runtime = %runtime, error = %e, "session stream failed");
+                        tracing::info!(runtime = %holder.pod, error = %e, "session stream failed");
                         break;
                     }
                 };
-                *last_contact.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+                contact.touch(std::time::Instant::now());
                 match msg.msg {
                     Some(In::Heartbeat(hb)) => pending.urgent(ManagerMessage {
                         msg: Some(Msg::Lease(LeaseRenewal {
@@ -172,8 +172,7 @@ impl MeshService for MeshServer {
                     }),
                     Some(In::Released(r)) => {
                         let input = Input::Released {
-                            runtime: runtime.clone(),
-                            seq,
+                            holder: holder.clone(),
                             keys: r.keys,
                         };
                         if core.send(input).await.is_err() {
@@ -187,13 +186,7 @@ impl MeshService for MeshServer {
                     Some(In::Report(_)) | Some(In::Hello(_)) | None => {}
                 }
             }
-            let _ = core
-                .send(Input::Disconnect {
-                    runtime,
-                    seq,
-                    graceful,
-                })
-                .await;
+            let _ = core.send(Input::Disconnect { holder, graceful }).await;
         });
 
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -1,4 +1,4 @@
-//! Writes `OperatorMesh` status from the core's snapshots.
+//! Writes `OperatorMesh` status from the coordinator's published snapshots.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -10,20 +10,38 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams},
 };
-use tokio::sync::watch;
 
 use crate::{
-    core::{MeshStatus, StatusSnapshot},
     crd::{OperatorMesh, OperatorMeshStatus, SubsetStatus},
+    id::MeshId,
+    snapshot::{MeshView, Published},
 };
 
 /// Field manager name for status patches.
 const MANAGER: &str = "opmesh-manager";
 
+/// What the status of one mesh is made from; a write happens only when it
+/// changes.
+#[derive(Clone, Debug, PartialEq)]
+struct MeshStatus {
+    generation: Option<i64>,
+    invalid: Option<String>,
+    has_policy: bool,
+    moving: usize,
+    unowned: usize,
+    weights: String,
+    /// Per subset: (name, replicas, ready replicas, owned keys).
+    subsets: Vec<(String, u32, u32, u64)>,
+    watch_errors: Vec<(String, String)>,
+}
+
+type Transitions = HashMap<(MeshId, &'static str), (String, Time)>;
+
 /// Patches status whenever a mesh's snapshot changes; retries failed writes.
-pub async fn run(client: Client, mut snapshots: watch::Receiver<Arc<StatusSnapshot>>) {
-    let mut written: HashMap<String, MeshStatus> = HashMap::new();
-    let mut transitions: HashMap<(String, &'static str), (String, Time)> = HashMap::new();
+pub(crate) async fn run(client: Client, published: Arc<Published>) {
+    let mut snapshots = published.subscribe();
+    let mut written: HashMap<MeshId, MeshStatus> = HashMap::new();
+    let mut transitions = Transitions::new();
     let mut retry = false;
     loop {
         if retry {
@@ -33,25 +51,24 @@ pub async fn run(client: Client, mut snapshots: watch::Receiver<Arc<StatusSnapsh
             return;
         }
         retry = false;
-        let snap = snapshots.borrow_and_update().clone();
-        for (id, st) in snap.iter() {
-            if written.get(id) == Some(st) {
+        snapshots.borrow_and_update();
+        let snap = published.load();
+        for (id, view) in &snap.meshes {
+            let st = MeshStatus::from(view);
+            if written.get(id) == Some(&st) {
                 continue;
             }
-            let Some((ns, name)) = id.split_once('/') else {
-                continue;
-            };
-            let status = to_status(id, st, &mut transitions);
+            let status = to_status(id, &st, &mut transitions);
             let patch = serde_json::json!({
                 "apiVersion": "opmesh.io/v1alpha1",
                 "kind": "OperatorMesh",
                 "status": status,
             });
-            let api: Api<OperatorMesh> = Api::namespaced(client.clone(), ns);
+            let api: Api<OperatorMesh> = Api::namespaced(client.clone(), &id.namespace);
             let res = tokio::time::timeout(
                 Duration::from_secs(10),
                 api.patch_status(
-                    name,
+                    &id.name,
                     &PatchParams::apply(MANAGER).force(),
                     &Patch::Apply(&patch),
                 ),
@@ -59,7 +76,7 @@ pub async fn run(client: Client, mut snapshots: watch::Receiver<Arc<StatusSnapsh
             .await;
             match res {
                 Ok(Ok(_)) => {
-                    written.insert(id.clone(), st.clone());
+                    written.insert(id.clone(), st);
                 }
                 Ok(Err(kube::Error::Api(e))) if e.code == 404 => {
                     written.remove(id);
@@ -74,20 +91,45 @@ pub async fn run(client: Client, mut snapshots: watch::Receiver<Arc<StatusSnapsh
                 }
             }
         }
-        written.retain(|id, _| snap.contains_key(id));
+        written.retain(|id, _| snap.meshes.contains_key(id));
     }
 }
 
-fn to_status(
-    id: &str,
-    st: &MeshStatus,
-    transitions: &mut HashMap<(String, &'static str), (String, Time)>,
-) -> OperatorMeshStatus {
+// === impl MeshStatus ===
+
+impl From<&MeshView> for MeshStatus {
+    fn from(v: &MeshView) -> Self {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Self {
+            generation: v.generation,
+            invalid: v.invalid.clone(),
+            has_policy: v.has_policy,
+            moving: v.moving(),
+            unowned: v.unowned,
+            weights: v.weights.clone(),
+            subsets: v
+                .subsets
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        count(s.replicas.len()),
+                        count(s.replicas.iter().filter(|r| r.ready).count()),
+                        s.replicas.iter().map(|r| r.owned_keys).sum(),
+                    )
+                })
+                .collect(),
+            watch_errors: v.watch_errors.clone(),
+        }
+    }
+}
+
+fn to_status(id: &MeshId, st: &MeshStatus, transitions: &mut Transitions) -> OperatorMeshStatus {
     let mut cond = |ty: &'static str, ok: bool, reason: &str, message: String| {
         let status = if ok { "True" } else { "False" }.to_string();
         // lastTransitionTime changes only when the status flips.
         let entry = transitions
-            .entry((id.to_string(), ty))
+            .entry((id.clone(), ty))
             .or_insert_with(|| (status.clone(), Time(Timestamp::now())));
         if entry.0 != status {
             *entry = (status.clone(), Time(Timestamp::now()));

@@ -36,7 +36,7 @@ struct Inner {
 /// A coalescing queue of messages for one runtime, drained by its session's
 /// writer task.
 #[derive(Default)]
-pub struct Pending {
+pub(crate) struct Pending {
     inner: Mutex<Inner>,
     notify: Notify,
 }
@@ -54,7 +54,14 @@ impl Pending {
     /// in place.
     /// The slot includes the primary key, so an object that moves from one
     /// key to another keeps both its Deleted (old key) and Applied (new key).
-    pub fn object(&self, key: &str, gvk: &str, namespace: &str, name: &str, msg: ManagerMessage) {
+    pub(crate) fn object(
+        &self,
+        key: &str,
+        gvk: &str,
+        namespace: &str,
+        name: &str,
+        msg: ManagerMessage,
+    ) {
         let slot = Slot::Object {
             key: key.to_string(),
             gvk: gvk.to_string(),
@@ -67,7 +74,7 @@ impl Pending {
     }
 
     /// Queues a control message after everything queued so far.
-    pub fn control(&self, msg: ManagerMessage) {
+    pub(crate) fn control(&self, msg: ManagerMessage) {
         self.with(|inner| {
             let seq = inner.next_control;
             inner.next_control += 1;
@@ -77,13 +84,13 @@ impl Pending {
 
     /// Queues a message ahead of everything else; a newer one replaces an
     /// unsent older one. Used for lease renewals.
-    pub fn urgent(&self, msg: ManagerMessage) {
+    pub(crate) fn urgent(&self, msg: ManagerMessage) {
         self.with(|inner| inner.urgent = Some(msg));
     }
 
     /// Drops queued object updates whose primary key is in `keys`, before a
     /// revoke of those keys is queued.
-    pub fn drop_keys(&self, keys: &std::collections::HashSet<&str>) {
+    pub(crate) fn drop_keys(&self, keys: &std::collections::HashSet<&str>) {
         self.with(|inner| {
             inner.items.retain(|_, msg| match &msg.msg {
                 Some(Msg::Event(ev)) => !keys.contains(ev.key.as_str()),
@@ -93,23 +100,23 @@ impl Pending {
     }
 
     /// Closes the queue: [`Pending::next_batch`] returns `None` from now on.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.with(|inner| inner.closed = true);
     }
 
     /// Number of queued messages.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().items.len()
     }
 
     /// True when nothing is queued.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Waits for messages and takes up to `max` of them, in order. Returns
     /// `None` once the queue is closed.
-    pub async fn next_batch(&self, max: usize) -> Option<Vec<ManagerMessage>> {
+    pub(crate) async fn next_batch(&self, max: usize) -> Option<Vec<ManagerMessage>> {
         loop {
             // Register interest before checking, so a push between the check
             // and the await is not missed.
@@ -131,6 +138,19 @@ impl Pending {
             }
             notified.await;
         }
+    }
+
+    /// Takes everything queued without waiting, as [`Pending::next_batch`]
+    /// would; `None` once closed.
+    #[cfg(test)]
+    pub(crate) fn drain_now(&self) -> Option<Vec<ManagerMessage>> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return None;
+        }
+        let mut batch: Vec<ManagerMessage> = inner.urgent.take().into_iter().collect();
+        batch.extend(inner.items.drain(..).map(|(_, m)| m));
+        Some(batch)
     }
 
     fn with(&self, f: impl FnOnce(&mut Inner)) {

@@ -6,69 +6,66 @@
 //! runtime through `Revoke` → `Released`, a goodbye, or the expiry of the
 //! runtime's lease; only then may the key be assigned elsewhere.
 //!
-//! Ring members are stable runtime ids (pods); holders are whatever id the
-//! caller assigns with (the manager uses one per session), so a reconnected
-//! pod never inherits holdings its earlier session may still be acting on.
+//! Ring members are pods, which keep their place across reconnects; holders
+//! are sessions ([`Holder`]), so a reconnected pod never inherits keys its
+//! earlier session may still be acting on.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::routing::ReplicaRing;
+use crate::{
+    id::{Holder, PodId},
+    policy::ReplicaRing,
+};
 
-/// A runtime's id (its pod, `namespace/name`).
-pub type RuntimeId = String;
-
-/// The state of an owned key.
+/// Who has a key.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Holder {
-    /// The runtime owns the key and gets its events.
-    Owned(RuntimeId),
-    /// The runtime was asked to release the key; events are held until it does.
-    Revoking(RuntimeId),
+pub(crate) enum Held {
+    /// The holder owns the key and gets its events.
+    Owned(Holder),
+    /// The holder was asked to release the key; events are held until it does.
+    Revoking(Holder),
 }
 
 /// A change the caller must carry out.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Move {
-    /// Send the key's objects to the runtime.
-    Assign(RuntimeId, String),
-    /// Ask the runtime to release the key.
-    Revoke(RuntimeId, String),
+pub(crate) enum Move {
+    /// Send the key's objects to the holder.
+    Assign(Holder, String),
+    /// Ask the holder to release the key.
+    Revoke(Holder, String),
 }
 
 /// Ownership of one mesh's keys.
 #[derive(Debug, Default)]
-pub struct Ownership {
-    holders: HashMap<String, Holder>,
-    /// Live runtimes per subset index.
-    members: BTreeMap<usize, BTreeSet<RuntimeId>>,
+pub(crate) struct Ownership {
+    holders: HashMap<String, Held>,
+    /// Live pods per subset index.
+    members: BTreeMap<usize, BTreeSet<PodId>>,
     rings: BTreeMap<usize, ReplicaRing>,
 }
 
 // === impl Ownership ===
 
 impl Ownership {
-    /// Adds a live runtime to a subset.
-    pub fn join(&mut self, subset: usize, runtime: &str) {
-        self.members
-            .entry(subset)
-            .or_default()
-            .insert(runtime.to_string());
+    /// Adds a live pod to a subset.
+    pub(crate) fn join(&mut self, subset: usize, pod: &PodId) {
+        self.members.entry(subset).or_default().insert(pod.clone());
         self.rebuild(subset);
     }
 
     /// Takes a runtime off its subset's ring, so no new keys go to it. The
     /// keys it holds stay held until [`Ownership::free`]: a runtime that
     /// vanished may still be reconciling until its lease runs out.
-    pub fn leave(&mut self, runtime: &str) {
+    pub(crate) fn leave(&mut self, pod: &PodId) {
         let subsets: Vec<usize> = self
             .members
             .iter()
-            .filter(|(_, m)| m.contains(runtime))
+            .filter(|(_, m)| m.contains(pod))
             .map(|(s, _)| *s)
             .collect();
         for s in subsets {
             if let Some(m) = self.members.get_mut(&s) {
-                m.remove(runtime);
+                m.remove(pod);
             }
             self.rebuild(s);
         }
@@ -77,11 +74,11 @@ impl Ownership {
     /// Frees every key `holder` holds, once it can no longer reconcile them
     /// (it released them, said goodbye, or its lease ran out). The caller
     /// then re-places them.
-    pub fn free(&mut self, holder: &str) -> Vec<String> {
+    pub(crate) fn free(&mut self, holder: &Holder) -> Vec<String> {
         let freed: Vec<String> = self
             .holders
             .iter()
-            .filter(|(_, h)| matches!(h, Holder::Owned(r) | Holder::Revoking(r) if r == holder))
+            .filter(|(_, h)| matches!(h, Held::Owned(r) | Held::Revoking(r) if r == holder))
             .map(|(k, _)| k.clone())
             .collect();
         for k in &freed {
@@ -90,58 +87,47 @@ impl Ownership {
         freed
     }
 
-    /// The runtime the ring picks for `key` inside `subset`.
-    pub fn pick(&self, subset: usize, key: &str) -> Option<&RuntimeId> {
+    /// The pod the ring picks for `key` inside `subset`.
+    pub(crate) fn pick(&self, subset: usize, key: &str) -> Option<&PodId> {
         self.rings.get(&subset).and_then(|r| r.owner(key))
     }
 
-    /// The live runtimes of `subset`.
-    pub fn members(&self, subset: usize) -> impl Iterator<Item = &RuntimeId> {
+    /// The live pods of `subset`.
+    pub(crate) fn members(&self, subset: usize) -> impl Iterator<Item = &PodId> {
         self.members.get(&subset).into_iter().flatten()
     }
 
-    /// Who holds `key`.
-    pub fn holder(&self, key: &str) -> Option<&Holder> {
+    /// Who has `key`.
+    pub(crate) fn holder(&self, key: &str) -> Option<&Held> {
         self.holders.get(key)
     }
 
-    /// Every key that has a holder.
-    pub fn held_keys(&self) -> impl Iterator<Item = &String> {
-        self.holders.keys()
-    }
-
-    /// Number of keys owned (not revoking) by `runtime`.
-    pub fn owned_by(&self, runtime: &str) -> usize {
-        self.holders
-            .values()
-            .filter(|h| matches!(h, Holder::Owned(r) if r == runtime))
-            .count()
-    }
-
-    /// Number of keys waiting for a `Released`.
-    pub fn revoking(&self) -> usize {
-        self.holders
-            .values()
-            .filter(|h| matches!(h, Holder::Revoking(_)))
-            .count()
+    /// Every key with who has it.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &Held)> {
+        self.holders.iter()
     }
 
     /// Moves `key` one step towards `desired`. When `frozen`, owned keys stay
     /// where they are (a paused mesh); unowned keys are still placed, so no
     /// update is lost.
-    pub fn place(&mut self, key: &str, desired: Option<&RuntimeId>, frozen: bool) -> Option<Move> {
+    pub(crate) fn place(
+        &mut self,
+        key: &str,
+        desired: Option<&Holder>,
+        frozen: bool,
+    ) -> Option<Move> {
         match (self.holders.get(key), desired) {
             (None, Some(to)) => {
                 self.holders
-                    .insert(key.to_string(), Holder::Owned(to.clone()));
+                    .insert(key.to_string(), Held::Owned(to.clone()));
                 Some(Move::Assign(to.clone(), key.to_string()))
             }
-            (None, None) | (Some(Holder::Revoking(_)), _) => None,
-            (Some(Holder::Owned(from)), _) if frozen || desired == Some(from) => None,
-            (Some(Holder::Owned(from)), _) => {
+            (None, None) | (Some(Held::Revoking(_)), _) => None,
+            (Some(Held::Owned(from)), _) if frozen || desired == Some(from) => None,
+            (Some(Held::Owned(from)), _) => {
                 let from = from.clone();
                 self.holders
-                    .insert(key.to_string(), Holder::Revoking(from.clone()));
+                    .insert(key.to_string(), Held::Revoking(from.clone()));
                 Some(Move::Revoke(from, key.to_string()))
             }
         }
@@ -149,23 +135,23 @@ impl Ownership {
 
     /// Gives `key` to `holder` as it is: a runtime reported holding it after
     /// a reconnect, and the policy still wants it there.
-    pub fn adopt(&mut self, key: &str, holder: &str) {
+    pub(crate) fn adopt(&mut self, key: &str, holder: &Holder) {
         self.holders
-            .insert(key.to_string(), Holder::Owned(holder.to_string()));
+            .insert(key.to_string(), Held::Owned(holder.clone()));
     }
 
     /// Records that `holder` still holds `key` and has been asked to release
     /// it: a runtime reported holding it after a reconnect, but the policy
     /// wants it elsewhere.
-    pub fn mark_revoking(&mut self, key: &str, holder: &str) {
+    pub(crate) fn mark_revoking(&mut self, key: &str, holder: &Holder) {
         self.holders
-            .insert(key.to_string(), Holder::Revoking(holder.to_string()));
+            .insert(key.to_string(), Held::Revoking(holder.clone()));
     }
 
-    /// Records that `runtime` released `key`. Returns true if the key was
+    /// Records that `holder` released `key`. Returns true if the key was
     /// being revoked from it (and is now unowned, ready to be placed).
-    pub fn released(&mut self, runtime: &str, key: &str) -> bool {
-        if matches!(self.holders.get(key), Some(Holder::Revoking(r)) if r == runtime) {
+    pub(crate) fn released(&mut self, holder: &Holder, key: &str) -> bool {
+        if matches!(self.holders.get(key), Some(Held::Revoking(r)) if r == holder) {
             self.holders.remove(key);
             true
         } else {
@@ -186,23 +172,36 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::id::SessionId;
+
+    /// In this model a pod has one session for life.
+    fn pod(r: u8) -> PodId {
+        PodId::new("ns", format!("pod-{r}"))
+    }
+
+    fn holder(pod: &PodId) -> Holder {
+        Holder {
+            pod: pod.clone(),
+            session: SessionId(0),
+        }
+    }
 
     /// What the runtimes themselves believe they hold, driven only by the
     /// messages the manager sends. The invariant is checked on this view.
     #[derive(Default)]
     struct World {
         own: Ownership,
-        held: HashMap<RuntimeId, HashSet<String>>,
+        held: HashMap<Holder, HashSet<String>>,
         /// Revokes sent but not yet answered.
-        in_flight: Vec<(RuntimeId, String)>,
+        in_flight: Vec<(Holder, String)>,
         weights: Vec<bool>,
     }
 
     impl World {
-        fn desired(&self, key: &str) -> Option<RuntimeId> {
+        fn desired(&self, key: &str) -> Option<Holder> {
             // Two subsets; `weights[i]` says whether subset i gets all keys.
             let subset = self.weights.iter().position(|w| *w)?;
-            self.own.pick(subset, key).cloned()
+            self.own.pick(subset, key).map(holder)
         }
 
         fn settle(&mut self, keys: &[String], frozen: bool) {
@@ -262,35 +261,36 @@ mod tests {
             let keys: Vec<String> = (0..40).map(|i| format!("ns-{}/obj-{i}", i % 7)).collect();
             let mut w = World { weights: vec![true, false], ..Default::default() };
             let mut paused = false;
-            let mut crashed: HashSet<String> = HashSet::new();
+            let mut crashed: HashSet<Holder> = HashSet::new();
             for op in ops {
                 match op {
                     Op::Join(s, r) => {
-                        let id = format!("pod-{r}");
+                        let p = pod(r);
                         // A runtime lives in one subset at a time; a crashed one
                         // comes back only after it expired.
-                        if !crashed.contains(&id)
-                            && !w.own.members(0).chain(w.own.members(1)).any(|m| *m == id)
+                        if !crashed.contains(&holder(&p))
+                            && !w.own.members(0).chain(w.own.members(1)).any(|m| *m == p)
                         {
-                            w.own.join(s, &id);
+                            w.own.join(s, &p);
                         }
                     }
                     Op::Leave(r) => {
-                        let id = format!("pod-{r}");
+                        let p = pod(r);
+                        let id = holder(&p);
                         // A graceful leave: drained, so it holds nothing any more.
                         w.held.remove(&id);
                         w.in_flight.retain(|(x, _)| *x != id);
-                        w.own.leave(&id);
+                        w.own.leave(&p);
                         w.own.free(&id);
                     }
                     Op::Crash(r) => {
-                        let id = format!("pod-{r}");
+                        let p = pod(r);
                         // Still holding (maybe reconciling) until it expires.
-                        w.own.leave(&id);
-                        crashed.insert(id);
+                        w.own.leave(&p);
+                        crashed.insert(holder(&p));
                     }
                     Op::Expire(r) => {
-                        let id = format!("pod-{r}");
+                        let id = holder(&pod(r));
                         if crashed.remove(&id) {
                             w.held.remove(&id);
                             w.in_flight.retain(|(x, _)| *x != id);

@@ -18,11 +18,13 @@ use consistent_hash_ring::{Ring, RingBuilder};
 use fnv::FnvHasher;
 use twox_hash::XxHash64;
 
+use crate::id::PodId;
+
 /// Virtual nodes per replica on the ring. More nodes even out the shares.
-pub const VNODES: usize = 64;
+pub(crate) const VNODES: usize = 64;
 
 /// 64-bit FNV-1a of `s`'s bytes.
-pub fn fnv1a64(s: &str) -> u64 {
+pub(crate) fn fnv1a64(s: &str) -> u64 {
     let mut h = FnvHasher::default();
     h.write(s.as_bytes());
     h.finish()
@@ -30,7 +32,7 @@ pub fn fnv1a64(s: &str) -> u64 {
 
 /// Half-open ranges of the u64 hash space, one per subset, in declared order.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WeightRanges {
+pub(crate) struct WeightRanges {
     /// `ends[i]` is the exclusive end of subset `i`'s range; the start is the
     /// previous end (0 for the first). The last end is 2⁶⁴.
     ends: Vec<u128>,
@@ -41,7 +43,7 @@ pub struct WeightRanges {
 impl WeightRanges {
     /// Ranges for `weights` (in declared order) that sum to `total`.
     /// Returns `None` when the weights do not sum to `total` or `total` is 0.
-    pub fn new(weights: &[u64], total: u64) -> Option<Self> {
+    pub(crate) fn new(weights: &[u64], total: u64) -> Option<Self> {
         let sum: u128 = weights.iter().map(|&w| u128::from(w)).sum();
         if total == 0 || sum != u128::from(total) {
             return None;
@@ -59,7 +61,7 @@ impl WeightRanges {
     }
 
     /// The subset whose range holds `hash`.
-    pub fn subset_of(&self, hash: u64) -> usize {
+    pub(crate) fn subset_of(&self, hash: u64) -> usize {
         let h = u128::from(hash);
         // The last end is 2⁶⁴ > any hash, so a subset is always found.
         self.ends
@@ -69,7 +71,8 @@ impl WeightRanges {
     }
 
     /// Subset `i`'s range as `(start, end)`, end exclusive.
-    pub fn range(&self, i: usize) -> (u128, u128) {
+    #[cfg(test)]
+    pub(crate) fn range(&self, i: usize) -> (u128, u128) {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         (start, self.ends[i])
     }
@@ -79,17 +82,18 @@ impl WeightRanges {
 /// so every manager that becomes leader computes the same owners.
 type RingHasher = BuildHasherDefault<XxHash64>;
 
-/// The replicas of one subset on a consistent hash ring.
+/// The replicas of one subset on a consistent hash ring. A pod is placed by
+/// the hash of its name, `namespace/name`.
 #[derive(Clone)]
-pub struct ReplicaRing {
-    ring: Ring<String, RingHasher>,
+pub(crate) struct ReplicaRing {
+    ring: Ring<PodId, RingHasher>,
 }
 
 // === impl ReplicaRing ===
 
 impl ReplicaRing {
-    /// A ring over `replicas` (runtime ids).
-    pub fn new<'a>(replicas: impl IntoIterator<Item = &'a String>) -> Self {
+    /// A ring over `replicas`.
+    pub(crate) fn new<'a>(replicas: impl IntoIterator<Item = &'a PodId>) -> Self {
         Self {
             ring: RingBuilder::new(RingHasher::default())
                 .vnodes(VNODES)
@@ -99,18 +103,8 @@ impl ReplicaRing {
     }
 
     /// The replica that owns `key`, or `None` when the ring is empty.
-    pub fn owner(&self, key: &str) -> Option<&String> {
+    pub(crate) fn owner(&self, key: &str) -> Option<&PodId> {
         self.ring.try_get(key)
-    }
-
-    /// Number of replicas.
-    pub fn len(&self) -> usize {
-        self.ring.len()
-    }
-
-    /// True when the ring has no replicas.
-    pub fn is_empty(&self) -> bool {
-        self.ring.is_empty()
     }
 }
 
@@ -204,9 +198,9 @@ mod tests {
             n in 2usize..5,
             prefix in "[a-z][a-z0-9-]{0,20}/[a-z][a-z-]{0,10}",
         ) {
-            let replicas: Vec<String> = (0..n).map(|i| format!("ns/pod-{i}")).collect();
+            let replicas: Vec<PodId> = (0..n).map(|i| PodId::new("ns", format!("pod-{i}"))).collect();
             let ring = ReplicaRing::new(&replicas);
-            let mut shares = std::collections::BTreeMap::<&String, usize>::new();
+            let mut shares = std::collections::BTreeMap::<&PodId, usize>::new();
             for i in 0..400 {
                 *shares.entry(ring.owner(&format!("{prefix}{i}")).unwrap()).or_default() += 1;
             }
@@ -222,8 +216,8 @@ mod tests {
             n in 1usize..6,
             keys in prop::collection::vec("[a-z0-9/-]{1,24}", 1..300),
         ) {
-            let replicas: Vec<String> = (0..n).map(|i| format!("ns/pod-{i}")).collect();
-            let joined = "ns/pod-new".to_string();
+            let replicas: Vec<PodId> = (0..n).map(|i| PodId::new("ns", format!("pod-{i}"))).collect();
+            let joined = PodId::new("ns", "pod-new");
             let before = ReplicaRing::new(&replicas);
             let mut grown = replicas.clone();
             grown.push(joined.clone());

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 /// Labels of an object.
-pub type Labels = BTreeMap<String, String>;
+pub(crate) type Labels = BTreeMap<String, String>;
 
 /// Checks that a selector's operators and values are well formed.
-pub fn validate(selector: &LabelSelector) -> Result<(), String> {
+pub(crate) fn validate(selector: &LabelSelector) -> Result<(), String> {
     for expr in selector.match_expressions.iter().flatten() {
         let values = expr.values.as_deref().unwrap_or_default();
         match expr.operator.as_str() {
@@ -37,7 +37,7 @@ pub fn validate(selector: &LabelSelector) -> Result<(), String> {
 }
 
 /// True when `labels` satisfy `selector`. An empty selector matches everything.
-pub fn matches(selector: &LabelSelector, labels: &Labels) -> bool {
+pub(crate) fn matches(selector: &LabelSelector, labels: &Labels) -> bool {
     let by_labels = selector
         .match_labels
         .iter()

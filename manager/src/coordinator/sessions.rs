@@ -1,0 +1,245 @@
+//! Runtime sessions: connect, disconnect, released keys and lease expiry.
+
+use std::sync::Arc;
+
+use opmesh_proto::v1::{Hello, ManagerMessage, Welcome, manager_message::Msg};
+
+use super::{Connected, Contact, Coordinator, Expiring, Pending, Session};
+use crate::{
+    error::Refusal,
+    gvk::Gvk,
+    id::{Holder, MeshId, PodId, SessionId},
+    policy::Labels,
+};
+
+// === impl Coordinator ===
+
+impl Coordinator {
+    pub(super) fn connect(
+        &mut self,
+        hello: &Hello,
+        pod_labels: &Labels,
+    ) -> Result<Connected, Refusal> {
+        self.dirty = true;
+        let id = MeshId::new(&hello.mesh_namespace, &hello.mesh_name);
+        let pod = PodId::new(&hello.pod_namespace, &hello.pod_name);
+        let mesh = self
+            .meshes
+            .get_mut(&id)
+            .ok_or_else(|| Refusal::UnknownMesh(id.to_string()))?;
+        let policy = mesh.policy.clone().ok_or_else(|| Refusal::NoValidPolicy {
+            mesh: id.to_string(),
+            reason: mesh.invalid.clone().unwrap_or_default(),
+        })?;
+        let subset = policy
+            .subset_for_pod(pod_labels)
+            .map_err(|e| Refusal::NotAMember {
+                pod: pod.to_string(),
+                mesh: id.to_string(),
+                reason: e.to_string(),
+            })?;
+        let primary = hello
+            .primary
+            .as_ref()
+            .map(Gvk::from)
+            .ok_or_else(|| Refusal::Malformed("hello.primary is missing".into()))?;
+        if let Some(existing) = &mesh.primary
+            && existing.key() != primary.key()
+        {
+            return Err(Refusal::PrimaryMismatch {
+                mesh: id.to_string(),
+                declared: primary.key(),
+                existing: existing.key(),
+            });
+        }
+        // Types this mesh declares for the first time: another mesh may
+        // already watch them, so their cached objects are indexed below.
+        let mut declared = Vec::new();
+        if mesh.primary.is_none() {
+            declared.push(primary.key());
+        }
+        mesh.primary = Some(primary);
+        for g in &hello.owns {
+            let g = Gvk::from(g);
+            if mesh.owns.insert(g.key(), g.clone()).is_none() {
+                declared.push(g.key());
+            }
+        }
+        let wanted: Vec<Gvk> = mesh.types().cloned().collect();
+        for g in &wanted {
+            self.ensure_watch(g);
+        }
+        for gvk in declared {
+            self.index_cached(&id, &gvk);
+        }
+
+        // A newer session from the same pod replaces the old one, whose keys
+        // wait for its lease like any vanished session's.
+        if let Some(old) = self.sessions.get(&pod) {
+            let holder = old.holder.clone();
+            self.disconnect(&holder, false);
+        }
+        let holder = Holder {
+            pod: pod.clone(),
+            session: SessionId(self.next_session),
+        };
+        self.next_session += 1;
+        let pending = Arc::new(Pending::default());
+        let subset_name = policy.subsets()[subset].name.clone();
+        pending.control(ManagerMessage {
+            msg: Some(Msg::Welcome(Welcome {
+                runtime_id: pod.to_string(),
+                subset: subset_name.clone(),
+                lease_ttl_ms: u32::try_from(self.lease_ttl.as_millis()).unwrap_or(u32::MAX),
+            })),
+        });
+        let contact = Contact::new(self.now);
+        self.sessions.insert(
+            pod.clone(),
+            Session {
+                mesh: id.clone(),
+                holder: holder.clone(),
+                pending: pending.clone(),
+                needs_sync: true,
+                contact: contact.clone(),
+            },
+        );
+        if let Some(mesh) = self.meshes.get_mut(&id) {
+            mesh.own.join(subset, &pod);
+            for held in &hello.held {
+                mesh.reported.insert(held.key.clone(), holder.clone());
+            }
+        }
+        tracing::info!(mesh = %id, runtime = %pod, subset = %subset_name, held = hello.held.len(), "runtime joined");
+        // Reported keys first: they can stay where they are without waiting.
+        for held in &hello.held {
+            self.place(&id, &held.key);
+        }
+        self.place_all(&id);
+        Ok(Connected {
+            holder,
+            pending,
+            contact,
+        })
+    }
+
+    pub(super) fn disconnect(&mut self, holder: &Holder, graceful: bool) {
+        if self.session_of(holder).is_none() {
+            return;
+        }
+        let Some(session) = self.sessions.remove(&holder.pod) else {
+            return;
+        };
+        self.dirty = true;
+        session.pending.close();
+        self.revokes.remove(holder);
+        if let Some(mesh) = self.meshes.get_mut(&session.mesh) {
+            mesh.own.leave(&holder.pod);
+            // Keys it reported but that were not placed yet are still its own
+            // until its lease runs out.
+            let unplaced: Vec<String> = mesh
+                .reported
+                .iter()
+                .filter(|(_, h)| *h == holder)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in unplaced {
+                mesh.reported.remove(&k);
+                if mesh.own.holder(&k).is_none() {
+                    mesh.own.mark_revoking(&k, holder);
+                }
+            }
+        }
+        if graceful {
+            tracing::info!(mesh = %session.mesh, runtime = %holder.pod, "runtime said goodbye; its keys move now");
+            if let Some(mesh) = self.meshes.get_mut(&session.mesh) {
+                mesh.own.free(holder);
+            }
+        } else {
+            // It may still be reconciling until its lease runs out, which is at
+            // most one TTL after the last heartbeat we heard.
+            let deadline = self.lease_deadline(session.contact.last());
+            tracing::info!(mesh = %session.mesh, runtime = %holder.pod, wait = ?deadline.saturating_duration_since(self.now), "runtime lost; its keys move when its lease has run out");
+            self.expiring.push(Expiring {
+                mesh: session.mesh.clone(),
+                holder: holder.clone(),
+                deadline,
+            });
+        }
+        self.place_all(&session.mesh);
+    }
+
+    pub(super) fn released(&mut self, holder: &Holder, keys: Vec<String>) {
+        let Some(id) = self.session_of(holder).map(|s| s.mesh.clone()) else {
+            return;
+        };
+        self.dirty = true;
+        for key in keys {
+            let freed = self
+                .meshes
+                .get_mut(&id)
+                .is_some_and(|m| m.own.released(holder, &key));
+            if freed {
+                self.place(&id, &key);
+            }
+        }
+    }
+
+    /// Frees the keys of sessions whose lease has run out, and ends sessions
+    /// that went silent.
+    pub(super) fn expire(&mut self) {
+        let now = self.now;
+        self.deleted_meshes.retain(|_, t| *t > now);
+        let waking: Vec<MeshId> = self
+            .meshes
+            .iter_mut()
+            .filter(|(_, m)| m.waiting && m.not_before <= now)
+            .map(|(id, m)| {
+                m.waiting = false;
+                id.clone()
+            })
+            .collect();
+        for id in waking {
+            self.dirty = true;
+            self.place_all(&id);
+        }
+        let silent: Vec<Holder> = self
+            .sessions
+            .values()
+            .filter(|s| self.lease_deadline(s.contact.last()) < now)
+            .map(|s| s.holder.clone())
+            .collect();
+        for holder in silent {
+            tracing::warn!(runtime = %holder.pod, "no heartbeat for longer than the lease; ending the session");
+            self.disconnect(&holder, false);
+        }
+        let (due, rest): (Vec<Expiring>, Vec<Expiring>) = std::mem::take(&mut self.expiring)
+            .into_iter()
+            .partition(|e| e.deadline <= now);
+        self.expiring = rest;
+        for e in due {
+            self.dirty = true;
+            if let Some(mesh) = self.meshes.get_mut(&e.mesh) {
+                let freed = mesh.own.free(&e.holder);
+                if !freed.is_empty() {
+                    tracing::info!(mesh = %e.mesh, holder = %e.holder, keys = freed.len(), "lease expired; reassigning");
+                }
+            }
+            self.place_all(&e.mesh);
+        }
+    }
+
+    /// The session of `holder`, if it is still connected.
+    pub(super) fn session_of(&mut self, holder: &Holder) -> Option<&mut Session> {
+        self.sessions
+            .get_mut(&holder.pod)
+            .filter(|s| s.holder == *holder)
+    }
+
+    /// The holder the policy wants for `key` in `subset`: the session of the
+    /// pod the subset's ring picks.
+    pub(super) fn desired_holder(&self, id: &MeshId, subset: usize, key: &str) -> Option<Holder> {
+        let pod = self.meshes.get(id)?.own.pick(subset, key)?;
+        self.sessions.get(pod).map(|s| s.holder.clone())
+    }
+}

@@ -1,0 +1,99 @@
+//! Builds the typed [`Snapshot`] the coordinator publishes.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::Coordinator;
+use crate::{
+    id::Holder,
+    mesh::{Held, Mesh},
+    snapshot::{KeyView, MeshView, ReplicaView, Snapshot, SubsetView},
+};
+
+// === impl Coordinator ===
+
+impl Coordinator {
+    /// What readers may know, as of the last step.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            meshes: self
+                .meshes
+                .iter()
+                .map(|(id, mesh)| (id.clone(), self.mesh_view(mesh)))
+                .collect(),
+        }
+    }
+
+    fn mesh_view(&self, mesh: &Mesh) -> MeshView {
+        let keys: BTreeMap<String, KeyView> = mesh
+            .own
+            .iter()
+            .map(|(k, h)| {
+                let (holder, moving) = match h {
+                    Held::Owned(h) => (h.clone(), false),
+                    Held::Revoking(h) => (h.clone(), true),
+                };
+                (k.clone(), KeyView { holder, moving })
+            })
+            .collect();
+        let mut owned: HashMap<&Holder, u64> = HashMap::new();
+        for k in keys.values().filter(|k| !k.moving) {
+            *owned.entry(&k.holder).or_default() += 1;
+        }
+        let mut subsets = Vec::new();
+        let mut unowned = 0;
+        if let Some(policy) = &mesh.policy {
+            unowned = mesh
+                .index
+                .keys()
+                .filter(|k| !keys.contains_key(*k) && mesh.index.has_objects(k))
+                .filter(|k| policy.route(k, self.namespace_labels(k)).is_some())
+                .count();
+            for (i, s) in policy.subsets().iter().enumerate() {
+                let replicas = mesh
+                    .own
+                    .members(i)
+                    .filter_map(|pod| self.sessions.get(pod))
+                    .map(|s| {
+                        let last_contact = s.contact.last();
+                        ReplicaView {
+                            holder: s.holder.clone(),
+                            ready: s.pending.is_empty(),
+                            owned_keys: owned.get(&s.holder).copied().unwrap_or(0),
+                            last_contact,
+                            lease_until: last_contact + self.lease_ttl,
+                        }
+                    })
+                    .collect();
+                subsets.push(SubsetView {
+                    name: s.name.clone(),
+                    replicas,
+                });
+            }
+        }
+        let mut watch_errors: Vec<(String, String)> = mesh
+            .types()
+            .filter_map(|g| {
+                let key = g.key();
+                let err = self.watches.get(&key)?.error.clone()?;
+                Some((key, err))
+            })
+            .collect();
+        if let Some(e) = &self.namespaces_error {
+            watch_errors.push(("/v1/Namespace".into(), e.clone()));
+        }
+        MeshView {
+            generation: mesh.generation,
+            invalid: mesh.invalid.clone(),
+            has_policy: mesh.policy.is_some(),
+            weights: mesh
+                .policy
+                .as_ref()
+                .map(|p| p.weights_summary())
+                .unwrap_or_default(),
+            subsets,
+            keys,
+            unowned,
+            watch_errors,
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The coordinator's task: feeds it watch events, sessions and the clock,
+//! carries out its effects (starting watches), and publishes its snapshots.
+//! All the I/O around the pure [`Coordinator`] is here.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{Stream, StreamExt as _};
+use kube::Client;
+use tokio::sync::mpsc;
+
+use crate::{
+    coordinator::{Coordinator, Effect, Input},
+    snapshot::Published,
+    task::Task,
+    watch,
+};
+
+/// How often leases and silent runtimes are checked.
+const LEASE_EVERY: Duration = Duration::from_millis(50);
+/// How often the snapshot is refreshed when something changed.
+const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+
+/// What the driver needs besides its inputs.
+pub(crate) struct Driver {
+    /// Talks to the API server for the watches.
+    pub(crate) client: Client,
+    /// Only meshes in this namespace, when set.
+    pub(crate) mesh_namespace: Option<String>,
+    /// The lease TTL granted to runtimes.
+    pub(crate) lease_ttl: Duration,
+    /// Where snapshots go.
+    pub(crate) published: Arc<Published>,
+}
+
+// === impl Driver ===
+
+impl Driver {
+    /// Runs the coordinator on `inputs` until the task is stopped. `tx` is
+    /// the sender of `inputs`, for the watches the driver starts.
+    pub(crate) async fn run(self, tx: mpsc::Sender<Input>, mut inputs: mpsc::Receiver<Input>) {
+        let mut coordinator = Coordinator::new(self.lease_ttl, Instant::now());
+        // The watches live as long as this task.
+        let mut watches = vec![
+            forward(
+                watch::namespaces(self.client.clone()),
+                tx.clone(),
+                Input::Namespace,
+            ),
+            forward(
+                watch::meshes(self.client.clone(), self.mesh_namespace.as_deref()),
+                tx.clone(),
+                Input::Mesh,
+            ),
+        ];
+        let mut leases = tokio::time::interval(LEASE_EVERY);
+        let mut publish = tokio::time::interval(PUBLISH_EVERY);
+        loop {
+            let effects = tokio::select! {
+                input = inputs.recv() => {
+                    let Some(input) = input else { break };
+                    coordinator.step(input, Instant::now())
+                }
+                _ = leases.tick() => coordinator.step(Input::Tick, Instant::now()),
+                _ = publish.tick() => {
+                    if coordinator.take_dirty() {
+                        self.published.publish(coordinator.snapshot());
+                    }
+                    continue;
+                }
+            };
+            for effect in effects {
+                match effect {
+                    Effect::Watch(gvk) => {
+                        let key = gvk.key();
+                        watches.push(forward(
+                            watch::objects(self.client.clone(), &gvk),
+                            tx.clone(),
+                            move |event| Input::Object {
+                                gvk: key.clone(),
+                                event,
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        coordinator.close();
+    }
+}
+
+/// Feeds `stream` into the coordinator's inputs; a full channel slows the
+/// watch down.
+fn forward<T: Send + 'static>(
+    stream: impl Stream<Item = T> + Send + 'static,
+    tx: mpsc::Sender<Input>,
+    wrap: impl Fn(T) -> Input + Send + 'static,
+) -> Task {
+    Task::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            if tx.send(wrap(item)).await.is_err() {
+                return; // the coordinator is gone; so is the manager
+            }
+        }
+    })
+}

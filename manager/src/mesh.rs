@@ -1,0 +1,118 @@
+//! One mesh's pure state: its policy and resource types, the [`index`] of
+//! objects by primary key, and the [`ownership`] of those keys.
+
+mod index;
+mod ownership;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Instant,
+};
+
+use kube::{ResourceExt as _, api::DynamicObject};
+
+pub(crate) use index::{Index, ObjRef};
+pub(crate) use ownership::{Held, Move, Ownership};
+
+use crate::{gvk::Gvk, id::Holder, policy::Policy};
+
+/// One `OperatorMesh` as the coordinator keeps it.
+#[derive(Debug)]
+pub(crate) struct Mesh {
+    /// The spec generation processed last.
+    pub(crate) generation: Option<i64>,
+    /// The last valid policy, in force.
+    pub(crate) policy: Option<Arc<Policy>>,
+    /// Why the latest spec is invalid, if it is.
+    pub(crate) invalid: Option<String>,
+    /// The primary type, declared by the first runtime.
+    pub(crate) primary: Option<Gvk>,
+    /// Owned types, by key, declared by runtimes.
+    pub(crate) owns: BTreeMap<String, Gvk>,
+    /// Objects by primary key.
+    pub(crate) index: Index,
+    /// Who holds each key.
+    pub(crate) own: Ownership,
+    /// Keys runtimes reported holding when they (re)connected, not yet
+    /// adopted or revoked.
+    pub(crate) reported: HashMap<String, Holder>,
+    /// No key is assigned before this: runtimes of an earlier mesh of the
+    /// same name may still hold leases.
+    pub(crate) not_before: Instant,
+    /// True until `not_before` has passed and the keys were placed.
+    pub(crate) waiting: bool,
+}
+
+// === impl Mesh ===
+
+impl Mesh {
+    /// A mesh with no policy yet that assigns nothing before `not_before`.
+    pub(crate) fn new(not_before: Option<Instant>, now: Instant) -> Self {
+        Self {
+            generation: None,
+            policy: None,
+            invalid: None,
+            primary: None,
+            owns: BTreeMap::new(),
+            index: Index::default(),
+            own: Ownership::default(),
+            reported: HashMap::new(),
+            waiting: not_before.is_some(),
+            not_before: not_before.unwrap_or(now),
+        }
+    }
+
+    /// The primary key an object of type `gvk` belongs to in this mesh.
+    pub(crate) fn key_for(&self, gvk: &str, obj: &DynamicObject) -> Option<String> {
+        let primary = self.primary.as_ref()?;
+        let ns = obj.namespace();
+        let join = |name: &str| match &ns {
+            Some(ns) if primary.namespaced => format!("{ns}/{name}"),
+            _ => name.to_string(),
+        };
+        if gvk == primary.key() {
+            return Some(join(&obj.name_any()));
+        }
+        if !self.owns.contains_key(gvk) {
+            return None;
+        }
+        // Secondary objects follow their controller owner of the primary kind.
+        let api_version = primary.api_version();
+        obj.owner_references()
+            .iter()
+            .find(|o| {
+                o.controller == Some(true) && o.kind == primary.kind && o.api_version == api_version
+            })
+            .map(|o| join(&o.name))
+    }
+
+    /// The type of `gvk` key, if this mesh routes it.
+    pub(crate) fn gvk(&self, key: &str) -> Option<&Gvk> {
+        self.primary
+            .as_ref()
+            .filter(|p| p.key() == key)
+            .or_else(|| self.owns.get(key))
+    }
+
+    /// Every type this mesh routes.
+    pub(crate) fn types(&self) -> impl Iterator<Item = &Gvk> {
+        self.primary.iter().chain(self.owns.values())
+    }
+
+    /// Every key with objects, a holder, or a runtime that reported it.
+    /// A reported key whose objects are gone must still be placed, so the
+    /// reporter is told to let go of it.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &String> {
+        let held = self
+            .own
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| !self.index.knows(k));
+        let reported = self
+            .reported
+            .keys()
+            .filter(|k| !self.index.knows(k) && self.own.holder(k).is_none());
+        self.index.keys().chain(held).chain(reported)
+    }
+}
