@@ -6,6 +6,8 @@
 //! - [`mesh`]: the manager, sidecars and example operator as real processes.
 //! - [`proxy`]: a loopback TCP proxy whose connections can be cut.
 //! - [`history`]: checks reconcile records for overlapping owners.
+//! - [`world`]: one test's namespace, manager and replicas.
+//! - [`oracle`]: where the published routing function sends a key.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
 //!
 //! The tests themselves live in `tests/tests/`.
@@ -14,7 +16,9 @@ pub mod cluster;
 pub mod control_plane;
 pub mod history;
 pub mod mesh;
+pub mod oracle;
 pub mod proxy;
+pub mod world;
 
 use std::{future::Future, time::Duration};
 

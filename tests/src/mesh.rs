@@ -16,6 +16,7 @@ use kube::{
     api::{DynamicObject, Patch, PatchParams},
     core::{ApiResource, GroupVersionKind},
 };
+use opmesh_proto::env;
 use serde::Deserialize;
 
 use crate::{
@@ -193,7 +194,7 @@ impl Manager {
             &format!("manager-{port}"),
             &bins.manager,
             args,
-            &env(cp, &vars),
+            &process_env(cp, &vars),
             dir,
             None,
         )?;
@@ -233,45 +234,57 @@ impl Manager {
     }
 }
 
+/// How to start one replica: the Pod it stands for and where its
+/// processes run.
+#[derive(Clone, Copy)]
+pub struct ReplicaOptions<'a> {
+    /// The shared control plane.
+    pub cp: &'a ControlPlane,
+    /// The binaries under test.
+    pub bins: &'a Binaries,
+    /// Where sockets, records and logs go.
+    pub dir: &'a Path,
+    /// The manager address(es) the sidecar dials, comma-separated.
+    pub manager: &'a str,
+    /// The mesh, `namespace/name`.
+    pub mesh: &'a str,
+    /// The Pod's namespace.
+    pub namespace: &'a str,
+    /// The Pod's name.
+    pub pod: &'a str,
+    /// The Pod's labels, set when [`Replica::start`] creates it.
+    pub labels: &'a [(&'a str, &'a str)],
+    /// The operator version, recorded with each reconcile.
+    pub version: &'a str,
+    /// Extra environment for both processes; each ignores what it does not
+    /// read.
+    pub extra_env: &'a [(&'a str, &'a str)],
+}
+
 // === impl Replica ===
 
 impl Replica {
-    /// Creates Pod `pod` in `namespace` with `labels`, then starts its
-    /// sidecar and operator (both with `extra_env` added to their
-    /// environment; each ignores what it does not read).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn start(
-        cp: &ControlPlane,
-        bins: &Binaries,
-        client: &Client,
-        dir: &Path,
-        manager: &str,
-        mesh: &str,
-        namespace: &str,
-        pod: &str,
-        labels: &[(&str, &str)],
-        version: &str,
-        extra_env: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
-        cluster::create_pod(client, namespace, pod, labels, "operator").await?;
-        Self::start_processes(
-            cp, bins, dir, manager, mesh, namespace, pod, version, extra_env,
-        )
+    /// Creates the replica's Pod with its labels, then starts its sidecar
+    /// and operator.
+    pub async fn start(client: &Client, opts: &ReplicaOptions<'_>) -> anyhow::Result<Self> {
+        cluster::create_pod(client, opts.namespace, opts.pod, opts.labels, "operator").await?;
+        Self::start_processes(opts).await
     }
 
     /// Starts the sidecar and operator for an existing (or absent) Pod.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start_processes(
-        cp: &ControlPlane,
-        bins: &Binaries,
-        dir: &Path,
-        manager: &str,
-        mesh: &str,
-        namespace: &str,
-        pod: &str,
-        version: &str,
-        extra_env: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
+    pub async fn start_processes(opts: &ReplicaOptions<'_>) -> anyhow::Result<Self> {
+        let &ReplicaOptions {
+            cp,
+            bins,
+            dir,
+            manager,
+            mesh,
+            namespace,
+            pod,
+            version,
+            extra_env,
+            ..
+        } = opts;
         let socket = dir.join(format!("{pod}.sock"));
         let records = dir.join(format!("{pod}.jsonl"));
         let health_port = free_port()?;
@@ -282,16 +295,16 @@ impl Replica {
             &format!("{pod}-sidecar"),
             &bins.runtime,
             &[],
-            &env(
+            &process_env(
                 cp,
                 &[
-                    ("OPMESH_MANAGER_ADDR", manager),
-                    ("OPMESH_MESH", mesh),
-                    ("OPMESH_POD_NAMESPACE", namespace),
-                    ("OPMESH_POD_NAME", pod),
-                    ("OPMESH_RUNTIME_SOCKET", &socket.display().to_string()),
-                    ("OPMESH_HEALTH_ADDR", &format!("127.0.0.1:{health_port}")),
-                    ("OPMESH_MAX_CONCURRENT_RECONCILES", "4"),
+                    (env::MANAGER_ADDR, manager),
+                    (env::MESH, mesh),
+                    (env::POD_NAMESPACE, namespace),
+                    (env::POD_NAME, pod),
+                    (env::RUNTIME_SOCKET, &socket.display().to_string()),
+                    (env::HEALTH_ADDR, &format!("127.0.0.1:{health_port}")),
+                    (env::MAX_CONCURRENT_RECONCILES, "4"),
                 ]
                 .into_iter()
                 .chain(extra_env.iter().copied())
@@ -307,12 +320,12 @@ impl Replica {
             if std::time::Instant::now() > deadline {
                 bail!("the sidecar of {pod} did not create {}", socket.display());
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let socket_env = socket.display().to_string();
         let records_env = records.display().to_string();
         let mut operator_vars = vec![
-            ("OPMESH_RUNTIME_SOCKET", socket_env.as_str()),
+            (env::RUNTIME_SOCKET, socket_env.as_str()),
             ("OPMESH_EXAMPLE_VERSION", version),
             ("OPMESH_EXAMPLE_RECORDS", records_env.as_str()),
         ];
@@ -321,7 +334,7 @@ impl Replica {
             &format!("{pod}-operator"),
             &bins.operator,
             &["run".into()],
-            &env(cp, &operator_vars),
+            &process_env(cp, &operator_vars),
             dir,
             None,
         )?;
@@ -434,7 +447,7 @@ pub async fn handled_by(
     Ok(out)
 }
 
-fn env(cp: &ControlPlane, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+fn process_env(cp: &ControlPlane, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut v = vec![(
         "KUBECONFIG".to_string(),
         cp.kubeconfig().display().to_string(),

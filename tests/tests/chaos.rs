@@ -8,22 +8,23 @@
 //! `OPMESH_CHAOS_EVENTS` sets the number of fault events (default 200, what
 //! CI runs); `OPMESH_CHAOS_SEED` replays a run. Traffic stays on loopback.
 
-mod common;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
-use common::{fnv1a64, oracle};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client,
     api::{DynamicObject, Patch, PatchParams},
 };
+use opmesh_tests::oracle::{fnv1a64, oracle};
 use opmesh_tests::{
     ControlPlane, cluster, eventually, history,
-    mesh::{Binaries, Manager, Replica, apply_mesh, create_generator, generator_resource},
+    mesh::{
+        Binaries, Manager, Replica, ReplicaOptions, apply_mesh, create_generator,
+        generator_resource,
+    },
     proxy::Proxy,
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
@@ -94,33 +95,22 @@ impl Chaos {
         );
         let (pod, version) = (self.slots[i].pod, self.slots[i].version);
         let mesh = format!("{}/mesh", self.ns);
+        let opts = ReplicaOptions {
+            cp: self.cp,
+            bins: &self.bins,
+            dir: self.dir.path(),
+            manager: &managers,
+            mesh: &mesh,
+            namespace: &self.ns,
+            pod,
+            labels: &[("app", "cmg"), ("version", version)],
+            version,
+            extra_env: &[],
+        };
         let replica = if first {
-            Replica::start(
-                self.cp,
-                &self.bins,
-                &self.client,
-                self.dir.path(),
-                &managers,
-                &mesh,
-                &self.ns,
-                pod,
-                &[("app", "cmg"), ("version", version)],
-                version,
-                &[],
-            )
-            .await?
+            Replica::start(&self.client, &opts).await?
         } else {
-            Replica::start_processes(
-                self.cp,
-                &self.bins,
-                self.dir.path(),
-                &managers,
-                &mesh,
-                &self.ns,
-                pod,
-                version,
-                &[],
-            )?
+            Replica::start_processes(&opts).await?
         };
         self.slots[i].replica = Some(replica);
         Ok(())
@@ -330,20 +320,20 @@ async fn run(c: &mut Chaos, events: usize, rng: &mut StdRng) -> anyhow::Result<(
                 } else {
                     "TERM"
                 };
-                let _ = replica.sidecar.signal(sig);
+                let _ = replica.sidecar.signal(sig).await;
                 if fault == Fault::KillRuntime {
                     // A pod's containers die together.
-                    let _ = replica.operator.signal("KILL");
+                    let _ = replica.operator.signal("KILL").await;
                 } else {
-                    replica.sidecar.wait_exit(Duration::from_secs(40));
+                    replica.sidecar.wait_exit(Duration::from_secs(40)).await;
                 }
                 drop(replica);
             }
             Fault::KillManager if killed_manager.is_none() => {
                 let i = rng.random_range(0..2);
                 if let Some(m) = c.managers[i].take() {
-                    let _ = m.process().signal("KILL");
-                    m.process().wait_exit(Duration::from_secs(5));
+                    let _ = m.process().signal("KILL").await;
+                    m.process().wait_exit(Duration::from_secs(5)).await;
                     killed_manager = Some((i, event + 5));
                 }
             }

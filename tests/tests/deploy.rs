@@ -12,11 +12,14 @@ use kube::{
     api::{DynamicObject, GroupVersionKind, Patch, PatchParams},
     discovery::{Scope, pinned_kind},
 };
+use opmesh_proto::env;
 use opmesh_tests::{
     ControlPlane, cluster,
     control_plane::{free_port, repo_root},
     eventually,
-    mesh::{Binaries, Manager, Replica, create_generator, handled_by, mesh_resource},
+    mesh::{
+        Binaries, Manager, Replica, ReplicaOptions, create_generator, handled_by, mesh_resource,
+    },
 };
 use serde::Deserialize as _;
 use serde_json::json;
@@ -77,10 +80,20 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
                 Some("opmesh-manager") => (&bins.manager, vec!["run"], &[][..]),
                 Some("opmesh-runtime") => (&bins.runtime, vec![], &[][..]),
                 Some("configmap_generator") => {
-                    (&bins.operator, vec!["run"], &["OPMESH_RUNTIME_SOCKET"][..])
+                    (&bins.operator, vec!["run"], &[env::RUNTIME_SOCKET][..])
                 }
                 other => anyhow::bail!("{name}/{}: unknown command {other:?}", c.name),
             };
+            // A runtime has no default for the settings that say who it is.
+            if command.first().map(String::as_str) == Some("opmesh-runtime") {
+                for var in env::REQUIRED {
+                    assert!(
+                        c.env.iter().flatten().any(|v| v.name == var),
+                        "{name}/{}: the runtime needs {var}",
+                        c.name
+                    );
+                }
+            }
             let help = Command::new(bin).args(&sub).arg("--help").output()?;
             let help = String::from_utf8_lossy(&help.stdout);
             for var in c.env.iter().flatten() {
@@ -146,17 +159,21 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
     for (pod, version) in [(v1_pod, "v1"), (v2_pod, "v2")] {
         let name = pod.name_any();
         let kubeconfig = as_pod(pod).await?;
-        replicas.push(Replica::start_processes(
-            cp,
-            &bins,
-            dir.path(),
-            manager.addr(),
-            "configmap-generator/configmap-generator",
-            "configmap-generator",
-            &name,
-            version,
-            &[("KUBECONFIG", &kubeconfig)],
-        )?);
+        replicas.push(
+            Replica::start_processes(&ReplicaOptions {
+                cp,
+                bins: &bins,
+                dir: dir.path(),
+                manager: manager.addr(),
+                mesh: "configmap-generator/configmap-generator",
+                namespace: "configmap-generator",
+                pod: &name,
+                labels: &[],
+                version,
+                extra_env: &[("KUBECONFIG", &kubeconfig)],
+            })
+            .await?,
+        );
     }
 
     // The mesh as applied routes 95/5 by namespace.

@@ -1,20 +1,20 @@
 //! Bad input gets a clear error that says what to fix, and the last good
 //! state stays in force.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TIMEOUT, World};
 use kube::{
     Api,
     api::{DynamicObject, Patch, PatchParams},
 };
+use opmesh_tests::world::{TIMEOUT, World};
 use opmesh_tests::{
     cluster,
     control_plane::Process,
     eventually,
-    mesh::{Manager, Replica, apply_mesh, create_generator, handled_by, mesh_resource},
+    mesh::{
+        Manager, Replica, ReplicaOptions, apply_mesh, create_generator, handled_by, mesh_resource,
+    },
 };
 use serde_json::json;
 
@@ -120,17 +120,12 @@ async fn refused_runtime(
     expect: &str,
 ) -> anyhow::Result<()> {
     cluster::create_pod(&w.client, &w.ns, pod, labels, "operator").await?;
-    let r = Replica::start_processes(
-        w.cp,
-        &w.bins,
-        w.dir.path(),
-        w.manager.addr(),
+    let r = Replica::start_processes(&ReplicaOptions {
         mesh,
-        &w.ns,
         pod,
-        "v1",
-        &[],
-    )?;
+        ..w.replica_options("v1")
+    })
+    .await?;
     // Refused with a clear message, and retried with backoff.
     eventually(
         &format!("two refusals saying {expect:?}"),
@@ -205,6 +200,7 @@ async fn the_sdk_without_a_sidecar_fails_fast() -> anyhow::Result<()> {
     )?;
     let code = op
         .wait_exit(Duration::from_secs(20))
+        .await
         .expect("the operator exits instead of hanging");
     assert_ne!(code, Some(0));
     let log = op.log_tail(500);
@@ -317,17 +313,14 @@ async fn a_watch_the_manager_may_not_run_is_reported_and_recovers_once_granted()
     )
     .await?;
     let replica = Replica::start(
-        w.cp,
-        &w.bins,
         &w.client,
-        w.dir.path(),
-        manager.addr(),
-        &format!("{mesh_ns}/mesh"),
-        &mesh_ns,
-        "v1-0",
-        &[("app", "cmg"), ("version", "v1")],
-        "v1",
-        &[],
+        &ReplicaOptions {
+            manager: manager.addr(),
+            mesh: &format!("{mesh_ns}/mesh"),
+            namespace: &mesh_ns,
+            pod: "v1-0",
+            ..w.replica_options("v1")
+        },
     )
     .await?;
     let ns = w.object_namespace("rbac-data", &[]).await?;

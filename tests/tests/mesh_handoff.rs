@@ -1,13 +1,11 @@
 //! Live re-sharding: a weight change moves keys to their new owner without
 //! restarts and without two owners at once; `paused` freezes ownership.
 
-mod common;
-
-use common::{TIMEOUT, World};
 use kube::{
     Api,
     api::{DynamicObject, Patch, PatchParams},
 };
+use opmesh_tests::world::{TIMEOUT, World};
 use opmesh_tests::{
     eventually, history,
     mesh::{create_generator, generator_resource, mesh_resource},

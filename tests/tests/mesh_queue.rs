@@ -1,10 +1,8 @@
 //! The runtime's work queue behaves like controller-runtime's, end to end:
 //! error backoff, requeue-after, and deletes.
 
-mod common;
-
-use common::{TIMEOUT, World};
 use kube::{Api, api::DynamicObject};
+use opmesh_tests::world::{TIMEOUT, World};
 use opmesh_tests::{
     eventually,
     mesh::{Record, create_generator, generator_resource},

@@ -1,18 +1,16 @@
 //! Pins, replicas and owned objects, end to end.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{TIMEOUT, World};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::{
     Api,
     api::{Patch, PatchParams},
 };
+use opmesh_tests::world::{TIMEOUT, World};
 use opmesh_tests::{
     eventually,
-    mesh::{Replica, apply_mesh, create_generator},
+    mesh::{Replica, ReplicaOptions, apply_mesh, create_generator},
 };
 use serde_json::json;
 
@@ -205,17 +203,13 @@ async fn a_mesh_created_later_gets_the_objects_another_mesh_already_watches() ->
     spec["selector"] = json!({"matchLabels": {"app": "cmg-b"}});
     apply_mesh(&w.client, &w.ns, "mesh-b", spec).await?;
     let b = Replica::start(
-        w.cp,
-        &w.bins,
         &w.client,
-        w.dir.path(),
-        w.manager.addr(),
-        &format!("{}/mesh-b", w.ns),
-        &w.ns,
-        "b-0",
-        &[("app", "cmg-b"), ("version", "b")],
-        "b",
-        &[],
+        &ReplicaOptions {
+            mesh: &format!("{}/mesh-b", w.ns),
+            pod: "b-0",
+            labels: &[("app", "cmg-b"), ("version", "b")],
+            ..w.replica_options("b")
+        },
     )
     .await?;
     let want: BTreeSet<String> = (0..10).map(|i| format!("{ns}/gen-{i}")).collect();

@@ -1,10 +1,11 @@
 //! The hash split: every object is reconciled by the subset an independent
 //! FNV-1a weight-range oracle names, at both granularities.
 
-mod common;
-
-use common::{World, fnv1a64, oracle};
 use opmesh_tests::mesh::create_generator;
+use opmesh_tests::{
+    oracle::{fnv1a64, oracle},
+    world::World,
+};
 use serde_json::json;
 
 #[tokio::test]

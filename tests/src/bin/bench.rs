@@ -40,7 +40,10 @@ use opmesh_tests::{
     ControlPlane,
     control_plane::Options,
     eventually,
-    mesh::{Binaries, Manager, Record, Replica, apply_mesh, generator_resource, read_records},
+    mesh::{
+        Binaries, Manager, Record, Replica, ReplicaOptions, apply_mesh, generator_resource,
+        read_records,
+    },
 };
 use serde_json::json;
 
@@ -291,17 +294,19 @@ impl Setup<'_> {
             let (mesh_name, app) = (mesh_name.clone(), app.clone());
             async move {
                 Replica::start(
-                    self.cp,
-                    self.bins,
                     self.client,
-                    self.dir,
-                    self.manager,
-                    &format!("opmesh-bench/{mesh_name}"),
-                    "opmesh-bench",
-                    &pod,
-                    &[("app", &app), ("version", version)],
-                    version,
-                    operator_env,
+                    &ReplicaOptions {
+                        cp: self.cp,
+                        bins: self.bins,
+                        dir: self.dir,
+                        manager: self.manager,
+                        mesh: &format!("opmesh-bench/{mesh_name}"),
+                        namespace: "opmesh-bench",
+                        pod: &pod,
+                        labels: &[("app", &app), ("version", version)],
+                        version,
+                        extra_env: operator_env,
+                    },
                 )
                 .await
             }
@@ -350,8 +355,8 @@ impl Setup<'_> {
         let b_keys: HashSet<String> = wait_settled(&v2b).await?;
         let orphaned = keys - b_keys.len();
         let kill_at = now_us();
-        v2a.sidecar.signal("KILL")?;
-        v2a.operator.signal("KILL")?;
+        v2a.sidecar.signal("KILL").await?;
+        v2a.operator.signal("KILL").await?;
         let t = Instant::now();
         let failover_handoff = eventually(
             "the survivor to own every key",

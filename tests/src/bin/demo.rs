@@ -20,7 +20,7 @@ use opmesh_tests::{
     ControlPlane, cluster,
     control_plane::Options,
     eventually,
-    mesh::{Binaries, Manager, Replica, apply_mesh, create_generator, handled_by},
+    mesh::{Binaries, Manager, Replica, ReplicaOptions, apply_mesh, create_generator, handled_by},
 };
 use serde_json::json;
 
@@ -126,17 +126,19 @@ async fn main() -> anyhow::Result<()> {
     ] {
         replicas.push(
             Replica::start(
-                &cp,
-                &bins,
                 &client,
-                dir.path(),
-                manager.addr(),
-                &format!("{ns}/configmap-generator"),
-                ns,
-                pod,
-                &[("app", "configmap-generator"), ("version", version)],
-                version,
-                &[],
+                &ReplicaOptions {
+                    cp: &cp,
+                    bins: &bins,
+                    dir: dir.path(),
+                    manager: manager.addr(),
+                    mesh: &format!("{ns}/configmap-generator"),
+                    namespace: ns,
+                    pod,
+                    labels: &[("app", "configmap-generator"), ("version", version)],
+                    version,
+                    extra_env: &[],
+                },
             )
             .await?,
         );

@@ -135,7 +135,7 @@ impl Process {
     }
 
     /// The supervised program's pid (not the supervisor's), once known.
-    pub fn pid(&self) -> Option<u32> {
+    pub async fn pid(&self) -> Option<u32> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(pid) = std::fs::read_to_string(&self.pidfile)
@@ -147,13 +147,13 @@ impl Process {
             if Instant::now() > deadline {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
     /// Sends `signal` (e.g. `"KILL"`, `"TERM"`) to the program itself.
-    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        let pid = self.pid().context("the process has no pid file")?;
+    pub async fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.pid().await.context("the process has no pid file")?;
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(pid.to_string())
@@ -175,7 +175,7 @@ impl Process {
 
     /// Waits up to `timeout` for the process to exit on its own and returns
     /// its exit code (`None` if it was killed by a signal or is still running).
-    pub fn wait_exit(&self, timeout: Duration) -> Option<Option<i32>> {
+    pub async fn wait_exit(&self, timeout: Duration) -> Option<Option<i32>> {
         let deadline = Instant::now() + timeout;
         loop {
             {
@@ -187,11 +187,12 @@ impl Process {
             if Instant::now() >= deadline {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    /// Asks the process to stop and waits up to `timeout` for it.
+    /// Asks the process to stop and waits up to `timeout` for it. This
+    /// blocks: it is what `Drop` runs, after a test is done with the process.
     pub fn stop(&self, timeout: Duration) {
         // Closing stdin is the stop signal for the supervisor.
         drop(self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take());

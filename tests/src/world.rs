@@ -1,0 +1,217 @@
+//! One end-to-end test's world: its namespace and manager, scoped to the
+//! test's own namespaces, on the shared control plane.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use crate::{
+    ControlPlane, cluster, eventually,
+    mesh::{Binaries, Manager, Record, Replica, ReplicaOptions, apply_mesh, handled_by},
+};
+use kube::Client;
+use serde_json::json;
+use tokio::sync::OnceCell;
+
+/// Generous: the suite runs on 2 cores with many processes.
+pub const TIMEOUT: Duration = Duration::from_secs(90);
+
+static CRD: OnceCell<()> = OnceCell::const_new();
+
+/// One test's world: its namespace, manager and replicas.
+pub struct World {
+    /// The shared control plane.
+    pub cp: &'static ControlPlane,
+    /// An admin client.
+    pub client: Client,
+    /// The binaries under test.
+    pub bins: Binaries,
+    /// Sockets, records and logs.
+    pub dir: tempfile::TempDir,
+    /// The mesh's namespace; pods live here too.
+    pub ns: String,
+    /// The label value that puts a namespace into this test's mesh.
+    pub tag: String,
+    /// This test's manager.
+    pub manager: Manager,
+    /// The replicas started so far.
+    pub replicas: Vec<Replica>,
+}
+
+impl World {
+    /// Sets up a namespace and a manager for one test.
+    pub async fn new(prefix: &str) -> anyhow::Result<Self> {
+        let cp = ControlPlane::shared().await?;
+        let bins = Binaries::locate()?;
+        CRD.get_or_try_init(|| bins.install_example_crd(cp)).await?;
+        let client = cp.client().await?;
+        let ns = cluster::create_namespace(&client, prefix, &[]).await?;
+        let dir = tempfile::Builder::new().prefix("opmesh-e2e-").tempdir()?;
+        let manager = Manager::start(cp, &bins, dir.path(), &ns).await?;
+        Ok(Self {
+            cp,
+            client,
+            bins,
+            dir,
+            tag: ns.clone(),
+            ns,
+            manager,
+            replicas: Vec::new(),
+        })
+    }
+
+    /// A namespace for objects, inside this test's mesh.
+    pub async fn object_namespace(
+        &self,
+        prefix: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<String> {
+        let mut all = vec![("opmesh.io/test", self.tag.as_str())];
+        all.extend_from_slice(labels);
+        cluster::create_namespace(&self.client, prefix, &all).await
+    }
+
+    /// A mesh named `mesh` with subsets selected by `version` label.
+    pub async fn apply_mesh(
+        &self,
+        routing: serde_json::Value,
+        subsets: &[&str],
+    ) -> anyhow::Result<()> {
+        apply_mesh(
+            &self.client,
+            &self.ns,
+            "mesh",
+            self.mesh_spec(routing, subsets),
+        )
+        .await
+    }
+
+    /// The spec [`World::apply_mesh`] applies.
+    pub fn mesh_spec(&self, routing: serde_json::Value, subsets: &[&str]) -> serde_json::Value {
+        json!({
+            "selector": {"matchLabels": {"app": "cmg"}},
+            "namespaceSelector": {"matchLabels": {"opmesh.io/test": self.tag}},
+            "subsets": subsets.iter().map(|s| json!({"name": s, "labels": {"version": s}})).collect::<Vec<_>>(),
+            "routing": routing,
+        })
+    }
+
+    /// Starts a replica of subset `version`.
+    pub async fn replica(&mut self, pod: &str, version: &str) -> anyhow::Result<()> {
+        let manager = self.manager.addr().to_string();
+        let r = self.replica_via(pod, version, &manager).await?;
+        self.replicas.push(r);
+        Ok(())
+    }
+
+    /// Creates the Pod of a replica of subset `version` and starts its
+    /// processes, dialing the manager at `managers` (comma-separated); the
+    /// caller decides when to add it to [`World::replicas`].
+    pub async fn replica_via(
+        &self,
+        pod: &str,
+        version: &str,
+        managers: &str,
+    ) -> anyhow::Result<Replica> {
+        let mesh = format!("{}/mesh", self.ns);
+        let labels = [("app", "cmg"), ("version", version)];
+        Replica::start(
+            &self.client,
+            &ReplicaOptions {
+                manager: managers,
+                mesh: &mesh,
+                pod,
+                labels: &labels,
+                ..self.replica_options(version)
+            },
+        )
+        .await
+    }
+
+    /// Options for a replica of subset `version` in this world: its
+    /// manager, no Pod name, mesh or labels yet (set them with struct
+    /// update syntax).
+    pub fn replica_options<'a>(&'a self, version: &'a str) -> ReplicaOptions<'a> {
+        ReplicaOptions {
+            cp: self.cp,
+            bins: &self.bins,
+            dir: self.dir.path(),
+            manager: self.manager.addr(),
+            mesh: "",
+            namespace: &self.ns,
+            pod: "",
+            labels: &[],
+            version,
+            extra_env: &[],
+        }
+    }
+
+    /// Waits until every replica's sidecar is ready.
+    pub async fn all_ready(&self) -> anyhow::Result<()> {
+        eventually("every sidecar to be ready", TIMEOUT, || async {
+            for r in &self.replicas {
+                r.check_running()?;
+            }
+            self.manager.process().check_running()?;
+            Ok(self.replicas.iter().all(|r| r.ready()).then_some(()))
+        })
+        .await
+    }
+
+    /// Waits until every object in `namespaces` has a `handledBy`, and
+    /// returns `key -> subset`.
+    pub async fn wait_handled(
+        &self,
+        namespaces: &[String],
+        expected: usize,
+    ) -> anyhow::Result<BTreeMap<String, String>> {
+        eventually(
+            &format!("{expected} objects to be handled"),
+            TIMEOUT,
+            || async {
+                for r in &self.replicas {
+                    r.check_running()?;
+                }
+                let all = handled_by(&self.client, namespaces).await?;
+                if all.len() < expected || all.values().any(Option::is_none) {
+                    return Ok(None);
+                }
+                Ok(Some(
+                    all.into_iter()
+                        .map(|(k, v)| {
+                            (
+                                k,
+                                v.unwrap_or_default()
+                                    .split('/')
+                                    .next()
+                                    .unwrap_or_default()
+                                    .to_string(),
+                            )
+                        })
+                        .collect(),
+                ))
+            },
+        )
+        .await
+    }
+
+    /// Every record of every replica.
+    pub fn records(&self) -> Vec<Record> {
+        self.replicas.iter().flat_map(|r| r.records()).collect()
+    }
+
+    /// Prints the tail of every process log; call when a test fails.
+    pub fn dump_logs(&self) {
+        eprintln!("--- manager ---\n{}", self.manager.process().log_tail(60));
+        for r in &self.replicas {
+            eprintln!("--- {} sidecar ---\n{}", r.pod, r.sidecar.log_tail(30));
+            eprintln!("--- {} operator ---\n{}", r.pod, r.operator.log_tail(30));
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+    }
+}
