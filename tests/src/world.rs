@@ -127,8 +127,8 @@ impl World {
     }
 
     /// Options for a replica of subset `version` in this world: its
-    /// manager, no Pod name, mesh or labels yet (set them with struct
-    /// update syntax).
+    /// manager and namespace, but no Pod name, mesh or Pod labels yet: set
+    /// them with struct update syntax before creating a Pod.
     pub fn replica_options<'a>(&'a self, version: &'a str) -> ReplicaOptions<'a> {
         ReplicaOptions {
             cp: self.cp,
@@ -188,6 +188,43 @@ impl World {
                         })
                         .collect(),
                 ))
+            },
+        )
+        .await
+    }
+
+    /// Waits until the mesh's status counts `total` routed keys, and
+    /// returns each subset's `(routedKeys, observedShare)`.
+    pub async fn observed_shares(
+        &self,
+        total: u64,
+    ) -> anyhow::Result<BTreeMap<String, (u64, String)>> {
+        let meshes: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+            self.client.clone(),
+            &self.ns,
+            &crate::mesh::mesh_resource(),
+        );
+        eventually(
+            &format!("the mesh's status to count {total} routed keys"),
+            TIMEOUT,
+            || async {
+                let mesh = meshes.get("mesh").await?;
+                let shares: BTreeMap<String, (u64, String)> = mesh.data["status"]["subsets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| {
+                        (
+                            s["name"].as_str().unwrap_or_default().to_string(),
+                            (
+                                s["routedKeys"].as_u64().unwrap_or_default(),
+                                s["observedShare"].as_str().unwrap_or_default().to_string(),
+                            ),
+                        )
+                    })
+                    .collect();
+                let counted: u64 = shares.values().map(|(n, _)| n).sum();
+                Ok((counted == total).then_some(shares))
             },
         )
         .await

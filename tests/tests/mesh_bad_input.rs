@@ -319,6 +319,7 @@ async fn a_watch_the_manager_may_not_run_is_reported_and_recovers_once_granted()
             mesh: &format!("{mesh_ns}/mesh"),
             namespace: &mesh_ns,
             pod: "v1-0",
+            labels: &[("app", "cmg"), ("version", "v1")],
             ..w.replica_options("v1")
         },
     )

@@ -192,7 +192,7 @@ async fn behind_one_address_a_runtime_finds_the_leader() -> anyhow::Result<()> {
         Ok(leader
             .process()
             .log_tail(200)
-            .contains("leading: starting the core")
+            .contains("leading: starting the coordinator")
             .then_some(()))
     })
     .await?;
