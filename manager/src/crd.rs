@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
     status = "OperatorMeshStatus",
     printcolumn = r#"{"name":"Subsets","type":"string","jsonPath":".status.summary"}"#,
     printcolumn = r#"{"name":"Weights","type":"string","jsonPath":".status.weights"}"#,
+    printcolumn = r#"{"name":"Observed","type":"string","jsonPath":".status.observed"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -71,16 +72,37 @@ pub enum Granularity {
     Namespace,
 }
 
-/// Routing rules: pins first, then the weighted hash split.
+/// How the weights divide the keys no pin matches.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum Split {
+    /// Each key goes to the subset whose range of the hash space holds its
+    /// hash. Creating or deleting keys never moves others; shares match the
+    /// weights as closely as a random draw would, so well for many keys.
+    Hash,
+    /// The namespaces that hold the mesh's objects (not excluded, in scope,
+    /// not pinned) are sorted by hash and apportioned exactly: 5% of 40
+    /// namespaces is 2. A namespace joining or leaving moves at most one
+    /// namespace across each boundary between subsets. Needs
+    /// `granularity: Namespace`.
+    Exact,
+}
+
+/// Routing rules: pins first, then the weight split.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("self.weights.map(w, w.weight).sum() == (has(self.weightTotal) ? self.weightTotal : 100)").message("weights must sum to weightTotal (100 unless set)"),
+    validation = Rule::new("!has(self.split) || self.split != 'Exact' || (has(self.granularity) && self.granularity == 'Namespace')").message("split Exact apportions namespaces: it needs granularity Namespace"),
 )]
 pub struct RoutingSpec {
     /// What is hashed for the weight split.
     #[serde(default)]
     pub granularity: Granularity,
+    /// How the weights divide keys: `Exact` (the default with `Namespace`
+    /// granularity) or `Hash` (the default, and the only choice, with
+    /// `Object` granularity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<Split>,
     /// Namespace pins, evaluated in order; the first match wins.
     #[serde(default)]
     #[schemars(length(max = 64))]
@@ -153,6 +175,9 @@ pub struct OperatorMeshStatus {
     /// The weights in force, e.g. `v1=80 v2=20`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<String>,
+    /// The observed share of keys per subset, e.g. `v1=95.2% v2=4.8%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<String>,
 }
 
 /// Counts for one subset.
@@ -167,6 +192,16 @@ pub struct SubsetStatus {
     pub ready_replicas: u32,
     /// Keys currently owned by the subset's runtimes.
     pub owned_keys: u64,
+    /// The subset's share of the weights, e.g. `5%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configured_share: Option<String>,
+    /// Keys the policy routes to this subset, pins included.
+    #[serde(default)]
+    pub routed_keys: u64,
+    /// The share of all routed keys the policy sends to this subset, e.g.
+    /// `4.8%`: what the configured share amounts to for the keys that exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_share: Option<String>,
 }
 
 /// The CRD manifest as YAML, as committed under `deploy/crds/`.

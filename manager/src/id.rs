@@ -16,7 +16,7 @@ pub(crate) struct MeshId {
 
 /// The Pod a runtime sidecar runs in. A pod is a member of a subset's ring;
 /// it keeps its place across reconnects.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct PodId {
     /// The pod's namespace.
     pub(crate) namespace: String,
@@ -76,39 +76,10 @@ impl fmt::Display for PodId {
     }
 }
 
-/// Hashes exactly like the string `namespace/name`, so a pod's points on the
-/// replica ring are those of its published name, whatever language computes
-/// them.
-impl std::hash::Hash for PodId {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write(self.namespace.as_bytes());
-        state.write(b"/");
-        state.write(self.name.as_bytes());
-        // What `str`'s Hash appends.
-        state.write_u8(0xff);
-    }
-}
-
 // === impl Holder ===
 
 impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}@{}", self.pod, self.session.0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::hash::{BuildHasher as _, BuildHasherDefault};
-
-    use twox_hash::XxHash64;
-
-    use super::*;
-
-    #[test]
-    fn a_pod_hashes_like_its_name() {
-        let h = BuildHasherDefault::<XxHash64>::default();
-        let pod = PodId::new("operators", "cmg-v1-0");
-        assert_eq!(h.hash_one(&pod), h.hash_one("operators/cmg-v1-0"));
     }
 }

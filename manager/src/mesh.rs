@@ -15,7 +15,11 @@ use kube::{ResourceExt as _, api::DynamicObject};
 pub(crate) use index::{Index, ObjRef};
 pub(crate) use ownership::{Held, Move, Ownership};
 
-use crate::{gvk::Gvk, id::Holder, policy::Policy};
+use crate::{
+    gvk::Gvk,
+    id::Holder,
+    policy::{Apportionment, Policy},
+};
 
 /// One `OperatorMesh` as the coordinator keeps it.
 #[derive(Debug)]
@@ -24,6 +28,8 @@ pub(crate) struct Mesh {
     pub(crate) generation: Option<i64>,
     /// The last valid policy, in force.
     pub(crate) policy: Option<Arc<Policy>>,
+    /// The policy's exact split of the namespaces that exist.
+    pub(crate) apportionment: Apportionment,
     /// Why the latest spec is invalid, if it is.
     pub(crate) invalid: Option<String>,
     /// The primary type, declared by the first runtime.
@@ -52,6 +58,7 @@ impl Mesh {
         Self {
             generation: None,
             policy: None,
+            apportionment: Apportionment::default(),
             invalid: None,
             primary: None,
             owns: BTreeMap::new(),

@@ -18,8 +18,8 @@ mod selector;
 pub(crate) use routing::ReplicaRing;
 pub(crate) use selector::Labels;
 
-use crate::crd::{Granularity, OperatorMeshSpec};
-use routing::{WeightRanges, fnv1a64};
+use crate::crd::{Granularity, OperatorMeshSpec, Split};
+use routing::{WeightRanges, weight_hash};
 
 /// Result type of this module.
 pub(crate) type Result<T, E = PolicyError> = std::result::Result<T, E>;
@@ -59,6 +59,12 @@ pub(crate) enum PolicyError {
         /// The compiler's message.
         reason: String,
     },
+    /// The exact split was asked for with object granularity.
+    #[error(
+        "spec.routing.split Exact apportions the namespaces that exist, so it needs \
+         spec.routing.granularity Namespace; with Object granularity use split Hash"
+    )]
+    ExactNeedsNamespaces,
     /// A label selector is malformed.
     #[error("{field}: {reason}")]
     BadSelector {
@@ -74,6 +80,7 @@ pub(crate) enum PolicyError {
 pub(crate) struct Policy {
     subsets: Vec<Subset>,
     granularity: Granularity,
+    split: Split,
     pins: Vec<Pin>,
     ranges: WeightRanges,
     weights: Vec<u64>,
@@ -84,6 +91,10 @@ pub(crate) struct Policy {
     pod_selector: LabelSelector,
     paused: bool,
 }
+
+/// Which subset each namespace gets under the exact split.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Apportionment(HashMap<String, usize>);
 
 /// One subset: a name and the pod labels that select it.
 #[derive(Debug)]
@@ -181,6 +192,14 @@ impl Policy {
         let sum: u64 = weights.iter().sum();
         let ranges =
             WeightRanges::new(&weights, total).ok_or(PolicyError::WeightSum { sum, total })?;
+        let split = match (routing.split, routing.granularity) {
+            (Some(Split::Exact), Granularity::Object) => {
+                return Err(PolicyError::ExactNeedsNamespaces);
+            }
+            (Some(split), _) => split,
+            (None, Granularity::Namespace) => Split::Exact,
+            (None, Granularity::Object) => Split::Hash,
+        };
         let cluster_scoped = routing
             .cluster_scoped
             .as_ref()
@@ -197,6 +216,7 @@ impl Policy {
                 })
                 .collect(),
             granularity: routing.granularity,
+            split,
             pins,
             ranges,
             weights,
@@ -243,32 +263,85 @@ impl Policy {
                 .is_none_or(|sel| selector::matches(sel, ns_labels))
     }
 
+    /// The subset a pin sends namespace `ns` to, if any.
+    fn pinned(&self, ns: &str, ns_labels: &Labels) -> Option<usize> {
+        self.pins
+            .iter()
+            .find(|pin| {
+                pin.namespaces.contains(ns)
+                    || pin
+                        .selector
+                        .as_ref()
+                        .is_some_and(|sel| selector::matches(sel, ns_labels))
+                    || pin.regex.as_ref().is_some_and(|re| re.is_match(ns))
+            })
+            .map(|pin| pin.subset)
+    }
+
+    /// The exact split of `namespaces` (the namespaces that hold the mesh's
+    /// keys, with their labels), for this policy: those the weights divide
+    /// (covered, not pinned), sorted by [`weight_hash`] (then name), in
+    /// blocks per subset in declared order. Empty unless the policy uses
+    /// [`Split::Exact`].
+    pub(crate) fn apportion<'a>(
+        &self,
+        namespaces: impl IntoIterator<Item = (&'a String, &'a Labels)>,
+    ) -> Apportionment {
+        if self.split != Split::Exact {
+            return Apportionment::default();
+        }
+        let mut split: Vec<(u64, &str)> = namespaces
+            .into_iter()
+            .filter(|(ns, labels)| {
+                self.covers_namespace(ns, labels) && self.pinned(ns, labels).is_none()
+            })
+            .map(|(ns, _)| (weight_hash(ns), ns.as_str()))
+            .collect();
+        split.sort_unstable();
+        let mut subset_of = HashMap::with_capacity(split.len());
+        let mut start = 0;
+        for (subset, end) in self.ranges.boundaries(split.len()).into_iter().enumerate() {
+            for (_, ns) in &split[start..end.max(start)] {
+                subset_of.insert((*ns).to_string(), subset);
+            }
+            start = start.max(end);
+        }
+        Apportionment(subset_of)
+    }
+
     /// Routes a primary key (`namespace/name`, or `name` for a cluster-scoped
-    /// object) to a subset index. `ns_labels` are the namespace's labels.
-    /// Returns `None` when no subset may see the key.
-    pub(crate) fn route(&self, key: &str, ns_labels: &Labels) -> Option<usize> {
+    /// object) to a subset index. `ns_labels` are the namespace's labels and
+    /// `exact` the current [`Policy::apportion`]. Returns `None` when no
+    /// subset may see the key (yet: with the exact split, a namespace the
+    /// manager has not seen is not routed until it has).
+    pub(crate) fn route(
+        &self,
+        key: &str,
+        ns_labels: &Labels,
+        exact: &Apportionment,
+    ) -> Option<usize> {
         let Some((ns, _)) = key.split_once('/') else {
             return self.cluster_scoped;
         };
         if !self.covers_namespace(ns, ns_labels) {
             return None;
         }
-        for pin in &self.pins {
-            let hit = pin.namespaces.contains(ns)
-                || pin
-                    .selector
-                    .as_ref()
-                    .is_some_and(|sel| selector::matches(sel, ns_labels))
-                || pin.regex.as_ref().is_some_and(|re| re.is_match(ns));
-            if hit {
-                return Some(pin.subset);
-            }
+        if let Some(subset) = self.pinned(ns, ns_labels) {
+            return Some(subset);
         }
-        let routed = match self.granularity {
-            Granularity::Namespace => ns,
-            Granularity::Object => key,
-        };
-        Some(self.ranges.subset_of(fnv1a64(routed)))
+        match (self.split, self.granularity) {
+            (Split::Exact, _) => exact.0.get(ns).copied(),
+            (Split::Hash, Granularity::Namespace) => Some(self.ranges.subset_of(weight_hash(ns))),
+            (Split::Hash, Granularity::Object) => Some(self.ranges.subset_of(weight_hash(key))),
+        }
+    }
+
+    /// Each subset's configured share of the weight split, in percent.
+    pub(crate) fn shares(&self) -> Vec<f64> {
+        self.weights
+            .iter()
+            .map(|w| *w as f64 * 100.0 / self.total as f64)
+            .collect()
     }
 
     /// The weights in force, e.g. `v1=80 v2=20`.
@@ -288,133 +361,4 @@ impl Policy {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::*;
-    use crate::crd::{PinSpec, RoutingSpec, SubsetSpec, WeightSpec};
-
-    fn spec(weights: &[(&str, u32)], pins: Vec<PinSpec>) -> OperatorMeshSpec {
-        OperatorMeshSpec {
-            selector: LabelSelector {
-                match_labels: Some(BTreeMap::from([("app".into(), "op".into())])),
-                match_expressions: None,
-            },
-            subsets: ["v1", "v2"]
-                .iter()
-                .map(|v| SubsetSpec {
-                    name: v.to_string(),
-                    labels: BTreeMap::from([("version".into(), v.to_string())]),
-                })
-                .collect(),
-            routing: RoutingSpec {
-                granularity: Granularity::Object,
-                pins,
-                weights: weights
-                    .iter()
-                    .map(|(s, w)| WeightSpec {
-                        subset: s.to_string(),
-                        weight: *w,
-                    })
-                    .collect(),
-                weight_total: None,
-                cluster_scoped: Some("v1".into()),
-                exclude: vec!["kube-system".into()],
-            },
-            paused: false,
-            namespace_selector: None,
-        }
-    }
-
-    fn pin(subset: &str) -> PinSpec {
-        PinSpec {
-            subset: subset.into(),
-            namespaces: vec![],
-            namespace_selector: None,
-            namespace_regex: None,
-        }
-    }
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn pins_win_over_weights_in_order() {
-        let mut by_name = pin("v2");
-        by_name.namespaces = vec!["canary".into()];
-        let mut by_regex = pin("v2");
-        by_regex.namespace_regex = Some("team-.*".into());
-        let mut by_label = pin("v1");
-        by_label.namespace_selector = Some(LabelSelector {
-            match_labels: Some(BTreeMap::from([("tier".into(), "gold".into())])),
-            match_expressions: None,
-        });
-        let p = Policy::compile(&spec(&[("v1", 100)], vec![by_name, by_label, by_regex])).unwrap();
-        let none = Labels::new();
-        assert_eq!(p.route("canary/a", &none), Some(1));
-        assert_eq!(p.route("team-x/a", &none), Some(1));
-        // The regex matches whole names only.
-        assert_eq!(p.route("my-team-x/a", &none), Some(0));
-        // The label pin comes before the regex pin.
-        assert_eq!(p.route("team-x/a", &labels(&[("tier", "gold")])), Some(0));
-        assert_eq!(p.route("kube-system/a", &none), None);
-        assert_eq!(p.route("cluster-thing", &none), Some(0));
-    }
-
-    #[test]
-    fn invalid_specs_say_what_to_fix() {
-        let err = Policy::compile(&spec(&[("v1", 80), ("v2", 10)], vec![])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "spec.routing.weights sum to 90, but must sum to 100"
-        );
-
-        let err = Policy::compile(&spec(&[("v1", 50), ("v3", 50)], vec![])).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("weights[1].subset names subset \"v3\"")
-        );
-
-        let mut bad = pin("v2");
-        bad.namespace_regex = Some("team-(".into());
-        let err = Policy::compile(&spec(&[("v1", 100)], vec![bad])).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("spec.routing.pins[0].namespaceRegex \"team-(\"")
-        );
-
-        let mut dup = spec(&[("v1", 100)], vec![]);
-        dup.subsets[1].name = "v1".into();
-        assert_eq!(
-            Policy::compile(&dup).unwrap_err(),
-            PolicyError::DuplicateSubset("v1".into())
-        );
-    }
-
-    #[test]
-    fn pods_join_the_first_matching_subset() {
-        let p = Policy::compile(&spec(&[("v1", 100)], vec![])).unwrap();
-        assert_eq!(
-            p.subset_for_pod(&labels(&[("app", "op"), ("version", "v2")])),
-            Ok(1)
-        );
-        assert!(matches!(
-            p.subset_for_pod(&labels(&[("app", "other"), ("version", "v2")])),
-            Err(MembershipError::SelectorMismatch(_))
-        ));
-        assert!(matches!(
-            p.subset_for_pod(&labels(&[("app", "op"), ("version", "v9")])),
-            Err(MembershipError::NoSubset(_))
-        ));
-    }
-
-    #[test]
-    fn weights_summary_is_readable() {
-        let p = Policy::compile(&spec(&[("v1", 80), ("v2", 20)], vec![])).unwrap();
-        assert_eq!(p.weights_summary(), "v1=80 v2=20");
-    }
-}
+mod tests;

@@ -52,12 +52,16 @@ pub(crate) struct KeyView {
 }
 
 /// One subset.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct SubsetView {
     /// The subset's name.
     pub(crate) name: String,
     /// Its connected replicas.
     pub(crate) replicas: Vec<ReplicaView>,
+    /// Its share of the weight split, in percent.
+    pub(crate) configured_share: f64,
+    /// Keys with objects the policy routes to it, pins included.
+    pub(crate) routed_keys: u64,
 }
 
 /// One connected runtime.

@@ -30,9 +30,19 @@ struct MeshStatus {
     moving: usize,
     unowned: usize,
     weights: String,
-    /// Per subset: (name, replicas, ready replicas, owned keys).
-    subsets: Vec<(String, u32, u32, u64)>,
+    subsets: Vec<SubsetCounts>,
     watch_errors: Vec<(String, String)>,
+}
+
+/// One subset's line in the status.
+#[derive(Clone, Debug, PartialEq)]
+struct SubsetCounts {
+    name: String,
+    replicas: u32,
+    ready: u32,
+    owned: u64,
+    configured: String,
+    routed: u64,
 }
 
 type Transitions = HashMap<(MeshId, &'static str), (String, Time)>;
@@ -110,13 +120,13 @@ impl From<&MeshView> for MeshStatus {
             subsets: v
                 .subsets
                 .iter()
-                .map(|s| {
-                    (
-                        s.name.clone(),
-                        count(s.replicas.len()),
-                        count(s.replicas.iter().filter(|r| r.ready).count()),
-                        s.replicas.iter().map(|r| r.owned_keys).sum(),
-                    )
+                .map(|s| SubsetCounts {
+                    name: s.name.clone(),
+                    replicas: count(s.replicas.len()),
+                    ready: count(s.replicas.iter().filter(|r| r.ready).count()),
+                    owned: s.replicas.iter().map(|r| r.owned_keys).sum(),
+                    configured: percent(s.configured_share, 2),
+                    routed: s.routed_keys,
                 })
                 .collect(),
             watch_errors: v.watch_errors.clone(),
@@ -201,26 +211,66 @@ fn to_status(id: &MeshId, st: &MeshStatus, transitions: &mut Transitions) -> Ope
         },
         format!("{} keys have no live owner", st.unowned),
     );
+    let routed: u64 = st.subsets.iter().map(|s| s.routed).sum();
+    let observed = |s: &SubsetCounts| {
+        (routed > 0).then(|| percent(s.routed as f64 * 100.0 / routed as f64, 1))
+    };
     OperatorMeshStatus {
         observed_generation: st.generation,
         conditions: vec![ready, progressing, degraded],
         subsets: st
             .subsets
             .iter()
-            .map(|(name, replicas, ready, keys)| SubsetStatus {
-                name: name.clone(),
-                replicas: *replicas,
-                ready_replicas: *ready,
-                owned_keys: *keys,
+            .map(|s| SubsetStatus {
+                name: s.name.clone(),
+                replicas: s.replicas,
+                ready_replicas: s.ready,
+                owned_keys: s.owned,
+                configured_share: Some(s.configured.clone()),
+                routed_keys: s.routed,
+                observed_share: observed(s),
             })
             .collect(),
         summary: Some(
             st.subsets
                 .iter()
-                .map(|(n, r, ready, _)| format!("{n}:{ready}/{r}"))
+                .map(|s| format!("{}:{}/{}", s.name, s.ready, s.replicas))
                 .collect::<Vec<_>>()
                 .join(" "),
         ),
         weights: Some(st.weights.clone()),
+        observed: (routed > 0).then(|| {
+            st.subsets
+                .iter()
+                .map(|s| format!("{}={}", s.name, observed(s).unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(" ")
+        }),
+    }
+}
+
+/// `value` percent with at most `decimals` decimals and no trailing zeros:
+/// `5%`, `33.33%`, `4.8%`.
+fn percent(value: f64, decimals: usize) -> String {
+    let s = format!("{value:.decimals$}");
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &s
+    };
+    format!("{s}%")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent;
+
+    #[test]
+    fn percentages_read_like_people_write_them() {
+        assert_eq!(percent(5.0, 2), "5%");
+        assert_eq!(percent(100.0 / 3.0, 2), "33.33%");
+        assert_eq!(percent(4.8049, 1), "4.8%");
+        assert_eq!(percent(0.0, 1), "0%");
+        assert_eq!(percent(12.5, 2), "12.5%");
     }
 }

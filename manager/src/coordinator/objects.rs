@@ -80,6 +80,9 @@ impl Coordinator {
                 continue;
             }
             let old_key = mesh.index.set(&objref, new_key.as_deref());
+            if mesh.index.take_namespaces_changed() {
+                self.reapportion(&id);
+            }
             // Tell the holders; an object whose key changed is gone from the old key.
             let mut notify: Vec<(String, bool)> = Vec::new();
             if let Some(k) = old_key.filter(|k| new_key.as_ref() != Some(k)) {
@@ -164,11 +167,15 @@ impl Coordinator {
                 self.namespaces
                     .retain(|ns, _| present.contains(&(String::new(), ns.clone())));
                 if !std::mem::replace(&mut self.namespaces_synced, true) {
+                    self.reapportion_everywhere();
                     self.place_everywhere();
                 }
                 None
             }
         };
+        // A namespace that appears, goes or changes labels can change which
+        // namespaces the exact split divides.
+        self.reapportion_everywhere();
         if let Some(ns) = changed {
             let prefix = format!("{ns}/");
             let ids: Vec<MeshId> = self.meshes.keys().cloned().collect();
@@ -214,6 +221,7 @@ impl Coordinator {
                         return;
                     }
                 }
+                self.reapportion(&id);
                 self.place_all(&id);
             }
             WatchEvent::Delete(om) => {

@@ -49,6 +49,38 @@ impl Coordinator {
                 .all(|g| self.watches.get(&g.key()).is_some_and(|w| w.synced))
     }
 
+    /// Recomputes mesh `id`'s exact split of the namespaces that exist, and
+    /// places its keys again if it changed.
+    pub(super) fn reapportion(&mut self, id: &MeshId) {
+        let Some(mesh) = self.meshes.get(id) else {
+            return;
+        };
+        let Some(policy) = &mesh.policy else {
+            return;
+        };
+        // A namespace not seen yet is left out until its labels are known.
+        let apportionment = policy.apportion(
+            mesh.index
+                .namespaces()
+                .filter_map(|ns| self.namespaces.get_key_value(ns)),
+        );
+        let Some(mesh) = self.meshes.get_mut(id) else {
+            return;
+        };
+        if mesh.apportionment != apportionment {
+            mesh.apportionment = apportionment;
+            self.place_all(id);
+        }
+    }
+
+    /// Recomputes every mesh's exact split.
+    pub(super) fn reapportion_everywhere(&mut self) {
+        let ids: Vec<MeshId> = self.meshes.keys().cloned().collect();
+        for id in ids {
+            self.reapportion(&id);
+        }
+    }
+
     /// The labels of the namespace of `key`.
     pub(super) fn namespace_labels(&self, key: &str) -> &Labels {
         static EMPTY: Labels = Labels::new();
@@ -70,7 +102,7 @@ impl Coordinator {
         let has_objects = mesh.index.has_objects(key);
         let desired = if has_objects {
             policy
-                .route(key, self.namespace_labels(key))
+                .route(key, self.namespace_labels(key), &mesh.apportionment)
                 .and_then(|s| self.desired_holder(id, s, key))
         } else {
             None

@@ -72,6 +72,7 @@ impl Coordinator {
         for gvk in declared {
             self.index_cached(&id, &gvk);
         }
+        self.reapportion(&id);
 
         // A newer session from the same pod replaces the old one, whose keys
         // wait for its lease like any vanished session's.

@@ -42,12 +42,19 @@ impl Coordinator {
         let mut subsets = Vec::new();
         let mut unowned = 0;
         if let Some(policy) = &mesh.policy {
-            unowned = mesh
-                .index
-                .keys()
-                .filter(|k| !keys.contains_key(*k) && mesh.index.has_objects(k))
-                .filter(|k| policy.route(k, self.namespace_labels(k)).is_some())
-                .count();
+            // Where the policy sends each key that has objects.
+            let mut routed = vec![0u64; policy.subsets().len()];
+            for k in mesh.index.keys().filter(|k| mesh.index.has_objects(k)) {
+                let Some(subset) = policy.route(k, self.namespace_labels(k), &mesh.apportionment)
+                else {
+                    continue;
+                };
+                routed[subset] += 1;
+                if !keys.contains_key(k) {
+                    unowned += 1;
+                }
+            }
+            let shares = policy.shares();
             for (i, s) in policy.subsets().iter().enumerate() {
                 let replicas = mesh
                     .own
@@ -67,6 +74,8 @@ impl Coordinator {
                 subsets.push(SubsetView {
                     name: s.name.clone(),
                     replicas,
+                    configured_share: shares[i],
+                    routed_keys: routed[i],
                 });
             }
         }

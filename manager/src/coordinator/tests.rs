@@ -34,8 +34,8 @@ const MESH_NS: &str = "operators";
 #[derive(Clone, Debug)]
 enum Op {
     /// A new spec: v2's weight (of 100), a pin of `canary=true` namespaces
-    /// to v2, paused.
-    Policy(u8, bool, bool),
+    /// to v2, paused, and namespace granularity (with the exact split).
+    Policy(u8, bool, bool, bool),
     /// Toggles `canary=true` on a namespace.
     Relabel(usize),
     /// Creates or deletes object `app-N` in namespace `team-M`.
@@ -61,8 +61,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let pod = 0..PODS.len();
     prop_oneof![
-        1 => (prop::sample::select(vec![0u8, 5, 20, 50, 100]), any::<bool>(), prop::bool::weighted(0.2))
-            .prop_map(|(w, pin, paused)| Op::Policy(w, pin, paused)),
+        1 => (prop::sample::select(vec![0u8, 5, 20, 50, 100]), any::<bool>(), prop::bool::weighted(0.2), any::<bool>())
+            .prop_map(|(w, pin, paused, by_ns)| Op::Policy(w, pin, paused, by_ns)),
         1 => (0..NAMESPACES).prop_map(Op::Relabel),
         2 => (0..NAMESPACES, 0..NAMES, prop::bool::weighted(0.7)).prop_map(|(n, o, e)| Op::Object(n, o, e)),
         2 => pod.clone().prop_map(Op::Connect),

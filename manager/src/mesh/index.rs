@@ -19,6 +19,11 @@ pub(crate) struct ObjRef {
 pub(crate) struct Index {
     objects: HashMap<String, HashSet<ObjRef>>,
     key_of: HashMap<ObjRef, String>,
+    /// Keys with objects, per namespace.
+    namespaces: HashMap<String, usize>,
+    /// True when a namespace gained its first key or lost its last since
+    /// [`Index::take_namespaces_changed`].
+    namespaces_changed: bool,
 }
 
 // === impl Index ===
@@ -30,17 +35,47 @@ impl Index {
         let old = self.key_of.remove(obj);
         if let Some(k) = &old
             && let Some(set) = self.objects.get_mut(k)
+            && set.remove(obj)
+            && set.is_empty()
         {
-            set.remove(obj);
+            self.count(k, false);
         }
         if let Some(k) = key {
-            self.objects
-                .entry(k.to_string())
-                .or_default()
-                .insert(obj.clone());
+            let set = self.objects.entry(k.to_string()).or_default();
+            if set.insert(obj.clone()) && set.len() == 1 {
+                self.count(k, true);
+            }
             self.key_of.insert(obj.clone(), k.to_string());
         }
         old
+    }
+
+    /// Counts a key that gained its first object, or lost its last.
+    fn count(&mut self, key: &str, gained: bool) {
+        let Some((ns, _)) = key.split_once('/') else {
+            return;
+        };
+        if gained {
+            let n = self.namespaces.entry(ns.to_string()).or_default();
+            *n += 1;
+            self.namespaces_changed |= *n == 1;
+        } else if let Some(n) = self.namespaces.get_mut(ns) {
+            *n -= 1;
+            if *n == 0 {
+                self.namespaces.remove(ns);
+                self.namespaces_changed = true;
+            }
+        }
+    }
+
+    /// True if the set of [`Index::namespaces`] changed since the last call.
+    pub(crate) fn take_namespaces_changed(&mut self) -> bool {
+        std::mem::take(&mut self.namespaces_changed)
+    }
+
+    /// The namespaces that hold at least one key with objects.
+    pub(crate) fn namespaces(&self) -> impl Iterator<Item = &String> {
+        self.namespaces.keys()
     }
 
     /// True when `obj` is filed under some key.
@@ -101,7 +136,9 @@ mod tests {
         assert!(index.forget_if_empty("ns/p"));
         assert!(!index.knows("ns/p"));
         assert_eq!(index.objects("ns/q").count(), 1);
+        assert_eq!(index.namespaces().collect::<Vec<_>>(), ["ns"]);
         assert_eq!(index.set(&obj("a"), None), Some("ns/q".into()));
         assert!(!index.contains(&obj("a")));
+        assert_eq!(index.namespaces().count(), 0);
     }
 }

@@ -13,7 +13,7 @@ use crate::{
     policy::Labels,
 };
 
-pub(super) fn spec(v2: u8, pin: bool, paused: bool) -> OperatorMeshSpec {
+pub(super) fn spec(v2: u8, pin: bool, paused: bool, by_namespace: bool) -> OperatorMeshSpec {
     let labels = |pairs: &[(&str, &str)]| {
         pairs
             .iter()
@@ -33,7 +33,12 @@ pub(super) fn spec(v2: u8, pin: bool, paused: bool) -> OperatorMeshSpec {
             })
             .collect(),
         routing: RoutingSpec {
-            granularity: Granularity::Object,
+            granularity: if by_namespace {
+                Granularity::Namespace
+            } else {
+                Granularity::Object
+            },
+            split: None,
             pins: pin
                 .then(|| PinSpec {
                     subset: "v2".into(),

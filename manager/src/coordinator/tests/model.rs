@@ -72,7 +72,7 @@ impl Sim {
             coordinator: Coordinator::new(TTL, now),
             watching: false,
             runtimes: (0..PODS.len()).map(|_| Runtime::default()).collect(),
-            spec: spec(20, false, false),
+            spec: spec(20, false, false, false),
             canary: BTreeSet::new(),
             objects: (0..NAMESPACES)
                 .flat_map(|n| (0..NAMES).map(move |o| (n, o)))
@@ -151,8 +151,8 @@ impl Sim {
 
     pub(super) fn apply(&mut self, op: Op) {
         match op {
-            Op::Policy(v2, pin, paused) => {
-                self.spec = spec(v2, pin, paused);
+            Op::Policy(v2, pin, paused, by_namespace) => {
+                self.spec = spec(v2, pin, paused, by_namespace);
                 self.apply_mesh();
             }
             Op::Relabel(n) => {
@@ -390,6 +390,12 @@ impl Sim {
     /// the runtimes' view and in the coordinator's snapshot.
     pub(super) fn check_settled(&self) -> Result<(), TestCaseError> {
         let policy = Policy::compile(&self.spec).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        // The exact split divides the namespaces that hold objects.
+        let namespaces: HashMap<String, Labels> = (0..NAMESPACES)
+            .filter(|n| self.objects.iter().any(|(m, _)| m == n))
+            .map(|n| (namespace(n), self.labels_of(n)))
+            .collect();
+        let exact = policy.apportion(&namespaces);
         let rings: Vec<ReplicaRing> = policy
             .subsets()
             .iter()
@@ -421,7 +427,7 @@ impl Sim {
                     continue;
                 }
                 let subset = policy
-                    .route(&k, &self.labels_of(n))
+                    .route(&k, &self.labels_of(n), &exact)
                     .ok_or_else(|| TestCaseError::fail(format!("{k} routes nowhere")))?;
                 let want = rings[subset]
                     .owner(&k)

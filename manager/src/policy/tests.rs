@@ -1,0 +1,237 @@
+//! Policy compilation, pins, membership and the exact split.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::crd::{PinSpec, RoutingSpec, SubsetSpec, WeightSpec};
+
+fn spec(weights: &[(&str, u32)], pins: Vec<PinSpec>) -> OperatorMeshSpec {
+    OperatorMeshSpec {
+        selector: LabelSelector {
+            match_labels: Some(BTreeMap::from([("app".into(), "op".into())])),
+            match_expressions: None,
+        },
+        subsets: ["v1", "v2"]
+            .iter()
+            .map(|v| SubsetSpec {
+                name: v.to_string(),
+                labels: BTreeMap::from([("version".into(), v.to_string())]),
+            })
+            .collect(),
+        routing: RoutingSpec {
+            granularity: Granularity::Object,
+            pins,
+            weights: weights
+                .iter()
+                .map(|(s, w)| WeightSpec {
+                    subset: s.to_string(),
+                    weight: *w,
+                })
+                .collect(),
+            split: None,
+            weight_total: None,
+            cluster_scoped: Some("v1".into()),
+            exclude: vec!["kube-system".into()],
+        },
+        paused: false,
+        namespace_selector: None,
+    }
+}
+
+fn pin(subset: &str) -> PinSpec {
+    PinSpec {
+        subset: subset.into(),
+        namespaces: vec![],
+        namespace_selector: None,
+        namespace_regex: None,
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn pins_win_over_weights_in_order() {
+    let mut by_name = pin("v2");
+    by_name.namespaces = vec!["canary".into()];
+    let mut by_regex = pin("v2");
+    by_regex.namespace_regex = Some("team-.*".into());
+    let mut by_label = pin("v1");
+    by_label.namespace_selector = Some(LabelSelector {
+        match_labels: Some(BTreeMap::from([("tier".into(), "gold".into())])),
+        match_expressions: None,
+    });
+    let p = Policy::compile(&spec(&[("v1", 100)], vec![by_name, by_label, by_regex])).unwrap();
+    let none = Labels::new();
+    assert_eq!(
+        p.route("canary/a", &none, &Apportionment::default()),
+        Some(1)
+    );
+    assert_eq!(
+        p.route("team-x/a", &none, &Apportionment::default()),
+        Some(1)
+    );
+    // The regex matches whole names only.
+    assert_eq!(
+        p.route("my-team-x/a", &none, &Apportionment::default()),
+        Some(0)
+    );
+    // The label pin comes before the regex pin.
+    assert_eq!(
+        p.route(
+            "team-x/a",
+            &labels(&[("tier", "gold")]),
+            &Apportionment::default()
+        ),
+        Some(0)
+    );
+    assert_eq!(
+        p.route("kube-system/a", &none, &Apportionment::default()),
+        None
+    );
+    assert_eq!(
+        p.route("cluster-thing", &none, &Apportionment::default()),
+        Some(0)
+    );
+}
+
+#[test]
+fn invalid_specs_say_what_to_fix() {
+    let err = Policy::compile(&spec(&[("v1", 80), ("v2", 10)], vec![])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "spec.routing.weights sum to 90, but must sum to 100"
+    );
+
+    let err = Policy::compile(&spec(&[("v1", 50), ("v3", 50)], vec![])).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("weights[1].subset names subset \"v3\"")
+    );
+
+    let mut bad = pin("v2");
+    bad.namespace_regex = Some("team-(".into());
+    let err = Policy::compile(&spec(&[("v1", 100)], vec![bad])).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("spec.routing.pins[0].namespaceRegex \"team-(\"")
+    );
+
+    let mut dup = spec(&[("v1", 100)], vec![]);
+    dup.subsets[1].name = "v1".into();
+    assert_eq!(
+        Policy::compile(&dup).unwrap_err(),
+        PolicyError::DuplicateSubset("v1".into())
+    );
+}
+
+#[test]
+fn pods_join_the_first_matching_subset() {
+    let p = Policy::compile(&spec(&[("v1", 100)], vec![])).unwrap();
+    assert_eq!(
+        p.subset_for_pod(&labels(&[("app", "op"), ("version", "v2")])),
+        Ok(1)
+    );
+    assert!(matches!(
+        p.subset_for_pod(&labels(&[("app", "other"), ("version", "v2")])),
+        Err(MembershipError::SelectorMismatch(_))
+    ));
+    assert!(matches!(
+        p.subset_for_pod(&labels(&[("app", "op"), ("version", "v9")])),
+        Err(MembershipError::NoSubset(_))
+    ));
+}
+
+#[test]
+fn weights_summary_is_readable() {
+    let p = Policy::compile(&spec(&[("v1", 80), ("v2", 20)], vec![])).unwrap();
+    assert_eq!(p.weights_summary(), "v1=80 v2=20");
+}
+
+fn by_namespace(weights: &[(&str, u32)], split: Option<Split>) -> OperatorMeshSpec {
+    let mut s = spec(weights, vec![]);
+    s.routing.granularity = Granularity::Namespace;
+    s.routing.split = split;
+    s
+}
+
+fn fleet(names: impl IntoIterator<Item = String>) -> Vec<(String, Labels)> {
+    names.into_iter().map(|n| (n, Labels::new())).collect()
+}
+
+fn canary(p: &Policy, fleet: &[(String, Labels)]) -> Vec<String> {
+    let exact = p.apportion(fleet.iter().map(|(n, l)| (n, l)));
+    let mut got: Vec<String> = fleet
+        .iter()
+        .filter(|(n, l)| p.route(&format!("{n}/obj"), l, &exact) == Some(1))
+        .map(|(n, _)| n.clone())
+        .collect();
+    got.sort();
+    got
+}
+
+#[test]
+fn the_exact_split_gives_five_percent_of_forty_namespaces_exactly_two() {
+    // Exact is the default with namespace granularity.
+    let p = Policy::compile(&by_namespace(&[("v1", 95), ("v2", 5)], None)).unwrap();
+    let mut namespaces = fleet((0..40).map(|i| format!("team-{i}")));
+    let before = canary(&p, &namespaces);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // A 41st namespace moves at most one namespace across the boundary.
+    namespaces.push(("team-40".into(), Labels::new()));
+    let after = canary(&p, &namespaces);
+    let moved = before
+        .iter()
+        .filter(|n| !after.contains(n))
+        .chain(
+            after
+                .iter()
+                .filter(|n| !before.contains(n) && *n != "team-40"),
+        )
+        .count();
+    assert!(moved <= 1, "{before:?} -> {after:?}");
+    assert_eq!(after.len(), 2, "{after:?}");
+}
+
+#[test]
+fn the_exact_split_leaves_out_pinned_excluded_and_unseen_namespaces() {
+    let mut s = by_namespace(&[("v1", 50), ("v2", 50)], Some(Split::Exact));
+    let mut pinned = pin("v1");
+    pinned.namespaces = vec!["team-0".into()];
+    s.routing.pins = vec![pinned];
+    let p = Policy::compile(&s).unwrap();
+    // kube-system is excluded by `spec`; team-0 is pinned.
+    let mut namespaces = fleet((0..4).map(|i| format!("team-{i}")));
+    namespaces.push(("kube-system".into(), Labels::new()));
+    let exact = p.apportion(namespaces.iter().map(|(n, l)| (n, l)));
+    let none = Labels::new();
+    assert_eq!(p.route("team-0/a", &none, &exact), Some(0));
+    assert_eq!(p.route("kube-system/a", &none, &exact), None);
+    // Three apportioned namespaces at 50/50: one or two each.
+    let v2 = (1..4)
+        .filter(|i| p.route(&format!("team-{i}/a"), &none, &exact) == Some(1))
+        .count();
+    assert!(v2 == 1 || v2 == 2, "{v2}");
+    // A namespace the apportionment has not seen is not routed yet.
+    assert_eq!(p.route("team-9/a", &none, &exact), None);
+}
+
+#[test]
+fn the_exact_split_needs_namespace_granularity() {
+    let mut s = spec(&[("v1", 100)], vec![]);
+    s.routing.split = Some(Split::Exact);
+    assert_eq!(
+        Policy::compile(&s).unwrap_err(),
+        PolicyError::ExactNeedsNamespaces
+    );
+    // The hash split is still there for namespaces when asked for.
+    let p = Policy::compile(&by_namespace(&[("v1", 95), ("v2", 5)], Some(Split::Hash))).unwrap();
+    let namespaces = fleet((0..2000).map(|i| format!("team-{i}")));
+    let got = canary(&p, &namespaces).len();
+    assert!((60..=140).contains(&got), "{got} of 2000 at 5%");
+}
