@@ -18,7 +18,7 @@ use kube::{
     Api, Client,
     api::{DynamicObject, Patch, PatchParams},
 };
-use opmesh_tests::oracle::{fnv1a64, oracle};
+use opmesh_tests::oracle::{oracle, weight_hash};
 use opmesh_tests::{
     ControlPlane, cluster, eventually, history,
     mesh::{
@@ -147,7 +147,7 @@ impl Chaos {
         if self.pinned.get(ns).copied().unwrap_or(false) {
             return "v2";
         }
-        oracle(fnv1a64(key), &self.weights)
+        oracle(weight_hash(key), &self.weights)
     }
 }
 

@@ -20,6 +20,7 @@ use opmesh_tests::{
     mesh::{
         Binaries, Manager, Replica, ReplicaOptions, create_generator, handled_by, mesh_resource,
     },
+    oracle::exact,
 };
 use serde::Deserialize as _;
 use serde_json::json;
@@ -176,11 +177,12 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
         );
     }
 
-    // The mesh as applied routes 95/5 by namespace.
+    // The mesh as applied routes 95/5 by namespace, apportioned exactly:
+    // of 20 namespaces, the canary gets 1.
     let mut namespaces = Vec::new();
-    for i in 0..6 {
-        let ns = cluster::create_namespace(&client, &format!("{}-team", char::from(b'a' + i)), &[])
-            .await?;
+    for i in 0..20 {
+        let ns = format!("team-{i}");
+        cluster::create_named_namespace(&client, &ns, &[]).await?;
         create_generator(&client, &ns, "settings", json!({"data": {"team": ns}})).await?;
         namespaces.push(ns);
     }
@@ -193,14 +195,16 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
         Ok((all.len() == namespaces.len() && all.values().all(Option::is_some)).then_some(all))
     })
     .await?;
+    let want = exact(&namespaces, &[("v1", 95), ("v2", 5)]);
+    assert_eq!(want.values().filter(|s| **s == "v2").count(), 1);
     for (key, by) in &handled {
         let by = by.as_deref().unwrap_or_default();
-        assert!(
-            by.starts_with("v1/configmap-generator-v1-0")
-                || by.starts_with("v2/configmap-generator-v2-0"),
-            "{key}: {by}"
-        );
         let (ns, name) = key.split_once('/').context("key")?;
+        let pod = match want[ns] {
+            "v2" => "v2/configmap-generator-v2-0",
+            _ => "v1/configmap-generator-v1-0",
+        };
+        assert!(by.starts_with(pod), "{key}: handled by {by}, want {pod}");
         Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
             .get(&format!("{name}-generated"))
             .await

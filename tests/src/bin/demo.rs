@@ -21,6 +21,7 @@ use opmesh_tests::{
     control_plane::Options,
     eventually,
     mesh::{Binaries, Manager, Replica, ReplicaOptions, apply_mesh, create_generator, handled_by},
+    oracle::{oracle, weight_hash},
 };
 use serde_json::json;
 
@@ -247,17 +248,20 @@ async fn print_mesh_status(client: &kube::Client, ns: &str) {
                 .unwrap_or_default();
             println!(
                 "
-OperatorMesh {ns}/configmap-generator: subsets {} | weights {} | ready {ready}",
+OperatorMesh {ns}/configmap-generator: subsets {} | weights {} | observed {} | ready {ready}",
                 st["summary"].as_str().unwrap_or_default(),
-                st["weights"].as_str().unwrap_or_default()
+                st["weights"].as_str().unwrap_or_default(),
+                st["observed"].as_str().unwrap_or_default()
             );
             for s in st["subsets"].as_array().into_iter().flatten() {
                 println!(
-                    "  {}: {} replicas, {} ready, {} keys owned",
+                    "  {}: {} replicas, {} ready, {} keys owned, {} of keys routed here ({} of the weights)",
                     s["name"].as_str().unwrap_or_default(),
                     s["replicas"],
                     s["readyReplicas"],
-                    s["ownedKeys"]
+                    s["ownedKeys"],
+                    s["observedShare"].as_str().unwrap_or_default(),
+                    s["configuredShare"].as_str().unwrap_or_default()
                 );
             }
         }
@@ -268,27 +272,14 @@ OperatorMesh {ns}/configmap-generator: subsets {} | weights {} | ready {ready}",
     }
 }
 
-/// What the policy says: pinned namespaces go to v2, the rest by FNV-1a-64
-/// weight ranges over `namespace/name`.
+/// What the policy says: pinned namespaces go to v2, the rest by the
+/// published weight hash over `namespace/name` (`docs/routing.md`).
 fn expected_subset(key: &str) -> &'static str {
     let ns = key.split('/').next().unwrap_or_default();
     if CANARY.iter().any(|c| format!("team-{c}") == ns) {
         return "v2";
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let total: u128 = WEIGHTS.iter().map(|(_, w)| u128::from(*w)).sum();
-    let mut acc = 0u128;
-    for (name, w) in WEIGHTS {
-        acc += u128::from(w);
-        if u128::from(h) < (acc << 64) / total {
-            return name;
-        }
-    }
-    "v2"
+    oracle(weight_hash(key), &WEIGHTS)
 }
 
 fn print_table(handled: &BTreeMap<String, Option<String>>, replicas: &[Replica]) -> bool {
