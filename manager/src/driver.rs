@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     coordinator::{Coordinator, Effect, Input},
+    leader::Authority,
     snapshot::Published,
     task::Task,
     watch,
@@ -33,13 +34,16 @@ pub(crate) struct Driver {
     pub(crate) lease_ttl: Duration,
     /// Where snapshots go.
     pub(crate) published: Arc<Published>,
+    /// Whether this manager may still lead.
+    pub(crate) authority: Arc<Authority>,
 }
 
 // === impl Driver ===
 
 impl Driver {
-    /// Runs the coordinator on `inputs` until the task is stopped. `tx` is
-    /// the sender of `inputs`, for the watches the driver starts.
+    /// Runs the coordinator on `inputs` until this manager stops leading (by
+    /// its own clock) or the task is stopped; every session is closed then.
+    /// `tx` is the sender of `inputs`, for the watches the driver starts.
     pub(crate) async fn run(self, tx: mpsc::Sender<Input>, mut inputs: mpsc::Receiver<Input>) {
         let mut coordinator = Coordinator::new(self.lease_ttl, Instant::now());
         // The watches live as long as this task.
@@ -63,7 +67,15 @@ impl Driver {
                     let Some(input) = input else { break };
                     coordinator.step(input, Instant::now())
                 }
-                _ = leases.tick() => coordinator.step(Input::Tick, Instant::now()),
+                _ = leases.tick() => {
+                    let now = Instant::now();
+                    if !self.authority.leading(now) {
+                        tracing::warn!("this manager's leader Lease may be taken over by now, by its own clock; closing every session and stopping");
+                        break;
+                    }
+                    self.authority.coordinator_ran(now);
+                    coordinator.step(Input::Tick, now)
+                }
                 _ = publish.tick() => {
                     if coordinator.take_dirty() {
                         self.published.publish(coordinator.snapshot());

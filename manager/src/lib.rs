@@ -47,13 +47,7 @@ mod status;
 mod task;
 mod watch;
 
-use std::{
-    future::Future,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-};
+use std::{future::Future, sync::Arc};
 
 use kube::Client;
 use opmesh_proto::v1::mesh_service_server::MeshServiceServer;
@@ -62,15 +56,22 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::Config;
 
-use crate::{driver::Driver, snapshot::Published, task::Task};
+use crate::{driver::Driver, leader::Authority, snapshot::Published, task::Task};
 
 /// Capacity of the coordinator's input channel; a full channel slows the
 /// watches.
 const INPUTS: usize = 4096;
 
+/// How long open sessions get to close once the manager stops, before their
+/// connections are dropped.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs the manager on an already-bound `listener` until `shutdown` resolves.
-/// With leader election, runtimes are refused until this manager leads, and
-/// losing the lead ends `run` with an error (restart to stand by again).
+/// With leader election, runtimes are refused until this manager leads.
+/// Losing the lead (by this manager's own clock, see `leader`) closes every
+/// session and ends `run` with an error within a few seconds, even with
+/// sessions open; restart to stand by again. So does a coordinator that
+/// stops.
 pub async fn run(
     config: Config,
     client: Client,
@@ -78,22 +79,24 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(INPUTS);
-    let (leader_tx, leader) = tokio::sync::watch::channel(!config.leader_election);
+    let authority = Arc::new(Authority::new(config.leader_election));
     let election = if config.leader_election {
-        Some(leader::elect(client.clone(), &config, leader_tx).await?)
+        Some(leader::elect(client.clone(), &config, authority.clone()).await?)
     } else {
         None
     };
 
-    // The coordinator starts once this manager leads; sessions are refused
-    // before.
-    let coordinator = {
-        let (client, config, tx, mut leader) =
-            (client.clone(), config.clone(), tx.clone(), leader.clone());
-        Task::spawn(async move {
-            if leader.wait_for(|l| *l).await.is_err() {
-                return;
-            }
+    // The coordinator starts once this manager leads and stops when it no
+    // longer does; sessions are refused outside that window.
+    let mut coordinator = {
+        let (client, config, tx, authority) = (
+            client.clone(),
+            config.clone(),
+            tx.clone(),
+            authority.clone(),
+        );
+        tokio::spawn(async move {
+            authority.wait_leading().await;
             tracing::info!("leading: starting the coordinator");
             let published = Arc::new(Published::new());
             let _status = Task::spawn(status::run(client.clone(), published.clone()));
@@ -102,6 +105,7 @@ pub async fn run(
                 mesh_namespace: config.mesh_namespace.clone(),
                 lease_ttl: config.lease_ttl(),
                 published,
+                authority,
             };
             driver.run(tx, rx).await;
         })
@@ -111,36 +115,34 @@ pub async fn run(
         tx,
         client,
         config.lease_ttl(),
-        leader.clone(),
+        authority.clone(),
     ));
     tracing::info!(addr = %listener.local_addr()?, "manager listening");
-    let mut lost = leader.clone();
-    let lost_lead = async move {
-        // Only a leader can lose the lead.
-        if lost.wait_for(|l| *l).await.is_ok() {
-            let _ = lost.wait_for(|l| !*l).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    let lost_flag = Arc::new(AtomicBool::new(false));
-    let flag = lost_flag.clone();
-    let stop = async move {
-        tokio::select! {
-            _ = shutdown => {}
-            _ = lost_lead => flag.store(true, Ordering::SeqCst),
-        }
-    };
-    let result = tonic::transport::Server::builder()
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
-        .await;
-    drop(coordinator);
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop_rx.await;
+        });
+    let mut server = std::pin::pin!(server);
+    let ended = tokio::select! {
+        result = &mut server => return result.map_err(Into::into),
+        _ = shutdown => None,
+        ended = &mut coordinator => Some(ended),
+    };
+    // Stop accepting; open sessions get a moment to close, then are dropped.
+    let _ = stop_tx.send(());
+    coordinator.abort();
+    let _ = tokio::time::timeout(DRAIN, &mut server).await;
     drop(election);
-    if lost_flag.load(Ordering::SeqCst) {
-        anyhow::bail!("lost the leader Lease; exiting so a restart can stand by");
+    match ended {
+        None => Ok(()),
+        Some(_) if !authority.leading(std::time::Instant::now()) => {
+            anyhow::bail!("lost the leader Lease; exiting so a restart can stand by")
+        }
+        Some(Err(e)) if e.is_panic() => anyhow::bail!("the coordinator panicked: {e}"),
+        Some(_) => anyhow::bail!("the coordinator stopped; exiting so a restart can recover"),
     }
-    result.map_err(Into::into)
 }

@@ -2,7 +2,7 @@
 //! real Pod's labels) and pumps their streams between the network and the
 //! coordinator.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, ResourceExt as _};
@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     coordinator::{Connected, Input},
     error::Refusal,
+    leader::Authority,
 };
 
 /// How long a runtime may take to send its hello.
@@ -31,25 +32,25 @@ pub(crate) struct MeshServer {
     core: mpsc::Sender<Input>,
     client: Client,
     lease_ttl: Duration,
-    leader: tokio::sync::watch::Receiver<bool>,
+    authority: Arc<Authority>,
 }
 
 // === impl MeshServer ===
 
 impl MeshServer {
-    /// A server that hands sessions to the coordinator behind `core`, while
-    /// `leader` is true.
+    /// A server that hands sessions to the coordinator behind `core` while
+    /// `authority` says this manager leads.
     pub(crate) fn new(
         core: mpsc::Sender<Input>,
         client: Client,
         lease_ttl: Duration,
-        leader: tokio::sync::watch::Receiver<bool>,
+        authority: Arc<Authority>,
     ) -> Self {
         Self {
             core,
             client,
             lease_ttl,
-            leader,
+            authority,
         }
     }
 
@@ -102,7 +103,7 @@ impl MeshService for MeshServer {
         &self,
         request: Request<Streaming<RuntimeMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        if !*self.leader.borrow() {
+        if !self.authority.leading(std::time::Instant::now()) {
             return Err(Refusal::NotLeader.into());
         }
         let mut inbound = request.into_inner();
@@ -151,6 +152,7 @@ impl MeshService for MeshServer {
         // Reader: stream -> core. The session ends when the stream does.
         let core = self.core.clone();
         let ttl_ms = u32::try_from(self.lease_ttl.as_millis()).unwrap_or(u32::MAX);
+        let (authority, ttl) = (self.authority.clone(), self.lease_ttl);
         tokio::spawn(async move {
             let mut graceful = false;
             loop {
@@ -162,14 +164,21 @@ impl MeshService for MeshServer {
                         break;
                     }
                 };
-                contact.touch(std::time::Instant::now());
+                let now = std::time::Instant::now();
+                contact.touch(now);
                 match msg.msg {
-                    Some(In::Heartbeat(hb)) => pending.urgent(ManagerMessage {
-                        msg: Some(Msg::Lease(LeaseRenewal {
-                            seq: hb.seq,
-                            ttl_ms,
-                        })),
-                    }),
+                    // Renewed only while this manager leads by its own clock
+                    // and its coordinator runs; otherwise the runtime's lease
+                    // runs out and it stops.
+                    Some(In::Heartbeat(hb)) if authority.may_renew(now, ttl) => {
+                        pending.urgent(ManagerMessage {
+                            msg: Some(Msg::Lease(LeaseRenewal {
+                                seq: hb.seq,
+                                ttl_ms,
+                            })),
+                        })
+                    }
+                    Some(In::Heartbeat(_)) => {}
                     Some(In::Released(r)) => {
                         let input = Input::Released {
                             holder: holder.clone(),

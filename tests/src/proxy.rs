@@ -1,5 +1,7 @@
 //! A TCP proxy on loopback whose connections a test can cut, to break the
-//! stream between a runtime and the manager without killing either.
+//! stream between a runtime and the manager without killing either, or
+//! blackhole, to partition a process from what it talks to: bytes stop
+//! flowing but no connection closes, as when a network drops packets.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -12,6 +14,7 @@ use tokio::{
 pub struct Proxy {
     port: u16,
     cut: watch::Sender<u64>,
+    blackhole: watch::Sender<bool>,
     target: Arc<Mutex<SocketAddr>>,
     _task: tokio::task::JoinHandle<()>,
 }
@@ -24,27 +27,36 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let (cut, cuts) = watch::channel(0u64);
+        let (blackhole, holes) = watch::channel(false);
         let target = Arc::new(Mutex::new(target));
         let to = target.clone();
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
-                let (to, mut cuts) = (*to.lock().await, cuts.clone());
+                let (to, mut cuts, mut holes) = (*to.lock().await, cuts.clone(), holes.clone());
                 cuts.mark_unchanged();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(to).await else {
-                        return;
-                    };
                     let mut inbound = inbound;
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cuts.changed() => {}
+                    if !*holes.borrow() {
+                        let Ok(mut outbound) = TcpStream::connect(to).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                            _ = cuts.changed() => return,
+                            _ = holes.wait_for(|h| *h) => {}
+                        }
                     }
+                    // Blackholed: hold the connection open and forward
+                    // nothing, until it is cut.
+                    let _ = cuts.changed().await;
+                    drop(inbound);
                 });
             }
         });
         Ok(Self {
             port,
             cut,
+            blackhole,
             target,
             _task: task,
         })
@@ -53,6 +65,17 @@ impl Proxy {
     /// The `http://` address clients dial.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The local port clients dial.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops (or resumes) forwarding: open connections stay open but carry
+    /// nothing more, and new ones are accepted and left hanging.
+    pub fn blackhole(&self, on: bool) {
+        self.blackhole.send_replace(on);
     }
 
     /// Drops every open connection; new ones are accepted as before.
