@@ -178,6 +178,11 @@ impl RuntimeService for RuntimeServer {
         request: Request<OwnershipRequest>,
     ) -> Result<Response<OwnershipResponse>, Status> {
         let (owned, lease_valid) = self.rt.owns(&request.into_inner().key);
-        Ok(Response::new(OwnershipResponse { owned, lease_valid }))
+        let remaining = self.rt.lease_remaining();
+        Ok(Response::new(OwnershipResponse {
+            owned,
+            lease_valid,
+            lease_remaining_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
+        }))
     }
 }

@@ -149,6 +149,14 @@ impl Runtime {
         )
     }
 
+    /// How long the lease lasts from now; zero once it has run out.
+    pub(crate) fn lease_remaining(&self) -> std::time::Duration {
+        self.session()
+            .lease_until
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+
     // --- session events ---
 
     /// A session was accepted; `hello_sent` starts the first lease.

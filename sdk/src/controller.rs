@@ -15,6 +15,7 @@ use opmesh_proto::v1::{
     completion::Result as Outcome, runtime_service_client::RuntimeServiceClient,
 };
 use serde::de::DeserializeOwned;
+use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::Instrument as _;
 
@@ -67,15 +68,17 @@ pub fn current() -> Option<TaskInfo> {
 }
 
 /// A client whose writes are fenced for the key being reconciled: once this
-/// replica loses the key or its lease, writes fail with [`crate::Fenced`].
-/// Call it inside `reconcile`; outside, the client is returned unfenced.
+/// replica loses the key, or has less than [`crate::FENCE_MARGIN`] of its
+/// lease left, writes fail with [`crate::Fenced`], and each write must finish
+/// before the lease would. Call it inside `reconcile`: outside, there is no
+/// key to fence for, and every write through the client is refused.
 pub fn fenced(client: &kube::Client) -> kube::Client {
     CURRENT
         .try_with(|c| {
             crate::fence::Fence::new(c.info.key.clone(), c.sidecar.clone(), client.clone())
-                .into_client()
         })
-        .unwrap_or_else(|_| client.clone())
+        .unwrap_or_else(|_| crate::fence::Fence::outside_reconcile(client.clone()))
+        .into_client()
 }
 
 /// Reconciles objects of type `K` that the sidecar hands this replica.
@@ -205,7 +208,7 @@ where
         let mut tasks = client.tasks(TasksRequest {}).await?.into_inner();
         let reconcile = Arc::new(reconcile);
         let error_policy = Arc::new(error_policy);
-        let running: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>> = Arc::default();
+        let running: Arc<Mutex<HashMap<u64, JoinHandle<()>>>> = Arc::default();
         tracing::info!(kind = %K::kind(&()), "controller started");
         // When the stream ends, stop every reconcile still running: the
         // sidecar has already taken them back and may hand the keys out again.
@@ -218,15 +221,21 @@ where
                 if let Some(handle) = handle {
                     handle.abort();
                     tracing::warn!(task = id, "reconcile cancelled by the sidecar");
-                    let completion = Completion {
-                        id,
-                        result: Some(Outcome::Error(
-                            "cancelled: this replica lost the key or its lease".into(),
-                        )),
-                        no_retry: true,
-                        ..Default::default()
-                    };
-                    let _ = client.clone().complete(completion).await;
+                    // Reported done only once the reconcile has stopped, so
+                    // the sidecar never counts a key free while it still runs.
+                    let mut sidecar = client.clone();
+                    tokio::spawn(async move {
+                        let _ = handle.await;
+                        let completion = Completion {
+                            id,
+                            result: Some(Outcome::Error(
+                                "cancelled: this replica lost the key or its lease".into(),
+                            )),
+                            no_retry: true,
+                            ..Default::default()
+                        };
+                        let _ = sidecar.complete(completion).await;
+                    });
                 }
                 continue;
             }
@@ -256,7 +265,7 @@ where
                     tracing::warn!(task = id, error = %e, "cannot report completion");
                 }
             });
-            guard.insert(id, join.abort_handle());
+            guard.insert(id, join);
         }
         Err(Error::SidecarGone)
     }
@@ -328,7 +337,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Aborts every task in the map when dropped.
-struct AbortAll(Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>>);
+struct AbortAll(Arc<Mutex<HashMap<u64, JoinHandle<()>>>>);
 
 impl Drop for AbortAll {
     fn drop(&mut self) {

@@ -65,4 +65,4 @@ pub use action::{Action, default_error_policy};
 pub use cache::{Cache, gvk_of};
 pub use controller::{Controller, DEFAULT_SOCKET, Mesh, SOCKET_ENV, TaskInfo, current, fenced};
 pub use error::{Error, Result};
-pub use fence::{Fence, Fenced};
+pub use fence::{FENCE_MARGIN, Fence, Fenced};
