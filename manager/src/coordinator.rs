@@ -121,6 +121,10 @@ struct Session {
     pending: Arc<Pending>,
     needs_sync: bool,
     contact: Contact,
+    /// Revoked keys not yet released, in the order the revokes were sent.
+    revoked: std::collections::VecDeque<(Instant, String)>,
+    /// The keys of `revoked` still waiting for a `Released`.
+    unreleased: std::collections::HashSet<String>,
 }
 
 /// Keys of a session that ended without a goodbye: held until its lease
@@ -291,6 +295,15 @@ impl Contact {
         // Plain data; a panic elsewhere cannot leave it half-written.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// How long a runtime may take to answer a revoke: the runtime cancels a
+/// reconcile still running a lease TTL after the revoke, so twice the TTL
+/// plus the margin is ample. After it, the session is ended and its keys
+/// follow the lease-expiry path, so one hung reconcile cannot hold keys
+/// forever.
+pub(crate) fn revoke_deadline(ttl: Duration) -> Duration {
+    2 * ttl + margin(ttl)
 }
 
 /// Extra wait on top of the lease TTL before a silent runtime's keys move:

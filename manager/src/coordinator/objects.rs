@@ -249,14 +249,16 @@ impl Coordinator {
     /// when their leases run out; until then a mesh re-created under the
     /// same name assigns nothing.
     fn remove_mesh(&mut self, id: &MeshId) {
-        self.meshes.remove(id);
+        // A mesh that was itself waiting for an earlier one's leases passes
+        // that wait on.
+        let waited = self.meshes.remove(id).map(|m| m.not_before);
         let gone: Vec<_> = self
             .sessions
             .iter()
             .filter(|(_, s)| s.mesh == *id)
             .map(|(p, _)| p.clone())
             .collect();
-        let mut until = self.now;
+        let mut until = waited.unwrap_or(self.now).max(self.now);
         for pod in gone {
             if let Some(s) = self.sessions.remove(&pod) {
                 s.pending.close();

@@ -109,6 +109,12 @@ impl Pending {
         self.lock().items.len()
     }
 
+    /// True once [`Pending::close`] was called.
+    #[cfg(test)]
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// True when nothing is queued.
     pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0

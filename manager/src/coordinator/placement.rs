@@ -189,7 +189,13 @@ impl Coordinator {
     pub(super) fn flush(&mut self) {
         let revokes: Vec<(Holder, Vec<String>)> = self.revokes.drain().collect();
         for (holder, keys) in revokes {
+            let now = self.now;
             if let Some(s) = self.session_of(&holder) {
+                for k in &keys {
+                    if s.unreleased.insert(k.clone()) {
+                        s.revoked.push_back((now, k.clone()));
+                    }
+                }
                 let dropped: HashSet<&str> = keys.iter().map(String::as_str).collect();
                 s.pending.drop_keys(&dropped);
                 s.pending.control(ManagerMessage {

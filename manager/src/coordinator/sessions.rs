@@ -103,6 +103,8 @@ impl Coordinator {
                 pending: pending.clone(),
                 needs_sync: true,
                 contact: contact.clone(),
+                revoked: Default::default(),
+                unreleased: Default::default(),
             },
         );
         if let Some(mesh) = self.meshes.get_mut(&id) {
@@ -171,9 +173,13 @@ impl Coordinator {
     }
 
     pub(super) fn released(&mut self, holder: &Holder, keys: Vec<String>) {
-        let Some(id) = self.session_of(holder).map(|s| s.mesh.clone()) else {
+        let Some(session) = self.session_of(holder) else {
             return;
         };
+        for key in &keys {
+            session.unreleased.remove(key);
+        }
+        let id = session.mesh.clone();
         self.dirty = true;
         for key in keys {
             let freed = self
@@ -212,6 +218,28 @@ impl Coordinator {
             .collect();
         for holder in silent {
             tracing::warn!(runtime = %holder.pod, "no heartbeat for longer than the lease; ending the session");
+            self.disconnect(&holder, false);
+        }
+        let deadline = super::revoke_deadline(self.lease_ttl);
+        let mut stuck = Vec::new();
+        for s in self.sessions.values_mut() {
+            // Drop answered revokes from the front; the oldest left is due
+            // first.
+            while let Some((_, k)) = s.revoked.front() {
+                if s.unreleased.contains(k) {
+                    break;
+                }
+                s.revoked.pop_front();
+            }
+            if s.revoked
+                .front()
+                .is_some_and(|(at, _)| *at + deadline <= now)
+            {
+                stuck.push(s.holder.clone());
+            }
+        }
+        for holder in stuck {
+            tracing::warn!(runtime = %holder.pod, deadline = ?deadline, "a revoke was not answered in time; ending the session, so its keys move when its lease has run out");
             self.disconnect(&holder, false);
         }
         let (due, rest): (Vec<Expiring>, Vec<Expiring>) = std::mem::take(&mut self.expiring)

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use proptest::{prelude::*, test_runner::TestRunner};
 
-use model::{Power, Sim};
+use model::Sim;
 
 const TTL: Duration = Duration::from_millis(1000);
 /// Pods and their subsets: three replicas of v1, two of v2.
@@ -52,10 +52,25 @@ enum Op {
     Release(usize),
     /// The runtime heartbeats; its lease is renewed.
     Heartbeat(usize),
+    /// A reconcile of the runtime hangs (or resumes): it answers no revoke,
+    /// but goes on heartbeating.
+    Stall(usize, bool),
     /// Time passes, in milliseconds.
     Advance(u64),
     /// The manager fails over: a new coordinator, every stream broken.
     Restart,
+    /// The OperatorMesh is deleted and created again.
+    Recreate,
+}
+
+/// How often the property was actually exercised, over all cases.
+#[derive(Debug, Default)]
+pub(super) struct Power {
+    handoffs_after_release: usize,
+    handoffs_after_expiry: usize,
+    reported_on_reconnect: usize,
+    failovers: usize,
+    ended_by_manager: usize,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -70,9 +85,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => pod.clone().prop_map(Op::Goodbye),
         4 => pod.clone().prop_map(Op::Deliver),
         3 => pod.clone().prop_map(Op::Release),
-        4 => pod.prop_map(Op::Heartbeat),
+        4 => pod.clone().prop_map(Op::Heartbeat),
+        2 => (pod, any::<bool>()).prop_map(|(i, on)| Op::Stall(i, on)),
         3 => (0u64..1500).prop_map(Op::Advance),
         1 => Just(Op::Restart),
+        1 => Just(Op::Recreate),
     ]
 }
 
@@ -104,6 +121,7 @@ fn no_key_is_handed_to_a_second_runtime_and_every_key_ends_with_its_owner() {
         p.handoffs_after_expiry += sim.power.handoffs_after_expiry;
         p.reported_on_reconnect += sim.power.reported_on_reconnect;
         p.failovers += sim.power.failovers;
+        p.ended_by_manager += sim.power.ended_by_manager;
         Ok(())
     });
     if let Err(e) = result {
@@ -116,4 +134,58 @@ fn no_key_is_handed_to_a_second_runtime_and_every_key_ends_with_its_owner() {
     assert!(power.handoffs_after_expiry > 100, "{power:?}");
     assert!(power.failovers > 100, "{power:?}");
     assert!(power.reported_on_reconnect > 100, "{power:?}");
+    assert!(power.ended_by_manager > 20, "{power:?}");
+}
+
+#[test]
+fn a_revoke_left_unanswered_ends_the_session_and_its_keys_follow_its_lease() {
+    let mut sim = Sim::new();
+    sim.apply(Op::Advance(TTL.as_millis() as u64 * 2));
+    sim.apply(Op::Connect(0));
+    sim.apply(Op::Deliver(0));
+    sim.apply(Op::Connect(3));
+    // Everything to v2: pod 0 (v1) is asked to release its keys, and a
+    // reconcile of one of them hangs.
+    sim.apply(Op::Stall(0, true));
+    sim.apply(Op::Policy(100, false, false, false));
+    sim.apply(Op::Deliver(0));
+    for _ in 0..6 {
+        sim.apply(Op::Heartbeat(3));
+        sim.apply(Op::Deliver(3));
+        sim.apply(Op::Advance(500));
+        sim.check().unwrap();
+    }
+    assert_eq!(
+        sim.power.ended_by_manager, 1,
+        "the stalled session was not ended"
+    );
+    // Its keys went to v2 only after its lease ran out.
+    sim.settle();
+    sim.check().unwrap();
+    sim.check_settled().unwrap();
+}
+
+#[test]
+fn a_mesh_recreated_twice_still_waits_for_the_leases_of_the_first() {
+    // Found by the property test: the second delete forgot the wait the
+    // first had started, and the new mesh handed out keys a runtime of the
+    // first still held.
+    let mut sim = Sim::new();
+    sim.apply(Op::Advance(TTL.as_millis() as u64 * 2));
+    for op in [
+        Op::Connect(3),
+        Op::Deliver(3),
+        Op::Recreate,
+        Op::Recreate,
+        Op::Connect(4),
+        Op::Deliver(4),
+    ] {
+        sim.apply(op);
+        sim.check().unwrap();
+    }
+    for _ in 0..8 {
+        sim.apply(Op::Advance(250));
+        sim.apply(Op::Deliver(4));
+        sim.check().unwrap();
+    }
 }

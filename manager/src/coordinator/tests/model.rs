@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use tokio::sync::oneshot;
 
 use super::{
-    MESH_NS, NAMES, NAMESPACES, Op, PODS, TTL,
+    MESH_NS, NAMES, NAMESPACES, Op, PODS, Power, TTL,
     fixtures::{gvk, key, namespace, object, pod_labels, spec},
 };
 use crate::{
@@ -35,18 +35,11 @@ pub(super) struct Runtime {
     draining: HashSet<String>,
     /// Every revoked key it owes a `Released` for.
     to_release: Vec<String>,
+    /// A reconcile hangs: no revoke is answered, heartbeats go on.
+    stalled: bool,
     /// Revoked keys still draining when the stream broke: bounded by the
     /// lease they were revoked under.
     orphans: Vec<(String, Instant)>,
-}
-
-/// How often the property was actually exercised, over all cases.
-#[derive(Debug, Default)]
-pub(super) struct Power {
-    pub(super) handoffs_after_release: usize,
-    pub(super) handoffs_after_expiry: usize,
-    pub(super) reported_on_reconnect: usize,
-    pub(super) failovers: usize,
 }
 
 pub(super) struct Sim {
@@ -196,8 +189,12 @@ impl Sim {
                 }
             }
             Op::Deliver(i) => self.deliver(i),
+            Op::Stall(i, on) => self.runtimes[i].stalled = on,
             Op::Release(i) => {
                 let rt = &mut self.runtimes[i];
+                if rt.stalled {
+                    return;
+                }
                 if let Some(c) = &rt.session
                     && !rt.to_release.is_empty()
                 {
@@ -208,6 +205,9 @@ impl Sim {
                 }
             }
             Op::Heartbeat(i) => {
+                if self.lost_by_manager(i) {
+                    return;
+                }
                 if self.lease_valid(i)
                     && let Some(c) = &self.runtimes[i].session
                 {
@@ -216,9 +216,28 @@ impl Sim {
                 }
             }
             Op::Advance(ms) => {
-                self.now += Duration::from_millis(ms);
-                self.expire_runtimes();
-                self.step(Input::Tick);
+                // Time passes in steps of a third of a TTL, the heartbeat
+                // interval of a healthy session: a stalled runtime's session
+                // is healthy, so it heartbeats at each step.
+                let mut left = Duration::from_millis(ms);
+                while !left.is_zero() {
+                    for i in 0..PODS.len() {
+                        if self.runtimes[i].stalled {
+                            self.apply(Op::Heartbeat(i));
+                        }
+                    }
+                    let step = left.min(TTL / 3);
+                    left -= step;
+                    self.now += step;
+                    self.expire_runtimes();
+                    self.step(Input::Tick);
+                }
+            }
+            Op::Recreate => {
+                let mut om = OperatorMesh::new("mesh", self.spec.clone());
+                om.metadata.namespace = Some(MESH_NS.into());
+                self.step(Input::Mesh(WatchEvent::Delete(Arc::new(om))));
+                self.apply_mesh();
             }
             Op::Restart => {
                 self.power.failovers += 1;
@@ -265,6 +284,22 @@ impl Sim {
         }
     }
 
+    /// True, and the runtime's stream ends, if the manager closed its
+    /// session (a revoke it did not answer in time): it gets no renewal and
+    /// keeps its keys only until its lease runs out.
+    fn lost_by_manager(&mut self, i: usize) -> bool {
+        let closed = self.runtimes[i]
+            .session
+            .as_ref()
+            .is_some_and(|c| c.pending.is_closed());
+        if closed {
+            self.runtimes[i].session = None;
+            self.orphan_draining(i);
+            self.power.ended_by_manager += 1;
+        }
+        closed
+    }
+
     fn drop_stream(&mut self, i: usize) {
         if let Some(c) = self.runtimes[i].session.take() {
             self.orphan_draining(i);
@@ -307,6 +342,9 @@ impl Sim {
     }
 
     fn deliver(&mut self, i: usize) {
+        if self.lost_by_manager(i) {
+            return;
+        }
         let Some(batch) = self.runtimes[i]
             .session
             .as_ref()
@@ -367,17 +405,21 @@ impl Sim {
     /// Stops faults: unpauses, connects every pod, and lets time, heartbeats,
     /// deliveries and releases run until the mesh settles.
     pub(super) fn settle(&mut self) {
+        for rt in &mut self.runtimes {
+            rt.stalled = false;
+        }
         self.spec.paused = false;
         self.apply_mesh();
-        for i in 0..PODS.len() {
-            if self.runtimes[i].session.is_none() {
-                self.connect(i);
-            }
-        }
-        // Three seconds: past any lease and any earlier manager's leases,
-        // with a round per revoke → release → assign step.
-        for _ in 0..12 {
+        // Four seconds: past any lease, any earlier manager's leases and any
+        // revoke deadline, with a round per revoke → release → assign step.
+        // A runtime whose session ended (the manager closed it, or its lease
+        // ran out) connects again, as the real one does.
+        for _ in 0..16 {
             for i in 0..PODS.len() {
+                self.lost_by_manager(i);
+                if self.runtimes[i].session.is_none() {
+                    self.connect(i);
+                }
                 self.apply(Op::Heartbeat(i));
                 self.apply(Op::Deliver(i));
                 self.apply(Op::Release(i));
