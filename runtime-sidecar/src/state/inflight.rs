@@ -4,7 +4,11 @@
 use std::{collections::HashSet, sync::atomic::Ordering};
 
 use opmesh_proto::v1::Task;
-use tokio::{sync::OwnedSemaphorePermit, time::Instant};
+use tokio::{
+    runtime::Handle,
+    sync::{OwnedSemaphorePermit, mpsc::error::TrySendError},
+    time::Instant,
+};
 
 use super::{Runtime, TaskSender, lock};
 
@@ -49,8 +53,21 @@ impl Runtime {
                 cancel: true,
                 ..Default::default()
             };
-            if tx.try_send(Ok(cancel)).is_err() {
-                tracing::warn!(task = id, "cannot send cancel to the operator");
+            match tx.try_send(Ok(cancel)) {
+                Ok(()) => {}
+                // A cancel is never dropped: when the stream is full, wait
+                // for room (after the tasks already queued, which it follows).
+                Err(TrySendError::Full(cancel)) => match Handle::try_current() {
+                    Ok(runtime) => {
+                        let tx = tx.clone();
+                        runtime.spawn(async move {
+                            let _ = tx.send(cancel).await;
+                        });
+                    }
+                    Err(_) => tracing::warn!(task = id, "cannot send cancel to the operator"),
+                },
+                // The operator is gone; detaching it takes its work back.
+                Err(TrySendError::Closed(_)) => {}
             }
         }
     }
@@ -152,5 +169,46 @@ impl Runtime {
                 .dec();
         }
         done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use clap::Parser as _;
+    use tokio::sync::{Semaphore, mpsc};
+
+    use crate::{config::Config, state::Runtime};
+
+    #[tokio::test]
+    async fn a_cancel_is_not_dropped_when_the_operator_stream_is_full() {
+        let config = Config::try_parse_from([
+            "opmesh-runtime",
+            "--mesh",
+            "ops/mesh",
+            "--pod-namespace",
+            "ops",
+            "--pod-name",
+            "op-0",
+        ])
+        .unwrap();
+        let rt = Runtime::new(config);
+        // Room for one message: the task fills it.
+        let (tx, mut rx) = mpsc::channel(1);
+        rt.attach_operator(tx);
+        let permits = Arc::new(Semaphore::new(1));
+        let permit = permits.clone().acquire_owned().await.unwrap();
+        assert!(rt.hand_out("ns/a".into(), b"{}".to_vec(), permit));
+        rt.cancel_inflight();
+        let task = rx.recv().await.unwrap().unwrap();
+        assert!(!task.cancel);
+        let cancel = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the cancel was dropped")
+            .unwrap()
+            .unwrap();
+        assert!(cancel.cancel);
+        assert_eq!(cancel.id, task.id);
     }
 }
