@@ -24,6 +24,9 @@ use crate::{
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a Pod lookup may take.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Inputs of one session waiting for the coordinator, beyond which reading
+/// the session's stream waits too.
+const SESSION_INPUTS: usize = 1024;
 /// Messages taken from a pending set per write.
 const BATCH: usize = 256;
 
@@ -150,7 +153,19 @@ impl MeshService for MeshServer {
         });
 
         // Reader: stream -> core. The session ends when the stream does.
+        // What goes to the coordinator passes through a queue of the
+        // session's own, so a busy coordinator never holds up the reading
+        // of heartbeats; the queue keeps Released before Disconnect.
+        let (to_core, mut for_core) = mpsc::channel::<Input>(SESSION_INPUTS);
         let core = self.core.clone();
+        tokio::spawn(async move {
+            while let Some(input) = for_core.recv().await {
+                if core.send(input).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let core = to_core;
         let ttl_ms = u32::try_from(self.lease_ttl.as_millis()).unwrap_or(u32::MAX);
         let (authority, ttl) = (self.authority.clone(), self.lease_ttl);
         tokio::spawn(async move {
