@@ -17,7 +17,9 @@
 //! - `snapshot` — the typed view the coordinator publishes (`arc-swap`), read
 //!   by the status writer (`status`) and, next, the admin API, webhook and
 //!   rollout controller.
-//! - `leader` — leader election through a Lease.
+//! - `leader` — leader election through a Lease, and this manager's
+//!   authority as a deadline on its own clock: past it, the driver closes
+//!   every session and heartbeats are no longer renewed.
 //! - `id`, `gvk` — typed identities and resource types.
 //! - [`config`], [`crd`], `error` — settings, the `OperatorMesh` resource,
 //!   and why a runtime is refused (mapped to a gRPC status in one place).
