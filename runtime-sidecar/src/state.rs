@@ -299,9 +299,15 @@ impl Runtime {
         s.held.extend(owned);
         s.unsynced.clear();
         s.synced = false;
+        let held = s.held.clone();
         self.queue.clear();
         self.cache().clear();
         drop(s);
+        // Revoked keys still draining lost their Released with the stream:
+        // the manager frees them when this session's lease ends, even if a
+        // new session renews the lease meanwhile, so their reconciles stop
+        // now.
+        self.cancel_where(|i| !held.contains(&i.key));
         self.metrics.owned_keys.set(0);
         self.bump();
     }

@@ -38,7 +38,8 @@ impl Runtime {
         self.cancel_where(|_| true);
     }
 
-    fn cancel_where(&self, pick: impl Fn(&Inflight) -> bool) {
+    /// Asks the operator to stop the running reconciles `pick` selects.
+    pub(crate) fn cancel_where(&self, pick: impl Fn(&Inflight) -> bool) {
         let Some((op, tx)) = lock(&self.operator).clone() else {
             return;
         };
@@ -210,5 +211,67 @@ mod tests {
             .unwrap();
         assert!(cancel.cancel);
         assert_eq!(cancel.id, task.id);
+    }
+
+    #[tokio::test]
+    async fn a_revoked_reconcile_is_cancelled_when_the_stream_ends_before_released() {
+        use opmesh_proto::v1::{GroupVersionKind, ObjectEvent, Welcome, object_event::Type};
+
+        let config = Config::try_parse_from([
+            "opmesh-runtime",
+            "--mesh",
+            "ops/mesh",
+            "--pod-namespace",
+            "ops",
+            "--pod-name",
+            "op-0",
+        ])
+        .unwrap();
+        let rt = Runtime::new(config);
+        let (tx, mut rx) = mpsc::channel(8);
+        rt.attach_operator(tx);
+        let welcome = Welcome {
+            runtime_id: "ops/op-0".into(),
+            subset: "v1".into(),
+            lease_ttl_ms: 60_000,
+        };
+        rt.welcomed(&welcome, tokio::time::Instant::now(), &[]);
+        for key in ["ns/a", "ns/b"] {
+            rt.on_event(ObjectEvent {
+                key: key.into(),
+                r#type: Type::Applied as i32,
+                gvk: Some(GroupVersionKind {
+                    version: "v1".into(),
+                    kind: "ConfigMap".into(),
+                    ..Default::default()
+                }),
+                namespace: "ns".into(),
+                name: key.trim_start_matches("ns/").into(),
+                object: b"{}".to_vec(),
+                ..Default::default()
+            });
+        }
+        rt.on_synced();
+        let permits = Arc::new(Semaphore::new(2));
+        for key in ["ns/a", "ns/b"] {
+            let permit = permits.clone().acquire_owned().await.unwrap();
+            assert!(rt.hand_out(key.into(), b"{}".to_vec(), permit));
+        }
+        let a = rx.recv().await.unwrap().unwrap();
+        let b = rx.recv().await.unwrap().unwrap();
+        // ns/a is revoked while it reconciles; then the stream breaks
+        // before its Released could be sent.
+        rt.revoke(std::slice::from_ref(&a.key));
+        rt.session_ended();
+        let cancel = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the revoked reconcile was not cancelled")
+            .unwrap()
+            .unwrap();
+        assert!(cancel.cancel);
+        assert_eq!(cancel.id, a.id);
+        // ns/b is still held under the lease and reported to the next
+        // manager: its reconcile goes on.
+        assert!(rx.try_recv().is_err(), "{b:?} was cancelled too");
     }
 }
