@@ -50,14 +50,7 @@ async fn setup(prefix: &str) -> anyhow::Result<Setup> {
     )?;
     let kubeconfig = kubeconfig.display().to_string();
     let a = manager(&w, &lease, free_port()?, Some(&kubeconfig)).await?;
-    eventually("manager A to lead", TIMEOUT, || async {
-        a.process().check_running()?;
-        Ok(a.process()
-            .log_tail(400)
-            .contains("leading: starting the coordinator")
-            .then_some(()))
-    })
-    .await?;
+    log_says(&a, "leading: starting the coordinator", "manager A to lead").await?;
     let b = manager(&w, &lease, free_port()?, None).await?;
 
     let both = format!("{},{}", a.addr(), b.addr());
@@ -117,15 +110,10 @@ async fn a_partitioned_leader_stops_before_another_takes_over() -> anyhow::Resul
     // Partition A from the apiserver; its runtimes stay connected to it.
     s.api.blackhole(true);
     let cut = Instant::now();
-    eventually(
+    log_says(
+        a,
+        "closing every session and stopping",
         "manager A to stop leading by its own clock",
-        TIMEOUT,
-        || async {
-            Ok(a.process()
-                .log_tail(400)
-                .contains("closing every session and stopping")
-                .then_some(()))
-        },
     )
     .await?;
     let stopped = Instant::now();
@@ -162,23 +150,16 @@ async fn a_leader_stopped_past_its_lease_acts_no_more_when_continued() -> anyhow
     a.process().signal("STOP").await?;
     let cut = Instant::now();
     let b = &s.b;
-    eventually("manager B to lead", TIMEOUT, || async {
-        Ok(b.process()
-            .log_tail(400)
-            .contains("leading: starting the coordinator")
-            .then_some(()))
-    })
-    .await?;
+    log_says(b, "leading: starting the coordinator", "manager B to lead").await?;
     tokio::time::sleep(LEADER_LEASE).await;
     a.process().signal("CONT").await?;
     // Its clock says its Lease is over: it accepts no session, renews no
     // runtime lease, and exits.
-    eventually("manager A to stop once continued", TIMEOUT, || async {
-        Ok(a.process()
-            .log_tail(400)
-            .contains("closing every session and stopping")
-            .then_some(()))
-    })
+    log_says(
+        a,
+        "closing every session and stopping",
+        "manager A to stop once continued",
+    )
     .await?;
     assert!(
         a.process()
@@ -259,6 +240,14 @@ fn now_us() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or_default()
+}
+
+/// Waits until `manager`'s log has a line containing `line`.
+async fn log_says(manager: &Manager, line: &str, what: &str) -> anyhow::Result<()> {
+    eventually(what, TIMEOUT, || async {
+        Ok(manager.process().log_tail(400).contains(line).then_some(()))
+    })
+    .await
 }
 
 /// `127.0.0.1:port` of the apiserver URL.

@@ -182,8 +182,8 @@ mod tests {
 
     use crate::{config::Config, state::Runtime};
 
-    #[tokio::test]
-    async fn a_cancel_is_not_dropped_when_the_operator_stream_is_full() {
+    /// A runtime as its flags would make it, not connected to any manager.
+    fn runtime() -> Runtime {
         let config = Config::try_parse_from([
             "opmesh-runtime",
             "--mesh",
@@ -194,7 +194,12 @@ mod tests {
             "op-0",
         ])
         .unwrap();
-        let rt = Runtime::new(config);
+        Runtime::new(config)
+    }
+
+    #[tokio::test]
+    async fn a_cancel_is_not_dropped_when_the_operator_stream_is_full() {
+        let rt = runtime();
         // Room for one message: the task fills it.
         let (tx, mut rx) = mpsc::channel(1);
         rt.attach_operator(tx);
@@ -217,17 +222,7 @@ mod tests {
     async fn a_revoked_reconcile_is_cancelled_when_the_stream_ends_before_released() {
         use opmesh_proto::v1::{GroupVersionKind, ObjectEvent, Welcome, object_event::Type};
 
-        let config = Config::try_parse_from([
-            "opmesh-runtime",
-            "--mesh",
-            "ops/mesh",
-            "--pod-namespace",
-            "ops",
-            "--pod-name",
-            "op-0",
-        ])
-        .unwrap();
-        let rt = Runtime::new(config);
+        let rt = runtime();
         let (tx, mut rx) = mpsc::channel(8);
         rt.attach_operator(tx);
         let welcome = Welcome {
