@@ -245,7 +245,12 @@ fn now_us() -> i64 {
 /// Waits until `manager`'s log has a line containing `line`.
 async fn log_says(manager: &Manager, line: &str, what: &str) -> anyhow::Result<()> {
     eventually(what, TIMEOUT, || async {
-        Ok(manager.process().log_tail(400).contains(line).then_some(()))
+        if manager.process().log_tail(400).contains(line) {
+            return Ok(Some(()));
+        }
+        // Not there yet: say so if it never will be.
+        manager.process().check_running()?;
+        Ok(None)
     })
     .await
 }
