@@ -2,9 +2,13 @@
 //!
 //! Each `ConfigMapGenerator` owns a ConfigMap named `<name>-generated` holding
 //! its `spec.data`. The operator writes `status.handledBy` (subset/pod),
-//! `status.observedGeneration` and `status.version`, and appends one JSON
-//! line per reconcile to `--records` so tests can check who reconciled what,
-//! and when.
+//! `status.observedGeneration` and `status.version`, and appends JSON lines
+//! to `--records` so tests can check who reconciled what, and when: one when
+//! a reconcile starts (so a reconcile whose process is killed still shows),
+//! one per API write, and one when it ends. Each write also carries the id
+//! of the reconcile that made it (the ConfigMap's
+//! `example.opmesh.io/written-by` annotation, `status.writtenBy`), so a
+//! watcher sees in which order writes landed on the server.
 //!
 //! The same binary runs as every version; `--version` (`OPMESH_EXAMPLE_VERSION`)
 //! only labels what it writes.
@@ -18,7 +22,10 @@ use std::{
     collections::{BTreeMap, HashMap},
     io::Write as _,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -55,6 +62,10 @@ pub struct ConfigMapGeneratorSpec {
     /// After success, reconcile again after this many milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requeue_after_ms: Option<u64>,
+    /// Each reconcile works this many milliseconds before it writes: a slow
+    /// operator, or with a large value one that hangs until cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile_ms: Option<u64>,
 }
 
 /// What the operator observed.
@@ -70,7 +81,13 @@ pub struct ConfigMapGeneratorStatus {
     /// The operator version that reconciled last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The id of the reconcile that wrote this status (`<pid>-<n>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_by: Option<String>,
 }
+
+/// The ConfigMap annotation naming the reconcile that wrote it.
+const WRITTEN_BY: &str = "example.opmesh.io/written-by";
 
 #[derive(Parser)]
 #[command(about = "Example opmesh operator: ConfigMapGenerator")]
@@ -110,19 +127,46 @@ struct Ctx {
     dry_run: bool,
     /// Failed attempts per (key, generation), for `failTimes`.
     attempts: Mutex<HashMap<(String, i64), u32>>,
+    /// Reconciles started by this process, for their ids.
+    started: AtomicU64,
 }
 
-/// One reconcile, as recorded for tests.
+/// One line of the records file.
 #[derive(Serialize)]
-struct Record<'a> {
-    key: &'a str,
-    runtime: &'a str,
-    subset: &'a str,
-    version: &'a str,
-    generation: i64,
-    start_us: u128,
-    end_us: u128,
-    outcome: &'a str,
+#[serde(tag = "event", rename_all = "snake_case")]
+enum Line<'a> {
+    /// A reconcile started.
+    Start {
+        id: &'a str,
+        key: &'a str,
+        runtime: &'a str,
+        pid: u32,
+        subset: &'a str,
+        version: &'a str,
+        generation: i64,
+        start_us: u128,
+    },
+    /// A reconcile's API write returned.
+    Write {
+        id: &'a str,
+        key: &'a str,
+        target: &'a str,
+        outcome: &'a str,
+        end_us: u128,
+    },
+    /// A reconcile ended.
+    End {
+        id: &'a str,
+        key: &'a str,
+        runtime: &'a str,
+        pid: u32,
+        subset: &'a str,
+        version: &'a str,
+        generation: i64,
+        start_us: u128,
+        end_us: u128,
+        outcome: &'a str,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,8 +191,10 @@ fn now_us() -> u128 {
 async fn reconcile(obj: Arc<ConfigMapGenerator>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let task = opmesh_sdk::current().ok_or(Error::NoTask)?;
     let generation = obj.metadata.generation.unwrap_or_default();
+    let n = ctx.started.fetch_add(1, Ordering::Relaxed);
     let mut record = Recorder {
         ctx: ctx.clone(),
+        id: format!("{}-{n}", std::process::id()),
         key: task.key.clone(),
         runtime: task.runtime_id.clone(),
         subset: task.subset.clone(),
@@ -156,7 +202,20 @@ async fn reconcile(obj: Arc<ConfigMapGenerator>, ctx: Arc<Ctx>) -> Result<Action
         start_us: now_us(),
         outcome: None,
     };
-    let result = apply(&obj, &ctx, &task, generation).await;
+    record.ctx.append(&Line::Start {
+        id: &record.id,
+        key: &record.key,
+        runtime: &record.runtime,
+        pid: std::process::id(),
+        subset: &record.subset,
+        version: &ctx.version,
+        generation,
+        start_us: record.start_us,
+    });
+    if let Some(ms) = obj.spec.reconcile_ms {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let result = apply(&obj, &ctx, &task, &record.id, generation).await;
     record.outcome = Some(match &result {
         Ok(_) => "ok".to_string(),
         Err(e) => format!("error: {e}"),
@@ -164,10 +223,45 @@ async fn reconcile(obj: Arc<ConfigMapGenerator>, ctx: Arc<Ctx>) -> Result<Action
     result
 }
 
+impl Ctx {
+    /// Appends one line to the records file, if there is one.
+    fn append(&self, line: &Line<'_>) {
+        let Some(path) = &self.records else {
+            return;
+        };
+        let line = serde_json::to_string(line).unwrap_or_default();
+        // One write per line with O_APPEND keeps lines whole.
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+
+    /// Records a write's outcome and passes it on.
+    fn wrote<T>(&self, id: &str, key: &str, target: &str, r: kube::Result<T>) -> kube::Result<T> {
+        let outcome = match &r {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        self.append(&Line::Write {
+            id,
+            key,
+            target,
+            outcome: &outcome,
+            end_us: now_us(),
+        });
+        r
+    }
+}
+
 /// Writes the record of one reconcile when dropped, so a reconcile that is
 /// cancelled midway is recorded too (as `cancelled`).
 struct Recorder {
     ctx: Arc<Ctx>,
+    id: String,
     key: String,
     runtime: String,
     subset: String,
@@ -178,28 +272,18 @@ struct Recorder {
 
 impl Drop for Recorder {
     fn drop(&mut self) {
-        let Some(path) = &self.ctx.records else {
-            return;
-        };
-        let line = serde_json::to_string(&Record {
+        self.ctx.append(&Line::End {
+            id: &self.id,
             key: &self.key,
             runtime: &self.runtime,
+            pid: std::process::id(),
             subset: &self.subset,
             version: &self.ctx.version,
             generation: self.generation,
             start_us: self.start_us,
             end_us: now_us(),
             outcome: self.outcome.as_deref().unwrap_or("cancelled"),
-        })
-        .unwrap_or_default();
-        // One write per line with O_APPEND keeps lines whole.
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = f.write_all(format!("{line}\n").as_bytes());
-        }
+        });
     }
 }
 
@@ -207,6 +291,7 @@ async fn apply(
     obj: &ConfigMapGenerator,
     ctx: &Ctx,
     task: &opmesh_sdk::TaskInfo,
+    id: &str,
     generation: i64,
 ) -> Result<Action, Error> {
     let ns = obj.namespace().unwrap_or_default();
@@ -235,12 +320,15 @@ async fn apply(
                 .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
     });
     let pod = task.runtime_id.rsplit('/').next().unwrap_or_default();
-    let want = ConfigMapGeneratorStatus {
+    let mut want = ConfigMapGeneratorStatus {
         handled_by: Some(format!("{}/{pod}", task.subset)),
         observed_generation: Some(generation),
         version: Some(ctx.version.clone()),
+        written_by: obj.status.as_ref().and_then(|s| s.written_by.clone()),
     };
+    // Who wrote last is not part of the desired state.
     let status_current = obj.status.as_ref() == Some(&want);
+    want.written_by = Some(id.to_string());
     if ctx.dry_run {
         return Ok(Action::await_change());
     }
@@ -259,21 +347,24 @@ async fn apply(
                     "example.opmesh.io/generator".to_string(),
                     name.clone(),
                 )])),
+                annotations: Some(BTreeMap::from([(WRITTEN_BY.to_string(), id.to_string())])),
                 ..Default::default()
             },
             data: Some(obj.spec.data.clone()),
             ..Default::default()
         };
         let pp = PatchParams::apply("configmap-generator").force();
-        Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        let r = Api::<ConfigMap>::namespaced(client.clone(), &ns)
             .patch(&cm_name, &pp, &Patch::Apply(&cm))
-            .await?;
+            .await;
+        ctx.wrote(id, &task.key, "configmap", r)?;
     }
     if !status_current {
         let status = serde_json::json!({ "status": want });
-        Api::<ConfigMapGenerator>::namespaced(client, &ns)
+        let r = Api::<ConfigMapGenerator>::namespaced(client, &ns)
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-            .await?;
+            .await;
+        ctx.wrote(id, &task.key, "status", r)?;
     }
 
     Ok(match obj.spec.requeue_after_ms {
@@ -308,6 +399,7 @@ async fn main() -> anyhow::Result<()> {
                 records,
                 dry_run,
                 attempts: Mutex::default(),
+                started: AtomicU64::new(0),
             });
             Controller::<ConfigMapGenerator>::new(&mesh)
                 .owns::<ConfigMap>()

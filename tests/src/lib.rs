@@ -4,8 +4,11 @@
 //!   proxy by `tests/control-plane/build.sh`, one per test binary.
 //! - [`cluster`]: helpers for namespaces, Pods, bound tokens and token reviews.
 //! - [`mesh`]: the manager, sidecars and example operator as real processes.
-//! - [`proxy`]: a loopback TCP proxy whose connections can be cut.
-//! - [`history`]: checks reconcile records for overlapping owners.
+//! - [`proxy`]: a loopback TCP proxy that cuts, blackholes, delays and
+//!   stalls connections.
+//! - [`history`]: checks reconcile records for overlaps, stale writes and
+//!   contested handoffs.
+//! - [`landed`]: watches in which order the example operator's writes land.
 //! - [`world`]: one test's namespace, manager and replicas.
 //! - [`oracle`]: where the published routing function sends a key.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
@@ -15,6 +18,7 @@
 pub mod cluster;
 pub mod control_plane;
 pub mod history;
+pub mod landed;
 pub mod mesh;
 pub mod oracle;
 pub mod proxy;

@@ -65,10 +65,16 @@ pub struct Replica {
 /// One reconcile, as the example operator records it.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct Record {
+    /// The reconcile's id, `<pid>-<n>`, which its writes carry.
+    #[serde(default)]
+    pub id: String,
     /// The primary key.
     pub key: String,
     /// The runtime (pod) that reconciled.
     pub runtime: String,
+    /// The operator process that reconciled.
+    #[serde(default)]
+    pub pid: u32,
     /// Its subset.
     pub subset: String,
     /// The operator version.
@@ -79,7 +85,8 @@ pub struct Record {
     pub start_us: u128,
     /// End, in µs since the epoch.
     pub end_us: u128,
-    /// `ok` or `error: ...`.
+    /// `ok`, `error: ...` or `cancelled`; for a reconcile that never
+    /// recorded its end, see [`crate::history::read`].
     pub outcome: String,
 }
 
@@ -160,6 +167,20 @@ impl Manager {
         port: u16,
         lease: Option<&str>,
     ) -> anyhow::Result<Self> {
+        Self::start_with(cp, bins, dir, mesh_namespace, port, lease, &[]).await
+    }
+
+    /// [`Manager::start_on`] with `extra_env` (for example a `KUBECONFIG`
+    /// through a proxy).
+    pub async fn start_with(
+        cp: &ControlPlane,
+        bins: &Binaries,
+        dir: &Path,
+        mesh_namespace: &str,
+        port: u16,
+        lease: Option<&str>,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut args = vec![
             "run".into(),
             format!("--listen=127.0.0.1:{port}"),
@@ -175,7 +196,7 @@ impl Manager {
                 "--leader-lease-seconds=3".into(),
             ]);
         }
-        Self::spawn(cp, bins, dir, port, &args, &[]).await
+        Self::spawn(cp, bins, dir, port, &args, extra_env).await
     }
 
     /// Starts a manager on `port` with `args` after `run`, and `extra_env`
@@ -259,6 +280,9 @@ pub struct ReplicaOptions<'a> {
     /// Extra environment for both processes; each ignores what it does not
     /// read.
     pub extra_env: &'a [(&'a str, &'a str)],
+    /// Extra environment for the operator only, after `extra_env` (for
+    /// example a `KUBECONFIG` through a proxy).
+    pub operator_env: &'a [(&'a str, &'a str)],
 }
 
 // === impl Replica ===
@@ -322,22 +346,7 @@ impl Replica {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let socket_env = socket.display().to_string();
-        let records_env = records.display().to_string();
-        let mut operator_vars = vec![
-            (env::RUNTIME_SOCKET, socket_env.as_str()),
-            ("OPMESH_EXAMPLE_VERSION", version),
-            ("OPMESH_EXAMPLE_RECORDS", records_env.as_str()),
-        ];
-        operator_vars.extend_from_slice(extra_env);
-        let operator = Process::spawn_with_env(
-            &format!("{pod}-operator"),
-            &bins.operator,
-            &["run".into()],
-            &process_env(cp, &operator_vars),
-            dir,
-            None,
-        )?;
+        let operator = spawn_operator(opts, &socket, &records)?;
         Ok(Self {
             pod: pod.to_string(),
             version: version.to_string(),
@@ -346,6 +355,16 @@ impl Replica {
             sidecar,
             operator,
         })
+    }
+
+    /// Replaces the operator process with a new one, as a kubelet restarts
+    /// a crashed container while the sidecar stays up. The old one must
+    /// have exited (or is killed now).
+    pub fn restart_operator(&mut self, opts: &ReplicaOptions<'_>) -> anyhow::Result<()> {
+        let socket = opts.dir.join(format!("{}.sock", self.pod));
+        let operator = spawn_operator(opts, &socket, &self.records)?;
+        drop(std::mem::replace(&mut self.operator, operator));
+        Ok(())
     }
 
     /// True when the sidecar's `/readyz` says ready.
@@ -370,11 +389,38 @@ impl Replica {
     }
 }
 
-/// Reads a records file; a missing file is empty.
+/// Starts the example operator of a replica against its sidecar's socket.
+fn spawn_operator(
+    opts: &ReplicaOptions<'_>,
+    socket: &Path,
+    records: &Path,
+) -> anyhow::Result<Process> {
+    let socket_env = socket.display().to_string();
+    let records_env = records.display().to_string();
+    let mut operator_vars = vec![
+        (env::RUNTIME_SOCKET, socket_env.as_str()),
+        ("OPMESH_EXAMPLE_VERSION", opts.version),
+        ("OPMESH_EXAMPLE_RECORDS", records_env.as_str()),
+    ];
+    operator_vars.extend_from_slice(opts.extra_env);
+    operator_vars.extend_from_slice(opts.operator_env);
+    Process::spawn_with_env(
+        &format!("{}-operator", opts.pod),
+        &opts.bins.operator,
+        &["run".into()],
+        &process_env(opts.cp, &operator_vars),
+        opts.dir,
+        None,
+    )
+}
+
+/// Reads the reconciles that ended from a records file; a missing file is
+/// empty.
 pub fn read_records(path: &Path) -> Vec<Record> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
+        .filter(|l| l.contains(r#""event":"end""#))
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }

@@ -1,22 +1,40 @@
-//! A TCP proxy on loopback whose connections a test can cut, to break the
-//! stream between a runtime and the manager without killing either, or
-//! blackhole, to partition a process from what it talks to: bytes stop
-//! flowing but no connection closes, as when a network drops packets.
+//! A TCP proxy on loopback whose connections a test can break in the ways
+//! networks do:
+//!
+//! - cut: every open connection closes;
+//! - blackhole: bytes stop flowing but no connection closes, as when a
+//!   network drops packets;
+//! - delay: bytes from the client reach the target only after a delay; a
+//!   client that gives up first (closes) takes its undelivered bytes with
+//!   it, and the target's side is reset, as when a stalled connection is
+//!   torn down;
+//! - hold replies: the target's bytes are not passed on, as if the client
+//!   stopped reading (TCP backpressure), while the client's still flow.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::{Mutex, watch},
+    sync::{Mutex, mpsc, watch},
+    time::Instant,
 };
 
 /// Forwards `127.0.0.1:<port>` to a target that can be changed.
 pub struct Proxy {
     port: u16,
-    cut: watch::Sender<u64>,
-    blackhole: watch::Sender<bool>,
+    modes: Modes,
     target: Arc<Mutex<SocketAddr>>,
     _task: tokio::task::JoinHandle<()>,
+}
+
+/// What the test has asked of the proxy; every connection watches these.
+#[derive(Clone)]
+struct Modes {
+    cut: watch::Sender<u64>,
+    blackhole: watch::Sender<bool>,
+    delay: watch::Sender<Duration>,
+    hold_replies: watch::Sender<bool>,
 }
 
 // === impl Proxy ===
@@ -26,40 +44,47 @@ impl Proxy {
     pub async fn start(target: SocketAddr) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        let (cut, cuts) = watch::channel(0u64);
-        let (blackhole, holes) = watch::channel(false);
+        let modes = Modes {
+            cut: watch::channel(0u64).0,
+            blackhole: watch::channel(false).0,
+            delay: watch::channel(Duration::ZERO).0,
+            hold_replies: watch::channel(false).0,
+        };
         let target = Arc::new(Mutex::new(target));
-        let to = target.clone();
+        let (to, m) = (target.clone(), modes.clone());
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
-                let (to, mut cuts, mut holes) = (*to.lock().await, cuts.clone(), holes.clone());
-                cuts.mark_unchanged();
-                tokio::spawn(async move {
-                    let mut inbound = inbound;
-                    if !*holes.borrow() {
-                        let Ok(mut outbound) = TcpStream::connect(to).await else {
-                            return;
-                        };
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
-                            _ = cuts.changed() => return,
-                            _ = holes.wait_for(|h| *h) => {}
-                        }
-                    }
-                    // Blackholed: hold the connection open and forward
-                    // nothing, until it is cut.
-                    let _ = cuts.changed().await;
-                    drop(inbound);
-                });
+                let to = *to.lock().await;
+                tokio::spawn(forward(inbound, to, m.clone()));
             }
         });
         Ok(Self {
             port,
-            cut,
-            blackhole,
+            modes,
             target,
             _task: task,
         })
+    }
+
+    /// Starts a proxy to the control plane's apiserver and writes a
+    /// kubeconfig at `path` that reaches the apiserver through it, for a
+    /// process the test wants to partition or slow down.
+    pub async fn to_apiserver(
+        cp: &crate::ControlPlane,
+        path: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let server = cp.server();
+        let addr: SocketAddr = server
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .parse()?;
+        let proxy = Self::start(addr).await?;
+        std::fs::write(
+            path,
+            std::fs::read_to_string(cp.kubeconfig())?
+                .replace(server, &format!("https://127.0.0.1:{}", proxy.port)),
+        )?;
+        Ok(proxy)
     }
 
     /// The `http://` address clients dial.
@@ -75,17 +100,104 @@ impl Proxy {
     /// Stops (or resumes) forwarding: open connections stay open but carry
     /// nothing more, and new ones are accepted and left hanging.
     pub fn blackhole(&self, on: bool) {
-        self.blackhole.send_replace(on);
+        self.modes.blackhole.send_replace(on);
     }
 
     /// Drops every open connection; new ones are accepted as before.
     pub fn cut(&self) {
-        self.cut.send_modify(|n| *n += 1);
+        self.modes.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Delays the client's bytes by `delay` (zero: no delay) from now on.
+    pub fn delay(&self, delay: Duration) {
+        self.modes.delay.send_replace(delay);
+    }
+
+    /// Stops (or resumes) passing the target's bytes to clients, as if they
+    /// had stopped reading.
+    pub fn hold_replies(&self, on: bool) {
+        self.modes.hold_replies.send_replace(on);
     }
 
     /// Sends new connections to `target`.
     pub async fn retarget(&self, target: SocketAddr) {
         *self.target.lock().await = target;
+    }
+}
+
+/// Carries one connection until it closes, is cut or is blackholed.
+async fn forward(inbound: TcpStream, to: SocketAddr, m: Modes) {
+    let mut cuts = m.cut.subscribe();
+    let mut holes = m.blackhole.subscribe();
+    if !*holes.borrow() {
+        let Ok(outbound) = TcpStream::connect(to).await else {
+            return;
+        };
+        // Closing with undelivered bytes resets the target's side, so a
+        // request cut short is never half applied.
+        #[allow(deprecated)]
+        let _ = outbound.set_linger(Some(Duration::ZERO));
+        let (mut client_rx, mut client_tx) = inbound.into_split();
+        let (mut target_rx, mut target_tx) = outbound.into_split();
+        let (delayed, mut due) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+        let delay = m.delay.subscribe();
+        let up = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match client_rx.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let at = Instant::now() + *delay.borrow();
+                        if delayed.send((at, buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        let deliver = async {
+            while let Some((at, bytes)) = due.recv().await {
+                tokio::time::sleep_until(at).await;
+                if target_tx.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let mut held = m.hold_replies.subscribe();
+        let down = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                if held.wait_for(|h| !*h).await.is_err() {
+                    return;
+                }
+                match target_rx.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if held.wait_for(|h| !*h).await.is_err()
+                            || client_tx.write_all(&buf[..n]).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            // Either side closed: undelivered bytes go with the connection.
+            _ = up => return,
+            _ = deliver => return,
+            _ = down => return,
+            _ = cuts.changed() => return,
+            _ = holes.wait_for(|h| *h) => {}
+        }
+        // Blackholed: hold the client's side open and forward nothing,
+        // until it is cut.
+        drop((target_rx, target_tx));
+        let _ = cuts.changed().await;
+        drop((client_rx, client_tx));
+    } else {
+        let _ = cuts.changed().await;
+        drop(inbound);
     }
 }
 

@@ -141,6 +141,7 @@ impl World {
             labels: &[],
             version,
             extra_env: &[],
+            operator_env: &[],
         }
     }
 

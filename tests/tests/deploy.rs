@@ -172,6 +172,7 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
                 labels: &[],
                 version,
                 extra_env: &[("KUBECONFIG", &kubeconfig)],
+                operator_env: &[],
             })
             .await?,
         );

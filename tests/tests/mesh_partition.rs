@@ -41,13 +41,8 @@ async fn setup(prefix: &str) -> anyhow::Result<Setup> {
     let lease = format!("opmesh-{}", w.ns);
 
     // Manager A reaches the apiserver through a proxy the test can blackhole.
-    let api = Proxy::start(api_addr(w.cp.server())?).await?;
     let kubeconfig = w.dir.path().join("via-proxy.kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        std::fs::read_to_string(w.cp.kubeconfig())?
-            .replace(w.cp.server(), &format!("https://127.0.0.1:{}", api.port())),
-    )?;
+    let api = Proxy::to_apiserver(w.cp, &kubeconfig).await?;
     let kubeconfig = kubeconfig.display().to_string();
     let a = manager(&w, &lease, free_port()?, Some(&kubeconfig)).await?;
     log_says(&a, "leading: starting the coordinator", "manager A to lead").await?;
@@ -256,13 +251,6 @@ async fn log_says(manager: &Manager, line: &str, what: &str) -> anyhow::Result<(
 }
 
 /// `127.0.0.1:port` of the apiserver URL.
-fn api_addr(server: &str) -> anyhow::Result<std::net::SocketAddr> {
-    Ok(server
-        .trim_start_matches("https://")
-        .trim_end_matches('/')
-        .parse()?)
-}
-
 /// The time, in µs since the epoch, of the last (or first) log line that
 /// contains `what`.
 fn log_time(log: &str, what: &str, last: bool) -> anyhow::Result<i64> {

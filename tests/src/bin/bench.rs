@@ -306,6 +306,7 @@ impl Setup<'_> {
                         labels: &[("app", &app), ("version", version)],
                         version,
                         extra_env: operator_env,
+                        operator_env: &[],
                     },
                 )
                 .await

@@ -139,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
                     labels: &[("app", "configmap-generator"), ("version", version)],
                     version,
                     extra_env: &[],
+                    operator_env: &[],
                 },
             )
             .await?,

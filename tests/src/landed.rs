@@ -1,0 +1,177 @@
+//! Watches the example operator's writes land on the apiserver, in the
+//! order they landed: every ConfigMap it generates and every
+//! ConfigMapGenerator status names the reconcile that wrote it last, and
+//! each change of that name is one landed write.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    Api, Client, ResourceExt as _,
+    api::DynamicObject,
+    runtime::watcher::{self, Event},
+};
+
+use crate::{history::Landed, mesh::generator_resource};
+
+/// The ConfigMap annotation the example operator sets to its reconcile id.
+const WRITTEN_BY: &str = "example.opmesh.io/written-by";
+/// The label naming a generated ConfigMap's generator.
+const GENERATOR: &str = "example.opmesh.io/generator";
+
+#[derive(Default)]
+struct Log {
+    landed: Vec<Landed>,
+    /// The last writer seen per object (kind, namespace, name).
+    last: HashMap<(&'static str, String, String), String>,
+    /// Watches that had to list again after the first, and may have
+    /// missed writes meanwhile.
+    relists: usize,
+}
+
+/// The writes landed so far in a set of namespaces, while it lives.
+pub struct WriteLog {
+    log: Arc<Mutex<Log>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+// === impl WriteLog ===
+
+impl WriteLog {
+    /// Starts watching generated ConfigMaps and generator statuses in
+    /// `namespaces`.
+    pub fn start(client: &Client, namespaces: &[String]) -> Self {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let namespaces: Arc<BTreeSet<String>> = Arc::new(namespaces.iter().cloned().collect());
+        let cms: Api<ConfigMap> = Api::all(client.clone());
+        let generators: Api<DynamicObject> = Api::all_with(client.clone(), &generator_resource());
+        let cm_task = {
+            let (log, namespaces) = (log.clone(), namespaces.clone());
+            let config = watcher::Config::default().labels(GENERATOR);
+            tokio::spawn(async move {
+                let mut events = watcher::watcher(cms, config).boxed();
+                let mut inits = 0usize;
+                while let Some(ev) = events.next().await {
+                    match ev {
+                        Ok(Event::Init) => {
+                            inits += 1;
+                            if inits > 1 {
+                                lock(&log).relists += 1;
+                            }
+                        }
+                        Ok(Event::Apply(cm) | Event::InitApply(cm)) => {
+                            let ns = cm.namespace().unwrap_or_default();
+                            if !namespaces.contains(&ns) {
+                                continue;
+                            }
+                            let generator = cm.labels().get(GENERATOR).cloned().unwrap_or_default();
+                            let writer = cm.annotations().get(WRITTEN_BY).cloned();
+                            record(
+                                &log,
+                                "configmap",
+                                &ns,
+                                &cm.name_any(),
+                                &generator,
+                                writer,
+                                &cm,
+                            );
+                        }
+                        Ok(_) | Err(_) => {}
+                    }
+                }
+            })
+        };
+        let status_task = {
+            let (log, namespaces) = (log.clone(), namespaces);
+            tokio::spawn(async move {
+                let mut events = watcher::watcher(generators, watcher::Config::default()).boxed();
+                let mut inits = 0usize;
+                while let Some(ev) = events.next().await {
+                    match ev {
+                        Ok(Event::Init) => {
+                            inits += 1;
+                            if inits > 1 {
+                                lock(&log).relists += 1;
+                            }
+                        }
+                        Ok(Event::Apply(g) | Event::InitApply(g)) => {
+                            let ns = g.namespace().unwrap_or_default();
+                            if !namespaces.contains(&ns) {
+                                continue;
+                            }
+                            let writer = g.data["status"]["writtenBy"].as_str().map(str::to_string);
+                            let name = g.name_any();
+                            record(&log, "status", &ns, &name, &name, writer, &g);
+                        }
+                        Ok(_) | Err(_) => {}
+                    }
+                }
+            })
+        };
+        Self {
+            log,
+            tasks: vec![cm_task, status_task],
+        }
+    }
+
+    /// The writes landed so far, each keyed by its generator.
+    pub fn landed(&self) -> Vec<Landed> {
+        lock(&self.log).landed.clone()
+    }
+
+    /// How many times a watch had to list again; writes in between may be
+    /// missing.
+    pub fn relists(&self) -> usize {
+        lock(&self.log).relists
+    }
+}
+
+impl Drop for WriteLog {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn lock(log: &Mutex<Log>) -> std::sync::MutexGuard<'_, Log> {
+    log.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records a write if the object's writer changed.
+fn record<K: kube::Resource>(
+    log: &Mutex<Log>,
+    kind: &'static str,
+    ns: &str,
+    name: &str,
+    generator: &str,
+    writer: Option<String>,
+    obj: &K,
+) {
+    let Some(writer) = writer else {
+        return;
+    };
+    let Some(rv) = obj
+        .meta()
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+    else {
+        return;
+    };
+    let mut log = lock(log);
+    let last = log
+        .last
+        .insert((kind, ns.to_string(), name.to_string()), writer.clone());
+    if last.as_deref() != Some(writer.as_str()) {
+        log.landed.push(Landed {
+            key: format!("{ns}/{generator}"),
+            resource_version: rv,
+            writer,
+        });
+    }
+}
