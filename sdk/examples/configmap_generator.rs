@@ -5,7 +5,8 @@
 //! `status.observedGeneration` and `status.version`, and appends JSON lines
 //! to `--records` so tests can check who reconciled what, and when: one when
 //! a reconcile starts (so a reconcile whose process is killed still shows),
-//! one per API write, and one when it ends. Each write also carries the id
+//! one when it starts working (`reconcileMs`), one before and one after each
+//! API write, and one when it ends. Each write also carries the id
 //! of the reconcile that made it (the ConfigMap's
 //! `example.opmesh.io/written-by` annotation, `status.writtenBy`), so a
 //! watcher sees in which order writes landed on the server.
@@ -146,6 +147,15 @@ enum Line<'a> {
         generation: i64,
         start_us: u128,
     },
+    /// A reconcile read what it needs and works (`reconcileMs`) before
+    /// writing.
+    Working { id: &'a str, key: &'a str },
+    /// A reconcile's API write is about to be sent.
+    Writing {
+        id: &'a str,
+        key: &'a str,
+        target: &'a str,
+    },
     /// A reconcile's API write returned.
     Write {
         id: &'a str,
@@ -212,9 +222,6 @@ async fn reconcile(obj: Arc<ConfigMapGenerator>, ctx: Arc<Ctx>) -> Result<Action
         generation,
         start_us: record.start_us,
     });
-    if let Some(ms) = obj.spec.reconcile_ms {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
     let result = apply(&obj, &ctx, &task, &record.id, generation).await;
     record.outcome = Some(match &result {
         Ok(_) => "ok".to_string(),
@@ -332,6 +339,11 @@ async fn apply(
     if ctx.dry_run {
         return Ok(Action::await_change());
     }
+    // The work between reading and writing, if the spec asks for any.
+    if let Some(ms) = obj.spec.reconcile_ms {
+        ctx.append(&Line::Working { id, key: &task.key });
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
 
     // Writes are fenced: if this replica loses the key or its lease
     // mid-reconcile, they fail instead of racing the new owner.
@@ -354,6 +366,11 @@ async fn apply(
             ..Default::default()
         };
         let pp = PatchParams::apply("configmap-generator").force();
+        ctx.append(&Line::Writing {
+            id,
+            key: &task.key,
+            target: "configmap",
+        });
         let r = Api::<ConfigMap>::namespaced(client.clone(), &ns)
             .patch(&cm_name, &pp, &Patch::Apply(&cm))
             .await;
@@ -361,6 +378,11 @@ async fn apply(
     }
     if !status_current {
         let status = serde_json::json!({ "status": want });
+        ctx.append(&Line::Writing {
+            id,
+            key: &task.key,
+            target: "status",
+        });
         let r = Api::<ConfigMapGenerator>::namespaced(client, &ns)
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
             .await;

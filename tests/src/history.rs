@@ -164,6 +164,55 @@ pub fn read(paths: &[&Path], deaths: &Deaths, now_us: u128) -> Vec<Record> {
     out
 }
 
+/// One API write as the operator recorded it when it returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    /// The reconcile that made it.
+    pub id: String,
+    /// The primary key.
+    pub key: String,
+    /// What was written: `configmap` or `status`.
+    pub target: String,
+    /// `ok` or `error: ...`.
+    pub outcome: String,
+}
+
+/// Every write recorded in the records file at `path` as returned.
+pub fn read_writes(path: &Path) -> Vec<Write> {
+    read_events(path, "write")
+}
+
+/// The ids of the reconciles in the records file at `path` that recorded
+/// `event` (`working`, `writing`, ...), with the target for writes.
+pub fn events(path: &Path, event: &str) -> Vec<Write> {
+    read_events(path, event)
+}
+
+fn read_events(path: &Path, event: &str) -> Vec<Write> {
+    #[derive(Deserialize)]
+    struct W {
+        event: String,
+        id: String,
+        key: String,
+        #[serde(default)]
+        target: String,
+        #[serde(default)]
+        outcome: String,
+    }
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<W>(l).ok())
+        .filter(|w| w.event == event)
+        .map(|w| Write {
+            id: w.id,
+            key: w.key,
+            target: w.target,
+            outcome: w.outcome,
+        })
+        .collect()
+}
+
 /// A write as it landed on the apiserver: the object's resourceVersion
 /// after it, and the reconcile that made it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -31,6 +31,8 @@ struct Log {
     /// Watches that had to list again after the first, and may have
     /// missed writes meanwhile.
     relists: usize,
+    /// The highest resourceVersion seen on a generator.
+    generator_rv: u64,
 }
 
 /// The writes landed so far in a set of namespaces, while it lives.
@@ -104,6 +106,15 @@ impl WriteLog {
                                 continue;
                             }
                             let writer = g.data["status"]["writtenBy"].as_str().map(str::to_string);
+                            if let Some(rv) = g
+                                .metadata
+                                .resource_version
+                                .as_deref()
+                                .and_then(|v| v.parse().ok())
+                            {
+                                let mut l = lock(&log);
+                                l.generator_rv = l.generator_rv.max(rv);
+                            }
                             let name = g.name_any();
                             record(&log, "status", &ns, &name, &name, writer, &g);
                         }
@@ -121,6 +132,13 @@ impl WriteLog {
     /// The writes landed so far, each keyed by its generator.
     pub fn landed(&self) -> Vec<Landed> {
         lock(&self.log).landed.clone()
+    }
+
+    /// The highest resourceVersion seen on any generator: once it passes a
+    /// write's, every status write that landed before that write is in
+    /// [`WriteLog::landed`].
+    pub fn generator_rv(&self) -> u64 {
+        lock(&self.log).generator_rv
     }
 
     /// How many times a watch had to list again; writes in between may be

@@ -11,7 +11,14 @@
 //! - hold replies: the target's bytes are not passed on, as if the client
 //!   stopped reading (TCP backpressure), while the client's still flow.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -35,6 +42,22 @@ struct Modes {
     blackhole: watch::Sender<bool>,
     delay: watch::Sender<Duration>,
     hold_replies: watch::Sender<bool>,
+    /// Delayed chunks neither delivered nor discarded yet.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// A delayed chunk of the client's bytes; it counts as in flight until it
+/// is delivered or discarded.
+struct Chunk {
+    at: Instant,
+    bytes: Vec<u8>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 // === impl Proxy ===
@@ -49,6 +72,7 @@ impl Proxy {
             blackhole: watch::channel(false).0,
             delay: watch::channel(Duration::ZERO).0,
             hold_replies: watch::channel(false).0,
+            in_flight: Arc::default(),
         };
         let target = Arc::new(Mutex::new(target));
         let (to, m) = (target.clone(), modes.clone());
@@ -113,6 +137,12 @@ impl Proxy {
         self.modes.delay.send_replace(delay);
     }
 
+    /// How many chunks of delayed bytes are still held: neither delivered
+    /// nor discarded with their connection.
+    pub fn in_flight(&self) -> usize {
+        self.modes.in_flight.load(Ordering::SeqCst)
+    }
+
     /// Stops (or resumes) passing the target's bytes to clients, as if they
     /// had stopped reading.
     pub fn hold_replies(&self, on: bool) {
@@ -139,7 +169,7 @@ async fn forward(inbound: TcpStream, to: SocketAddr, m: Modes) {
         let _ = outbound.set_linger(Some(Duration::ZERO));
         let (mut client_rx, mut client_tx) = inbound.into_split();
         let (mut target_rx, mut target_tx) = outbound.into_split();
-        let (delayed, mut due) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+        let (delayed, mut due) = mpsc::unbounded_channel::<Chunk>();
         let delay = m.delay.subscribe();
         let up = async {
             let mut buf = vec![0u8; 16 * 1024];
@@ -147,8 +177,13 @@ async fn forward(inbound: TcpStream, to: SocketAddr, m: Modes) {
                 match client_rx.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
-                        let at = Instant::now() + *delay.borrow();
-                        if delayed.send((at, buf[..n].to_vec())).is_err() {
+                        m.in_flight.fetch_add(1, Ordering::SeqCst);
+                        let chunk = Chunk {
+                            at: Instant::now() + *delay.borrow(),
+                            bytes: buf[..n].to_vec(),
+                            in_flight: m.in_flight.clone(),
+                        };
+                        if delayed.send(chunk).is_err() {
                             return;
                         }
                     }
@@ -156,9 +191,9 @@ async fn forward(inbound: TcpStream, to: SocketAddr, m: Modes) {
             }
         };
         let deliver = async {
-            while let Some((at, bytes)) = due.recv().await {
-                tokio::time::sleep_until(at).await;
-                if target_tx.write_all(&bytes).await.is_err() {
+            while let Some(chunk) = due.recv().await {
+                tokio::time::sleep_until(chunk.at).await;
+                if target_tx.write_all(&chunk.bytes).await.is_err() {
                     return;
                 }
             }
