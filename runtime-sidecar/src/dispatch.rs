@@ -66,3 +66,80 @@ pub(crate) async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
         rt.hand_out(key, object, permit);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use opmesh_proto::v1::{GroupVersionKind, ObjectEvent, Task, Welcome, object_event::Type};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::state::Registration;
+
+    /// The next task within 5 s (of paused time), if any.
+    async fn next(rx: &mut mpsc::Receiver<Result<Task, tonic::Status>>) -> Option<Task> {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .ok()
+            .flatten()
+            .map(|t| t.expect("a task, not an error"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_hands_out_more_than_the_concurrency_limit() {
+        let rt = Arc::new(Runtime::for_test(&["--max-concurrent-reconciles", "2"]));
+        let gvk = GroupVersionKind {
+            version: "v1".into(),
+            kind: "ConfigMap".into(),
+            ..Default::default()
+        };
+        rt.registration.send_replace(Some(Registration {
+            primary: gvk.clone(),
+            owns: Vec::new(),
+        }));
+        let (tx, mut rx) = mpsc::channel(16);
+        rt.attach_operator(tx);
+        let welcome = Welcome {
+            runtime_id: "ops/op-0".into(),
+            subset: "v1".into(),
+            lease_ttl_ms: 3_600_000,
+        };
+        rt.welcomed(&welcome, tokio::time::Instant::now(), &[]);
+        for i in 0..5 {
+            rt.on_event(ObjectEvent {
+                key: format!("ns/k{i}"),
+                r#type: Type::Applied as i32,
+                gvk: Some(gvk.clone()),
+                namespace: "ns".into(),
+                name: format!("k{i}"),
+                object: b"{}".to_vec(),
+                ..Default::default()
+            });
+        }
+        rt.on_synced();
+        let (_stop, stop) = watch::channel(false);
+        let dispatch = tokio::spawn(run(rt.clone(), stop));
+
+        let first = next(&mut rx).await.expect("a first task");
+        let second = next(&mut rx).await.expect("a second task");
+        // With the clock paused, the timeout only fires once everything is
+        // idle: a third task would have arrived by then.
+        assert!(
+            next(&mut rx).await.is_none(),
+            "a third reconcile started while two ran"
+        );
+        // One finishes: exactly one more starts.
+        assert!(rt.complete(first.id).is_some());
+        rt.queue.forget(&first.key);
+        rt.queue.done(&first.key);
+        rt.bump();
+        let third = next(&mut rx).await.expect("a task after one finished");
+        assert_ne!(third.key, second.key);
+        assert!(
+            next(&mut rx).await.is_none(),
+            "two started after one finished"
+        );
+        dispatch.abort();
+    }
+}

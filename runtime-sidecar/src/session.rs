@@ -268,19 +268,27 @@ async fn session(
                 });
             }
             Some(Msg::Lease(l)) => {
-                let sent = sent_at
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&l.seq)
-                    .copied();
-                // Validity counts from when the heartbeat was sent, the safe side.
-                if let Some(sent) = sent {
-                    rt.renewed(sent + Duration::from_millis(u64::from(l.ttl_ms)));
+                let until = renewed_until(
+                    &sent_at.lock().unwrap_or_else(|e| e.into_inner()),
+                    l.seq,
+                    l.ttl_ms,
+                );
+                if let Some(until) = until {
+                    rt.renewed(until);
                 }
             }
             Some(Msg::Welcome(_)) | None => {}
         }
     }
+}
+
+/// When a renewal answering heartbeat `seq` ends the lease: `ttl_ms` from
+/// when that heartbeat was sent, since the manager's lease started no
+/// earlier, and never from when the answer arrived, which may be late. An
+/// answer to a heartbeat this session never sent renews nothing.
+fn renewed_until(sent_at: &HashMap<u64, Instant>, seq: u64, ttl_ms: u32) -> Option<Instant> {
+    let sent = sent_at.get(&seq)?;
+    Some(*sent + Duration::from_millis(u64::from(ttl_ms)))
 }
 
 /// A graceful shutdown: start nothing new, let running reconciles finish,
@@ -303,4 +311,23 @@ async fn goodbye(rt: &Runtime, tx: &mpsc::Sender<RuntimeMessage>) -> Result<(), 
     let _ = tokio::time::timeout(Duration::from_millis(500), tx.closed()).await;
     tracing::info!("said goodbye");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_renewal_counts_from_when_its_heartbeat_was_sent() {
+        let now = Instant::now();
+        let sent = now - Duration::from_secs(2);
+        let sent_at = HashMap::from([(7, sent)]);
+        // The answer arrives 2 s after the heartbeat: the lease still ends
+        // 3 s after the heartbeat, 1 s from now, not 3 s from now.
+        assert_eq!(
+            renewed_until(&sent_at, 7, 3000),
+            Some(sent + Duration::from_secs(3))
+        );
+        assert!(renewed_until(&sent_at, 8, 3000).is_none());
+    }
 }

@@ -376,6 +376,26 @@ impl Runtime {
     }
 }
 
+#[cfg(test)]
+impl Runtime {
+    /// A runtime as its flags (plus `extra`) would make it, not connected
+    /// to any manager.
+    pub(crate) fn for_test(extra: &[&str]) -> Self {
+        use clap::Parser as _;
+        let mut args = vec![
+            "opmesh-runtime",
+            "--mesh",
+            "ops/mesh",
+            "--pod-namespace",
+            "ops",
+            "--pod-name",
+            "op-0",
+        ];
+        args.extend_from_slice(extra);
+        Self::new(Config::try_parse_from(args).expect("test flags parse"))
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain data behind these locks stays consistent even after a panic.
     m.lock().unwrap_or_else(|e| e.into_inner())

@@ -21,6 +21,9 @@ pub(crate) struct Inflight {
     pub(crate) started: Instant,
     /// The operator connection it went to.
     pub(crate) operator: u64,
+    /// That connection's stream: its cancel goes there, even after another
+    /// operator connection has replaced it.
+    tx: TaskSender,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -38,17 +41,15 @@ impl Runtime {
         self.cancel_where(|_| true);
     }
 
-    /// Asks the operator to stop the running reconciles `pick` selects.
+    /// Asks the operator to stop the running reconciles `pick` selects,
+    /// each on the connection that runs it.
     pub(crate) fn cancel_where(&self, pick: impl Fn(&Inflight) -> bool) {
-        let Some((op, tx)) = lock(&self.operator).clone() else {
-            return;
-        };
-        let ids: Vec<u64> = lock(&self.inflight)
+        let picked: Vec<(u64, TaskSender)> = lock(&self.inflight)
             .iter()
-            .filter(|(_, i)| i.operator == op && pick(i))
-            .map(|(id, _)| *id)
+            .filter(|(_, i)| pick(i))
+            .map(|(id, i)| (*id, i.tx.clone()))
             .collect();
-        for id in ids {
+        for (id, tx) in picked {
             let cancel = Task {
                 id,
                 cancel: true,
@@ -60,7 +61,6 @@ impl Runtime {
                 // for room (after the tasks already queued, which it follows).
                 Err(TrySendError::Full(cancel)) => match Handle::try_current() {
                     Ok(runtime) => {
-                        let tx = tx.clone();
                         runtime.spawn(async move {
                             let _ = tx.send(cancel).await;
                         });
@@ -73,7 +73,9 @@ impl Runtime {
         }
     }
 
-    /// Connects an operator's task stream, replacing any earlier one.
+    /// Connects an operator's task stream, replacing any earlier one for
+    /// new tasks. Tasks still running on the earlier one stay tracked until
+    /// they complete or it closes, and can still be cancelled there.
     /// Returns the connection's id.
     pub(crate) fn attach_operator(&self, tx: TaskSender) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -134,6 +136,7 @@ impl Runtime {
                 key: key.clone(),
                 started: Instant::now(),
                 operator: op_id,
+                tx: tx.clone(),
                 _permit: permit,
             },
         );
@@ -177,24 +180,45 @@ impl Runtime {
 mod tests {
     use std::sync::Arc;
 
-    use clap::Parser as _;
     use tokio::sync::{Semaphore, mpsc};
 
-    use crate::{config::Config, state::Runtime};
+    use crate::state::Runtime;
 
-    /// A runtime as its flags would make it, not connected to any manager.
     fn runtime() -> Runtime {
-        let config = Config::try_parse_from([
-            "opmesh-runtime",
-            "--mesh",
-            "ops/mesh",
-            "--pod-namespace",
-            "ops",
-            "--pod-name",
-            "op-0",
-        ])
-        .unwrap();
-        Runtime::new(config)
+        Runtime::for_test(&[])
+    }
+
+    #[tokio::test]
+    async fn a_second_operator_connection_does_not_orphan_running_work() {
+        let rt = runtime();
+        let (first, mut first_rx) = mpsc::channel(8);
+        let first_id = rt.attach_operator(first);
+        let permits = Arc::new(Semaphore::new(2));
+        let permit = permits.clone().acquire_owned().await.unwrap();
+        assert!(rt.hand_out("ns/a".into(), b"{}".to_vec(), permit));
+        let task = first_rx.recv().await.unwrap().unwrap();
+        // A second connection takes over new work...
+        let (second, mut second_rx) = mpsc::channel(8);
+        rt.attach_operator(second);
+        let permit = permits.clone().acquire_owned().await.unwrap();
+        assert!(rt.hand_out("ns/b".into(), b"{}".to_vec(), permit));
+        assert_eq!(second_rx.recv().await.unwrap().unwrap().key, "ns/b");
+        // ...but ns/a still runs on the first: its cancel must reach it.
+        rt.cancel_keys(&["ns/a".to_string()]);
+        let cancel = tokio::time::timeout(std::time::Duration::from_secs(5), first_rx.recv())
+            .await
+            .expect("the cancel never reached the connection running the task")
+            .unwrap()
+            .unwrap();
+        assert!(cancel.cancel);
+        assert_eq!(cancel.id, task.id);
+        assert!(
+            second_rx.try_recv().is_err(),
+            "the cancel went to the wrong connection"
+        );
+        // When the first connection goes, its task is taken back.
+        rt.detach_operator(first_id);
+        assert!(rt.complete(task.id).is_none());
     }
 
     #[tokio::test]
