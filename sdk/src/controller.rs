@@ -336,6 +336,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+#[cfg(test)]
+mod tests;
+
 /// Aborts every task in the map when dropped.
 struct AbortAll(Arc<Mutex<HashMap<u64, JoinHandle<()>>>>);
 

@@ -116,12 +116,16 @@ impl tower::Service<Request<Body>> for Fence {
                         .into(),
                 }) as BoxError);
             };
+            // The sidecar measured the remaining lease after this instant,
+            // so counting the budget from here stays on the safe side of
+            // the round trip.
+            let asked = tokio::time::Instant::now();
             let answer = sidecar
                 .ownership(OwnershipRequest { key: key.clone() })
                 .await?
                 .into_inner();
             let budget = budget(&key, &answer).map_err(|f| Box::new(f) as BoxError)?;
-            match tokio::time::timeout(budget, inner.send(req)).await {
+            match tokio::time::timeout_at(asked + budget, inner.send(req)).await {
                 Ok(result) => result.map_err(|e| Box::new(e) as BoxError),
                 Err(_) => Err(Box::new(Fenced {
                     key,
