@@ -146,13 +146,13 @@ pub(crate) async fn elect(
             name,
             identity,
             duration,
-            observed: None,
+            observed: Observed::new(),
         };
         // Renew three times per duration, and try as often to take over.
         let period = duration / 3;
         loop {
             let sent = Instant::now();
-            match tokio::time::timeout(period, election.attempt(sent)).await {
+            match tokio::time::timeout(period, election.attempt()).await {
                 Ok(Ok(true)) => {
                     let until = sent + duration - margin(duration);
                     if !authority.lead_until(Some(until)) {
@@ -202,15 +202,48 @@ struct Election {
     identity: String,
     duration: Duration,
     /// Another holder's record, and when this manager first saw it.
-    observed: Option<((String, Option<MicroTime>), Instant)>,
+    observed: Observed<(String, Option<MicroTime>)>,
+}
+
+/// Another manager's Lease record, and when this manager first read it.
+///
+/// The holder's renewal was written before this manager's read returned, so
+/// counting a record's age from when the read *returned* never starts
+/// before the renewal did. Counting from when the read was *sent* would: a
+/// read delayed in flight past the holder's last renewal would start the
+/// wait early, and a takeover could come while the holder still leads by
+/// its own clock (the leader model test in `leader/tests.rs` finds this).
+#[derive(Debug)]
+pub(crate) struct Observed<R> {
+    seen: Option<(R, Instant)>,
+}
+
+impl<R: PartialEq> Observed<R> {
+    /// Nothing observed yet.
+    pub(crate) fn new() -> Self {
+        Self { seen: None }
+    }
+
+    /// `record` was read by a request that returned at `read_at`: true once
+    /// the same record has been seen unchanged for `held_for`.
+    pub(crate) fn expired(&mut self, record: R, read_at: Instant, held_for: Duration) -> bool {
+        let since = match &self.seen {
+            Some((seen, at)) if *seen == record => *at,
+            _ => {
+                self.seen = Some((record, read_at));
+                read_at
+            }
+        };
+        read_at >= since + held_for
+    }
 }
 
 // === impl Election ===
 
 impl Election {
-    /// One try to acquire or renew at `sent`: true if this manager holds the
-    /// Lease afterwards.
-    async fn attempt(&mut self, sent: Instant) -> kube::Result<bool> {
+    /// One try to acquire or renew: true if this manager holds the Lease
+    /// afterwards. The caller counts its authority from before the call.
+    async fn attempt(&mut self) -> kube::Result<bool> {
         let now = MicroTime(Timestamp::now());
         let seconds = i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX);
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
@@ -230,27 +263,22 @@ impl Election {
             };
             return conflict_is_false(self.api.create(&PostParams::default(), &lease).await);
         };
+        // The record was read at the latest now: counting from here, not
+        // from `sent`, is what keeps a slow read from starting the wait
+        // before the holder's last renewal (see `Observed`).
+        let read_at = Instant::now();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let holder = spec.holder_identity.clone().unwrap_or_default();
         if holder != self.identity && !holder.is_empty() {
-            // Take over only once the holder's record has not changed for a
-            // whole duration on this manager's clock.
             let record = (holder.clone(), spec.renew_time.clone());
-            let since = match &self.observed {
-                Some((seen, at)) if *seen == record => *at,
-                _ => {
-                    self.observed = Some((record, sent));
-                    sent
-                }
-            };
             let held_for = spec
                 .lease_duration_seconds
                 .and_then(|s| u64::try_from(s).ok())
                 .map_or(self.duration, Duration::from_secs);
-            if sent < since + held_for {
+            if !self.observed.expired(record, read_at, held_for) {
                 return Ok(false);
             }
-            tracing::info!(previous = %self.observed.as_ref().map(|((h, _), _)| h.as_str()).unwrap_or(""), "the leader Lease expired; taking over");
+            tracing::info!(previous = %holder, "the leader Lease expired; taking over");
         }
         if holder != self.identity {
             spec.acquire_time = Some(now.clone());
@@ -283,26 +311,4 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_leader_stops_before_its_lease_could_be_taken_over() {
-        let authority = Authority::new(true);
-        let now = Instant::now();
-        assert!(!authority.leading(now), "no renewal yet");
-        let duration = Duration::from_secs(15);
-        authority.lead_until(Some(now + duration - margin(duration)));
-        assert!(authority.leading(now + Duration::from_secs(13)));
-        // By its own clock, whatever the apiserver says.
-        assert!(!authority.leading(now + Duration::from_millis(13_500)));
-        // Runtime leases are renewed only while the coordinator runs.
-        let ttl = Duration::from_secs(3);
-        assert!(!authority.may_renew(now, ttl));
-        authority.coordinator_ran(now);
-        assert!(authority.may_renew(now + Duration::from_secs(1), ttl));
-        assert!(!authority.may_renew(now + Duration::from_secs(2), ttl));
-        // A manager without an election always leads.
-        assert!(Authority::new(false).leading(now + Duration::from_secs(3600)));
-    }
-}
+mod tests;
