@@ -73,9 +73,11 @@ pub async fn run(
     let session = tokio::spawn(session::run(rt.clone(), stop.clone()));
     let dispatch = tokio::spawn(dispatch::run(rt.clone(), stop.clone()));
     let http = tokio::spawn(http::serve(rt.clone(), health, stop.clone()));
-    // While disconnected nothing else notices the lease running out.
+    // While disconnected (or draining) nothing else notices the lease
+    // running out; it stops last, so no reconcile outlives the lease.
+    let (watchdog_stop_tx, watchdog_stop) = watch::channel(false);
     let watchdog = {
-        let (rt, mut stop) = (rt.clone(), stop.clone());
+        let (rt, mut stop) = (rt.clone(), watchdog_stop);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(25));
             loop {
@@ -104,10 +106,12 @@ pub async fn run(
     let _ = tokio::time::timeout(std::time::Duration::from_secs(40), session).await;
     rt.queue.shut_down();
     let _ = server_stop_tx.send(true);
-    for task in [dispatch, http, watchdog] {
+    for task in [dispatch, http] {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
     }
     let result = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    let _ = watchdog_stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), watchdog).await;
     let _ = std::fs::remove_file(&rt.config.socket);
     match result {
         Ok(Ok(r)) => r.map_err(Into::into),

@@ -4,7 +4,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use opmesh_proto::v1::{
-    Heartbeat, Hello, Released, RuntimeMessage, manager_message::Msg,
+    Heartbeat, Hello, ManagerMessage, Released, RuntimeMessage, manager_message::Msg,
     mesh_service_client::MeshServiceClient, runtime_message::Msg as Out,
 };
 use tokio::{
@@ -196,7 +196,7 @@ async fn session(
 
     let ttl = Duration::from_millis(u64::from(welcome.lease_ttl_ms.max(100)));
     let mut tasks = JoinSet::new();
-    let sent_at: Arc<std::sync::Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let sent_at: SentAt = Arc::default();
     {
         let (tx, sent_at) = (tx.clone(), sent_at.clone());
         tasks.spawn(async move {
@@ -237,7 +237,7 @@ async fn session(
             }
         };
         let Some(msg) = msg else {
-            return goodbye(rt, &tx).await;
+            return goodbye(rt, &tx, &mut inbound, &sent_at, ttl, &mut tasks).await;
         };
         // Reap finished revoke tasks so they do not pile up.
         while tasks.try_join_next().is_some() {}
@@ -246,61 +246,94 @@ async fn session(
             Ok(None) => return Err(SessionError::Ended("the manager closed the stream".into())),
             Err(s) => return Err(SessionError::Ended(s.message().to_string())),
         };
-        match msg.msg {
-            Some(Msg::Event(ev)) => rt.on_event(ev),
-            Some(Msg::Synced(_)) => rt.on_synced(),
-            Some(Msg::Revoke(r)) => {
-                rt.revoke(&r.keys);
-                let (rt, tx) = (rt.clone(), tx.clone());
-                tasks.spawn(async move {
-                    // A running reconcile gets a lease TTL to finish; a hung
-                    // one is cancelled, so the key cannot stay stuck.
-                    if tokio::time::timeout(ttl, rt.drained(&r.keys)).await.is_err() {
-                        tracing::warn!(keys = r.keys.len(), "reconciles of revoked keys still running after a lease TTL; cancelling them");
-                        rt.cancel_keys(&r.keys);
-                        rt.drained(&r.keys).await;
-                    }
-                    let _ = tx
-                        .send(RuntimeMessage {
-                            msg: Some(Out::Released(Released { keys: r.keys })),
-                        })
-                        .await;
-                });
-            }
-            Some(Msg::Lease(l)) => {
-                let until = renewed_until(
-                    &sent_at.lock().unwrap_or_else(|e| e.into_inner()),
-                    l.seq,
-                    l.ttl_ms,
-                );
-                if let Some(until) = until {
-                    rt.renewed(until);
-                }
-            }
-            Some(Msg::Welcome(_)) | None => {}
-        }
+        on_message(rt, msg, &sent_at, &tx, ttl, &mut tasks);
     }
 }
 
-/// When a renewal answering heartbeat `seq` ends the lease: `ttl_ms` from
-/// when that heartbeat was sent, since the manager's lease started no
-/// earlier, and never from when the answer arrived, which may be late. An
-/// answer to a heartbeat this session never sent renews nothing.
-fn renewed_until(sent_at: &HashMap<u64, Instant>, seq: u64, ttl_ms: u32) -> Option<Instant> {
-    let sent = sent_at.get(&seq)?;
-    Some(*sent + Duration::from_millis(u64::from(ttl_ms)))
+/// Heartbeat sequence numbers and when each was sent.
+type SentAt = Arc<std::sync::Mutex<HashMap<u64, Instant>>>;
+
+/// Applies one message from the manager.
+fn on_message(
+    rt: &Arc<Runtime>,
+    msg: ManagerMessage,
+    sent_at: &SentAt,
+    tx: &mpsc::Sender<RuntimeMessage>,
+    ttl: Duration,
+    tasks: &mut JoinSet<()>,
+) {
+    match msg.msg {
+        Some(Msg::Event(ev)) => rt.on_event(ev),
+        Some(Msg::Synced(_)) => rt.on_synced(),
+        Some(Msg::Revoke(r)) => {
+            rt.revoke(&r.keys);
+            let (rt, tx) = (rt.clone(), tx.clone());
+            tasks.spawn(async move {
+                // A running reconcile gets a lease TTL to finish; a hung
+                // one is cancelled, so the key cannot stay stuck.
+                if tokio::time::timeout(ttl, rt.drained(&r.keys)).await.is_err() {
+                    tracing::warn!(keys = r.keys.len(), "reconciles of revoked keys still running after a lease TTL; cancelling them");
+                    rt.cancel_keys(&r.keys);
+                    rt.drained(&r.keys).await;
+                }
+                let _ = tx
+                    .send(RuntimeMessage {
+                        msg: Some(Out::Released(Released { keys: r.keys })),
+                    })
+                    .await;
+            });
+        }
+        Some(Msg::Lease(l)) => {
+            let until = renewed_until(
+                &sent_at.lock().unwrap_or_else(|e| e.into_inner()),
+                l.seq,
+                l.ttl_ms,
+            );
+            if let Some(until) = until {
+                rt.renewed(until);
+            }
+        }
+        Some(Msg::Welcome(_)) | None => {}
+    }
 }
 
 /// A graceful shutdown: start nothing new, let running reconciles finish,
-/// then say goodbye so the manager moves the keys at once.
-async fn goodbye(rt: &Runtime, tx: &mpsc::Sender<RuntimeMessage>) -> Result<(), SessionError> {
+/// then say goodbye so the manager moves the keys at once. While draining,
+/// renewals still apply, so the reconciles keep their lease (and their
+/// writes); if the lease runs out anyway, they are cancelled as always.
+async fn goodbye(
+    rt: &Arc<Runtime>,
+    tx: &mpsc::Sender<RuntimeMessage>,
+    inbound: &mut tonic::Streaming<ManagerMessage>,
+    sent_at: &SentAt,
+    ttl: Duration,
+    tasks: &mut JoinSet<()>,
+) -> Result<(), SessionError> {
     rt.start_draining();
     tracing::info!("draining before goodbye");
-    if tokio::time::timeout(DRAIN_TIMEOUT, rt.drained_all())
-        .await
-        .is_err()
-    {
-        tracing::warn!("reconciles still running after {DRAIN_TIMEOUT:?}; leaving without goodbye");
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let drained = rt.drained_all();
+    tokio::pin!(drained);
+    let mut connected = true;
+    loop {
+        let lease_end = rt.lease_until().filter(|t| *t > Instant::now());
+        tokio::select! {
+            () = &mut drained => break,
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!("reconciles still running after {DRAIN_TIMEOUT:?}; leaving without goodbye");
+                return Ok(());
+            }
+            m = inbound.message(), if connected => match m {
+                Ok(Some(m)) => on_message(rt, m, sent_at, tx, ttl, tasks),
+                Ok(None) | Err(_) => connected = false,
+            },
+            _ = tokio::time::sleep_until(lease_end.unwrap_or(deadline)), if lease_end.is_some() => {
+                rt.expire_lease();
+            }
+        }
+    }
+    if !connected {
+        tracing::info!("drained; the stream to the manager is gone, so no goodbye");
         return Ok(());
     }
     let bye = RuntimeMessage {
@@ -311,6 +344,15 @@ async fn goodbye(rt: &Runtime, tx: &mpsc::Sender<RuntimeMessage>) -> Result<(), 
     let _ = tokio::time::timeout(Duration::from_millis(500), tx.closed()).await;
     tracing::info!("said goodbye");
     Ok(())
+}
+
+/// When a renewal answering heartbeat `seq` ends the lease: `ttl_ms` from
+/// when that heartbeat was sent, since the manager's lease started no
+/// earlier, and never from when the answer arrived, which may be late. An
+/// answer to a heartbeat this session never sent renews nothing.
+fn renewed_until(sent_at: &HashMap<u64, Instant>, seq: u64, ttl_ms: u32) -> Option<Instant> {
+    let sent = sent_at.get(&seq)?;
+    Some(*sent + Duration::from_millis(u64::from(ttl_ms)))
 }
 
 #[cfg(test)]
