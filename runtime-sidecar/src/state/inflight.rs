@@ -125,21 +125,32 @@ impl Runtime {
             self.queue.add(&key);
             return false;
         };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (subset, runtime_id) = {
+            // Checked and booked under the session lock, which a revoke
+            // takes to drop the key: either the revoke's wait for the key
+            // to drain sees this task, or this sees the key gone. Checking
+            // earlier, outside the lock, let a revoke answer `Released` just
+            // before the task went out.
             let s = self.session();
+            let lease_valid = s.lease_until.is_some_and(|t| Instant::now() < t);
+            if !s.owned.contains(&key) || !lease_valid {
+                drop(s);
+                self.queue.done(&key);
+                return false;
+            }
+            lock(&self.inflight).insert(
+                id,
+                Inflight {
+                    key: key.clone(),
+                    started: Instant::now(),
+                    operator: op_id,
+                    tx: tx.clone(),
+                    _permit: permit,
+                },
+            );
             (s.subset.clone(), s.runtime_id.clone())
         };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&self.inflight).insert(
-            id,
-            Inflight {
-                key: key.clone(),
-                started: Instant::now(),
-                operator: op_id,
-                tx: tx.clone(),
-                _permit: permit,
-            },
-        );
         let task = Task {
             id,
             key,
@@ -184,13 +195,54 @@ mod tests {
 
     use crate::state::Runtime;
 
-    fn runtime() -> Runtime {
-        Runtime::for_test(&[])
+    /// A runtime that owns `keys` under a long lease.
+    fn owning(keys: &[&str]) -> Runtime {
+        use opmesh_proto::v1::{GroupVersionKind, ObjectEvent, Welcome, object_event::Type};
+
+        let rt = Runtime::for_test(&[]);
+        let welcome = Welcome {
+            runtime_id: "ops/op-0".into(),
+            subset: "v1".into(),
+            lease_ttl_ms: 3_600_000,
+        };
+        rt.welcomed(&welcome, tokio::time::Instant::now(), &[]);
+        for key in keys {
+            let (ns, name) = key.split_once('/').unwrap();
+            rt.on_event(ObjectEvent {
+                key: key.to_string(),
+                r#type: Type::Applied as i32,
+                gvk: Some(GroupVersionKind {
+                    version: "v1".into(),
+                    kind: "ConfigMap".into(),
+                    ..Default::default()
+                }),
+                namespace: ns.into(),
+                name: name.into(),
+                object: b"{}".to_vec(),
+                ..Default::default()
+            });
+        }
+        rt.on_synced();
+        rt
+    }
+
+    #[tokio::test]
+    async fn a_revoked_key_is_not_handed_out() {
+        let rt = owning(&["ns/a"]);
+        let (tx, mut rx) = mpsc::channel(8);
+        rt.attach_operator(tx);
+        // Dispatch decided to hand ns/a out; the revoke lands first.
+        rt.revoke(&["ns/a".to_string()]);
+        let permits = Arc::new(Semaphore::new(1));
+        let permit = permits.clone().acquire_owned().await.unwrap();
+        assert!(!rt.hand_out("ns/a".into(), b"{}".to_vec(), permit));
+        assert!(rx.try_recv().is_err(), "a revoked key went out");
+        rt.drained(&["ns/a".to_string()]).await;
     }
 
     #[tokio::test]
     async fn a_second_operator_connection_does_not_orphan_running_work() {
-        let rt = runtime();
+        let rt = owning(&["ns/a", "ns/b"]);
         let (first, mut first_rx) = mpsc::channel(8);
         let first_id = rt.attach_operator(first);
         let permits = Arc::new(Semaphore::new(2));
@@ -223,7 +275,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancel_is_not_dropped_when_the_operator_stream_is_full() {
-        let rt = runtime();
+        let rt = owning(&["ns/a"]);
         // Room for one message: the task fills it.
         let (tx, mut rx) = mpsc::channel(1);
         rt.attach_operator(tx);
@@ -244,33 +296,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_revoked_reconcile_is_cancelled_when_the_stream_ends_before_released() {
-        use opmesh_proto::v1::{GroupVersionKind, ObjectEvent, Welcome, object_event::Type};
-
-        let rt = runtime();
+        let rt = owning(&["ns/a", "ns/b"]);
         let (tx, mut rx) = mpsc::channel(8);
         rt.attach_operator(tx);
-        let welcome = Welcome {
-            runtime_id: "ops/op-0".into(),
-            subset: "v1".into(),
-            lease_ttl_ms: 60_000,
-        };
-        rt.welcomed(&welcome, tokio::time::Instant::now(), &[]);
-        for key in ["ns/a", "ns/b"] {
-            rt.on_event(ObjectEvent {
-                key: key.into(),
-                r#type: Type::Applied as i32,
-                gvk: Some(GroupVersionKind {
-                    version: "v1".into(),
-                    kind: "ConfigMap".into(),
-                    ..Default::default()
-                }),
-                namespace: "ns".into(),
-                name: key.trim_start_matches("ns/").into(),
-                object: b"{}".to_vec(),
-                ..Default::default()
-            });
-        }
-        rt.on_synced();
         let permits = Arc::new(Semaphore::new(2));
         for key in ["ns/a", "ns/b"] {
             let permit = permits.clone().acquire_owned().await.unwrap();
