@@ -213,7 +213,12 @@ where
         // When the stream ends, stop every reconcile still running: the
         // sidecar has already taken them back and may hand the keys out again.
         let _abort_on_exit = AbortAll(running.clone());
-        while let Some(task) = tasks.message().await? {
+        let ended = loop {
+            let task = match tasks.message().await {
+                Ok(Some(task)) => task,
+                Ok(None) => break Error::SidecarGone,
+                Err(e) => break e.into(),
+            };
             let id = task.id;
             if task.cancel {
                 // The lease ran out or the key was lost: stop, and say so.
@@ -266,8 +271,18 @@ where
                 }
             });
             guard.insert(id, join);
+        };
+        // Stop every reconcile still running before the task stream closes:
+        // its close is what tells the sidecar the tasks are over.
+        let handles: Vec<JoinHandle<()>> = lock(&running).drain().map(|(_, h)| h).collect();
+        for h in &handles {
+            h.abort();
         }
-        Err(Error::SidecarGone)
+        for h in handles {
+            let _ = h.await;
+        }
+        drop(tasks);
+        Err(ended)
     }
 }
 
