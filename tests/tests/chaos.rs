@@ -158,6 +158,19 @@ struct Chaos {
     pinned: BTreeMap<String, bool>,
 }
 
+/// SIGKILLs `p`, waits for it to be gone, and returns when it died: right
+/// after the signal was sent. A killed process runs no more of its own code
+/// after that (the kernel stops it before it returns to user space), and
+/// nobody can act on its death before it happens, so this is the instant
+/// that neither hides an overlap nor invents one, unlike the moment the
+/// exit was noticed, which comes some milliseconds later.
+async fn killed(p: &opmesh_tests::control_plane::Process) -> u128 {
+    let _ = p.signal("KILL").await;
+    let died = now_us();
+    p.wait_exit(Duration::from_secs(10)).await;
+    died
+}
+
 fn now_us() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -284,12 +297,11 @@ impl Chaos {
     /// Kills what is left of `replica` and notes when its operator died.
     async fn buried(&mut self, replica: Replica) {
         let pid = replica.operator.pid().await;
-        for p in [&replica.sidecar, &replica.operator] {
-            let _ = p.signal("KILL").await;
-            p.wait_exit(Duration::from_secs(10)).await;
-        }
+        let died = killed(&replica.operator).await;
+        let _ = replica.sidecar.signal("KILL").await;
+        replica.sidecar.wait_exit(Duration::from_secs(10)).await;
         if let Some(pid) = pid {
-            self.deaths.exited.insert(pid, now_us());
+            self.deaths.exited.insert(pid, died);
         }
     }
 
@@ -464,6 +476,9 @@ async fn chaos_keeps_one_owner_per_key_and_loses_no_update() -> anyhow::Result<(
         c.dump_logs();
         eprintln!("chaos failed: {e:#}");
         eprintln!("chaos seed was {seed}");
+        // Keep the logs and records for a look afterwards.
+        let kept = std::mem::replace(&mut c.dir, tempfile::tempdir()?).keep();
+        eprintln!("logs and records kept in {}", kept.display());
     }
     // Nothing stays frozen behind the test.
     let _ = c.tend(true).await;
@@ -648,10 +663,9 @@ async fn run(c: &mut Chaos, events: usize, rng: &mut StdRng) -> anyhow::Result<(
                 let i = pick(rng, &free);
                 if let Some(r) = &c.slots[i].replica {
                     let pid = r.operator.pid().await;
-                    let _ = r.operator.signal("KILL").await;
-                    r.operator.wait_exit(Duration::from_secs(5)).await;
+                    let died = killed(&r.operator).await;
                     if let Some(pid) = pid {
-                        c.deaths.exited.insert(pid, now_us());
+                        c.deaths.exited.insert(pid, died);
                     }
                 }
                 c.slots[i].busy = true;
