@@ -177,7 +177,9 @@ impl RuntimeService for RuntimeServer {
         &self,
         request: Request<OwnershipRequest>,
     ) -> Result<Response<OwnershipResponse>, Status> {
-        let (owned, lease_valid) = self.rt.owns(&request.into_inner().key);
+        let key = request.into_inner().key;
+        let (_, lease_valid) = self.rt.owns(&key);
+        let owned = self.rt.may_write(&key);
         let remaining = self.rt.lease_remaining();
         Ok(Response::new(OwnershipResponse {
             owned,

@@ -269,13 +269,16 @@ fn on_message(
             rt.revoke(&r.keys);
             let (rt, tx) = (rt.clone(), tx.clone());
             tasks.spawn(async move {
-                // A running reconcile gets a lease TTL to finish; a hung
-                // one is cancelled, so the key cannot stay stuck.
+                // A running reconcile gets a lease TTL to finish, and may
+                // write meanwhile (the key is not given away before
+                // Released); a hung one is cancelled, so the key cannot
+                // stay stuck.
                 if tokio::time::timeout(ttl, rt.drained(&r.keys)).await.is_err() {
                     tracing::warn!(keys = r.keys.len(), "reconciles of revoked keys still running after a lease TTL; cancelling them");
                     rt.cancel_keys(&r.keys);
                     rt.drained(&r.keys).await;
                 }
+                rt.releasing_done(&r.keys);
                 let _ = tx
                     .send(RuntimeMessage {
                         msg: Some(Out::Released(Released { keys: r.keys })),

@@ -55,6 +55,10 @@ pub(crate) struct Session {
     /// are reported in the next hello so a new manager can keep them here.
     /// Nothing is dispatched for them until the manager re-sends them.
     pub(crate) held: HashSet<String>,
+    /// Keys revoked but not yet `Released`: the manager gives them to no one
+    /// before that (or before the revoke's deadline), so a reconcile still
+    /// running on one may go on writing; none starts.
+    pub(crate) releasing: HashSet<String>,
 }
 
 /// Shared state of one runtime.
@@ -149,6 +153,23 @@ impl Runtime {
         )
     }
 
+    /// True when a running reconcile of `key` may write: the key is owned,
+    /// held under the lease after a session blip, or revoked but not yet
+    /// released. The lease is checked separately.
+    pub(crate) fn may_write(&self, key: &str) -> bool {
+        let s = self.session();
+        s.owned.contains(key) || s.held.contains(key) || s.releasing.contains(key)
+    }
+
+    /// The revoked `keys` are about to be reported `Released`: from now on
+    /// their writes are refused.
+    pub(crate) fn releasing_done(&self, keys: &[String]) {
+        let mut s = self.session();
+        for k in keys {
+            s.releasing.remove(k);
+        }
+    }
+
     /// How long the lease lasts from now; zero once it has run out.
     pub(crate) fn lease_remaining(&self) -> std::time::Duration {
         self.session()
@@ -237,9 +258,11 @@ impl Runtime {
         {
             let mut s = self.session();
             for k in keys {
-                s.owned.remove(k);
+                let had = s.owned.remove(k) | s.held.remove(k);
                 s.unsynced.remove(k);
-                s.held.remove(k);
+                if had {
+                    s.releasing.insert(k.clone());
+                }
             }
             self.metrics
                 .owned_keys
@@ -298,6 +321,9 @@ impl Runtime {
         let owned: Vec<String> = s.owned.drain().collect();
         s.held.extend(owned);
         s.unsynced.clear();
+        // Their Released is lost with the stream; their reconciles are
+        // cancelled below and may write no more.
+        s.releasing.clear();
         s.synced = false;
         let held = s.held.clone();
         self.queue.clear();

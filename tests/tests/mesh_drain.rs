@@ -162,3 +162,83 @@ async fn a_draining_runtime_that_loses_its_manager_stops_its_reconciles_at_its_l
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_slow_reconcile_at_a_handoff_completes_its_write_before_the_key_moves()
+-> anyhow::Result<()> {
+    let mut w = World::new("handoff-slow").await?;
+    w.apply_mesh(
+        json!({"weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1", "v2"],
+    )
+    .await?;
+    w.replica("v1-0", "v1").await?;
+    w.replica("v2-0", "v2").await?;
+    w.all_ready().await?;
+    let ns = w.object_namespace("handoff-slow-data", &[]).await?;
+    create_generator(&w.client, &ns, "app", json!({"data": {"n": "0"}})).await?;
+    w.wait_handled(std::slice::from_ref(&ns), 1).await?;
+    let key = format!("{ns}/app");
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(w.client.clone(), &ns, &generator_resource());
+    // Two thirds of a lease TTL of work: it ends before the revoke would
+    // cancel it.
+    let work = (LEASE_TTL * 2 / 3).as_millis() as u64;
+    api.patch(
+        "app",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"data": {"n": "1"}, "reconcileMs": work}})),
+    )
+    .await?;
+    let old_records = w.replicas[0].records.clone();
+    let started = eventually("v1-0 to start working on the change", TIMEOUT, || async {
+        let Some(r) = history::read(&[&old_records], &Deaths::default(), now_us())
+            .into_iter()
+            .find(|r| r.key == key && r.generation == 2)
+        else {
+            return Ok(None);
+        };
+        Ok(history::events(&old_records, "working")
+            .iter()
+            .any(|e| e.id == r.id)
+            .then_some(r))
+    })
+    .await?;
+    // The key moves to v2 while v1-0 works on it.
+    w.apply_mesh(
+        json!({"weights": [{"subset": "v2", "weight": 100}]}),
+        &["v1", "v2"],
+    )
+    .await?;
+
+    let ended = eventually("v1-0's reconcile to end", TIMEOUT, || async {
+        Ok(read_records(&old_records)
+            .into_iter()
+            .find(|r| r.id == started.id))
+    })
+    .await?;
+    let writes: Vec<_> = history::read_writes(&old_records)
+        .into_iter()
+        .filter(|x| x.id == started.id)
+        .collect();
+    // The key is v1-0's until it says Released, so its writes count.
+    assert_eq!(ended.outcome, "ok", "{ended:?}, writes {writes:?}");
+    assert!(
+        !writes.is_empty() && writes.iter().all(|x| x.outcome == "ok"),
+        "the revoked key's writes were refused before Released: {writes:?}"
+    );
+    let new_records = w.replicas[1].records.clone();
+    let next = eventually("v2-0 to reconcile the key", TIMEOUT, || async {
+        Ok(history::read(&[&new_records], &Deaths::default(), now_us())
+            .into_iter()
+            .find(|r| r.key == key))
+    })
+    .await?;
+    assert!(
+        next.start_us > ended.end_us,
+        "v2-0 started before v1-0 ended: {next:?} {ended:?}"
+    );
+    let all = history::read(&[&old_records, &new_records], &Deaths::default(), now_us());
+    assert!(history::overlaps(&all).is_empty());
+    Ok(())
+}
