@@ -251,6 +251,7 @@ impl Ctx {
     fn wrote<T>(&self, id: &str, key: &str, target: &str, r: kube::Result<T>) -> kube::Result<T> {
         let outcome = match &r {
             Ok(_) => "ok".to_string(),
+            Err(e) if opmesh_sdk::is_fenced(e) => format!("fenced: {e}"),
             Err(e) => format!("error: {e}"),
         };
         self.append(&Line::Write {

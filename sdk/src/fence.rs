@@ -38,6 +38,22 @@ pub struct Fenced {
     pub reason: String,
 }
 
+/// The [`Fenced`] refusal inside `error`, if that is what it is: a write
+/// through [`crate::fenced`] that this replica may no longer make.
+pub fn fenced_error(error: &kube::Error) -> Option<&Fenced> {
+    match error {
+        kube::Error::Service(e) => e.downcast_ref::<Fenced>(),
+        _ => None,
+    }
+}
+
+/// True if `error` is a write refused by the fence: this replica lost the
+/// key or its lease, so retrying cannot help (the new owner will do the
+/// work).
+pub fn is_fenced(error: &kube::Error) -> bool {
+    fenced_error(error).is_some()
+}
+
 /// The fencing service; see the module docs.
 #[derive(Clone)]
 pub struct Fence {

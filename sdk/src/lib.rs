@@ -27,8 +27,9 @@
 //! ```no_run
 //! use std::{sync::Arc, time::Duration};
 //!
-//! use k8s_openapi::api::core::v1::ConfigMap;
-//! use opmesh_sdk::{Action, Controller, Mesh};
+//! // The SDK re-exports the kube and k8s-openapi it is built with.
+//! use opmesh_sdk::k8s_openapi::api::core::v1::ConfigMap;
+//! use opmesh_sdk::{Action, Controller, Mesh, kube};
 //!
 //! struct Ctx {
 //!     client: kube::Client,
@@ -52,6 +53,20 @@
 //! ```
 //!
 //! A complete operator is in `sdk/examples/configmap_generator.rs`.
+//!
+//! # Behaviour worth knowing
+//!
+//! - **A deleted primary is not reconciled.** As in kube-runtime, a key whose
+//!   primary object is gone is dropped; use finalizers for cleanup.
+//! - **The cache holds the primary objects of this replica's keys and the
+//!   objects they own** (controller ownerReferences), nothing else. Read
+//!   anything else from the API server.
+//! - **`Action::await_change()` from an error policy means no retry**; return
+//!   [`Action::backoff`] (what [`default_error_policy`] does) or
+//!   `Action::requeue(d)` to retry.
+//! - **Writes are fenced** when made through [`fenced`]: a write after this
+//!   replica lost the key or its lease fails; [`is_fenced`] tells such an
+//!   error from others, so it is not retried.
 
 #![warn(unreachable_pub)]
 
@@ -65,4 +80,11 @@ pub use action::{Action, default_error_policy};
 pub use cache::{Cache, gvk_of};
 pub use controller::{Controller, DEFAULT_SOCKET, Mesh, SOCKET_ENV, TaskInfo, current, fenced};
 pub use error::{Error, Result};
-pub use fence::{FENCE_MARGIN, Fence, Fenced};
+pub use fence::{FENCE_MARGIN, Fence, Fenced, fenced_error, is_fenced};
+
+/// The k8s-openapi crate this SDK is built with.
+pub use k8s_openapi;
+/// The kube crate this SDK is built with, so an operator uses the same
+/// version (its `Client`, `Api` and `Error` are what the SDK takes and
+/// returns).
+pub use kube;
