@@ -16,6 +16,9 @@ pub const HEALTH_ADDR: &str = "OPMESH_HEALTH_ADDR";
 /// How many reconciles the runtime runs at once.
 pub const MAX_CONCURRENT_RECONCILES: &str = "OPMESH_MAX_CONCURRENT_RECONCILES";
 
+/// How long, in milliseconds, a runtime waits for its operator to come
+/// back before it releases its keys.
+pub const OPERATOR_GRACE_MS: &str = "OPMESH_OPERATOR_GRACE_MS";
 /// The socket path the runtime and the SDK use when [`RUNTIME_SOCKET`] is unset.
 pub const DEFAULT_RUNTIME_SOCKET: &str = "/var/run/opmesh/runtime.sock";
 

@@ -47,6 +47,11 @@ pub struct Config {
     /// How many reconciles run at once.
     #[arg(long, env = env::MAX_CONCURRENT_RECONCILES, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_concurrent_reconciles: u32,
+    /// How long (ms) the operator may be gone (crashed, restarting) before
+    /// this runtime says goodbye so its keys move to other replicas, and
+    /// reports not-ready until an operator is back.
+    #[arg(long, env = env::OPERATOR_GRACE_MS, default_value_t = 10_000)]
+    pub operator_grace_ms: u64,
 }
 
 fn parse_mesh(s: &str) -> Result<MeshRef, String> {

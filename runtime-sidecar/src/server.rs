@@ -4,8 +4,9 @@ use std::{sync::Arc, time::Duration};
 
 use opmesh_proto::v1::{
     CompleteResponse, Completion, GetRequest, GetResponse, ListRequest, ListResponse,
-    OwnershipRequest, OwnershipResponse, RegisterRequest, RegisterResponse, Task, TasksRequest,
-    completion::Result as Outcome, runtime_service_server::RuntimeService,
+    OwnershipRequest, OwnershipResponse, RegisterRequest, RegisterResponse, ReleaseRequest,
+    ReleaseResponse, Task, TasksRequest, completion::Result as Outcome,
+    runtime_service_server::RuntimeService,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -171,6 +172,16 @@ impl RuntimeService for RuntimeServer {
             .map(|b| b.as_ref().clone())
             .collect();
         Ok(Response::new(ListResponse { objects }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        let reason = request.into_inner().reason;
+        tracing::info!(reason = %reason, "the operator is stopping; releasing this runtime's keys once its tasks are done");
+        self.rt.operator_leaves();
+        Ok(Response::new(ReleaseResponse {}))
     }
 
     async fn ownership(

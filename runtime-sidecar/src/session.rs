@@ -4,8 +4,8 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use opmesh_proto::v1::{
-    Heartbeat, Hello, ManagerMessage, Released, RuntimeMessage, manager_message::Msg,
-    mesh_service_client::MeshServiceClient, runtime_message::Msg as Out,
+    GoodbyeReason, Heartbeat, Hello, ManagerMessage, Released, RuntimeMessage,
+    manager_message::Msg, mesh_service_client::MeshServiceClient, runtime_message::Msg as Out,
 };
 use tokio::{
     sync::{mpsc, watch},
@@ -52,6 +52,18 @@ pub(crate) enum SessionError {
     /// The session was established and then ended.
     #[error("session ended: {0}")]
     Ended(String),
+    /// The operator stopped or stayed gone: this runtime said goodbye and
+    /// waits for an operator before it joins again.
+    #[error("left the mesh: {0}")]
+    OperatorGone(String),
+}
+
+/// Why a session says goodbye.
+enum Leaving {
+    /// The runtime shuts down.
+    Shutdown,
+    /// The operator stopped (`abnormal`: it has been gone past the grace).
+    Operator { abnormal: bool, message: String },
 }
 
 /// Keeps a session with the manager until `shutdown` fires.
@@ -78,6 +90,18 @@ pub(crate) async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
         // Keep the keys (without starting reconciles) while the lease runs,
         // to report them to whichever manager answers next.
         rt.session_ended();
+        if let Err(SessionError::OperatorGone(why)) = &result {
+            // The manager moved the keys at the goodbye.
+            rt.session_lost();
+            tracing::warn!(reason = %why, "left the mesh; waiting for an operator to join again");
+            tokio::select! {
+                () = rt.operator_back() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            tracing::info!("an operator is back; joining the mesh again");
+            backoff = BACKOFF_START;
+            continue;
+        }
         match &result {
             Err(SessionError::Ended(why)) => {
                 tracing::warn!(manager = %addr, reason = %why, "session ended; reconnecting");
@@ -195,6 +219,7 @@ async fn session(
     tracing::info!(manager = %addr, runtime = %welcome.runtime_id, subset = %welcome.subset, "session established");
 
     let ttl = Duration::from_millis(u64::from(welcome.lease_ttl_ms.max(100)));
+    let grace = Duration::from_millis(rt.config.operator_grace_ms);
     let mut tasks = JoinSet::new();
     let sent_at: SentAt = Arc::default();
     {
@@ -226,18 +251,32 @@ async fn session(
     loop {
         let lease_end = rt.lease_until().unwrap_or_else(Instant::now);
         let msg = tokio::select! {
-            m = inbound.message() => Some(m),
+            m = inbound.message() => Ok(m),
             _ = tokio::time::sleep_until(lease_end) => {
                 rt.expire_lease();
                 return Err(SessionError::Ended("the lease ran out without renewal".into()));
             }
             r = shutdown.wait_for(|s| *s) => {
                 drop(r);
-                None
+                Err(Leaving::Shutdown)
+            }
+            (abnormal, message) = rt.operator_gone(grace) => {
+                Err(Leaving::Operator { abnormal, message })
             }
         };
-        let Some(msg) = msg else {
-            return goodbye(rt, &tx, &mut inbound, &sent_at, ttl, &mut tasks).await;
+        let msg = match msg {
+            Ok(msg) => msg,
+            Err(leaving) => {
+                let gone = match &leaving {
+                    Leaving::Operator { message, .. } => Some(message.clone()),
+                    Leaving::Shutdown => None,
+                };
+                goodbye(rt, &tx, &mut inbound, &sent_at, ttl, &mut tasks, leaving).await?;
+                return match gone {
+                    Some(message) => Err(SessionError::OperatorGone(message)),
+                    None => Ok(()),
+                };
+            }
         };
         // Reap finished revoke tasks so they do not pile up.
         while tasks.try_join_next().is_some() {}
@@ -311,8 +350,11 @@ async fn goodbye(
     sent_at: &SentAt,
     ttl: Duration,
     tasks: &mut JoinSet<()>,
+    leaving: Leaving,
 ) -> Result<(), SessionError> {
-    rt.start_draining();
+    if matches!(leaving, Leaving::Shutdown) {
+        rt.start_draining();
+    }
     tracing::info!("draining before goodbye");
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     let drained = rt.drained_all();
@@ -339,8 +381,25 @@ async fn goodbye(
         tracing::info!("drained; the stream to the manager is gone, so no goodbye");
         return Ok(());
     }
+    let (reason, message) = match leaving {
+        Leaving::Shutdown => (
+            GoodbyeReason::Shutdown,
+            "the runtime is shutting down".to_string(),
+        ),
+        Leaving::Operator { abnormal, message } => (
+            if abnormal {
+                GoodbyeReason::OperatorGone
+            } else {
+                GoodbyeReason::OperatorStopping
+            },
+            message,
+        ),
+    };
     let bye = RuntimeMessage {
-        msg: Some(Out::Goodbye(opmesh_proto::v1::Goodbye {})),
+        msg: Some(Out::Goodbye(opmesh_proto::v1::Goodbye {
+            reason: reason as i32,
+            message,
+        })),
     };
     let _ = tokio::time::timeout(NET_TIMEOUT, tx.send(bye)).await;
     // Give the stream a moment to carry the goodbye before it is torn down.

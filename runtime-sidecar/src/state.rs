@@ -76,6 +76,10 @@ pub(crate) struct Runtime {
     next_id: AtomicU64,
     /// True while shutting down: no new reconciles start.
     draining: std::sync::atomic::AtomicBool,
+    /// The operator said it is stopping; cleared when one attaches.
+    operator_leaving: std::sync::atomic::AtomicBool,
+    /// Since when no operator has been attached, once one was.
+    operator_absent_since: Mutex<Option<Instant>>,
     /// The registration, announced to the session task.
     pub(crate) registration: watch::Sender<Option<Registration>>,
     /// Bumped whenever dispatch conditions or in-flight work change.
@@ -83,6 +87,7 @@ pub(crate) struct Runtime {
 }
 
 mod inflight;
+mod operator;
 
 pub(crate) use inflight::Inflight;
 
@@ -101,6 +106,8 @@ impl Runtime {
             operator: Mutex::new(None),
             next_id: AtomicU64::new(1),
             draining: std::sync::atomic::AtomicBool::new(false),
+            operator_leaving: std::sync::atomic::AtomicBool::new(false),
+            operator_absent_since: Mutex::new(None),
             registration: watch::channel(None).0,
             changed: watch::channel(0).0,
         }
@@ -129,7 +136,7 @@ impl Runtime {
     /// True when a reconcile may start now: welcomed, synced, lease valid
     /// and an operator connected.
     pub(crate) fn can_dispatch(&self) -> bool {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.draining.load(Ordering::Relaxed) || self.operator_leaving.load(Ordering::Relaxed) {
             return false;
         }
         let s = self.session();
@@ -138,8 +145,12 @@ impl Runtime {
             && lock(&self.operator).is_some()
     }
 
-    /// True when the session is established and the slice synced (readiness).
+    /// True when an operator is attached and not stopping, the session is
+    /// established and the slice synced (readiness).
     pub(crate) fn ready(&self) -> bool {
+        if !self.operator_present() {
+            return false;
+        }
         let s = self.session();
         s.synced && s.lease_until.is_some_and(|t| Instant::now() < t)
     }

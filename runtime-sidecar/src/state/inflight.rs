@@ -80,6 +80,12 @@ impl Runtime {
     pub(crate) fn attach_operator(&self, tx: TaskSender) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         *lock(&self.operator) = Some((id, tx));
+        self.operator_presence(true);
+        // A new operator knows nothing: it gets the whole slice again.
+        let owned: Vec<String> = self.session().owned.iter().cloned().collect();
+        for key in owned {
+            self.queue.add(&key);
+        }
         self.bump();
         id
     }
@@ -90,6 +96,8 @@ impl Runtime {
             let mut op = lock(&self.operator);
             if op.as_ref().is_some_and(|(i, _)| *i == id) {
                 *op = None;
+                drop(op);
+                self.operator_presence(false);
             }
         }
         let orphaned: Vec<Inflight> = {
