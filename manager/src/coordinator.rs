@@ -16,6 +16,7 @@
 //! Invariant: a key is held by at most one runtime; it leaves a runtime only
 //! through revoke → released, a goodbye, or the end of the runtime's lease.
 
+mod notes;
 mod objects;
 mod pending;
 mod placement;
@@ -34,6 +35,7 @@ use kube::api::DynamicObject;
 use opmesh_proto::v1::Hello;
 use tokio::sync::oneshot;
 
+use notes::Notes;
 pub(crate) use pending::Pending;
 
 use crate::{
@@ -76,6 +78,9 @@ pub(crate) enum Input {
         /// True after a goodbye: the runtime drained and holds nothing, so its
         /// keys move at once. Otherwise they wait for its lease to run out.
         graceful: bool,
+        /// Set when the runtime left because its operator stayed gone: why,
+        /// for the mesh's status.
+        operator_gone: Option<String>,
     },
     /// A runtime released revoked keys.
     Released {
@@ -168,6 +173,8 @@ pub(crate) struct Coordinator {
     started: bool,
     effects: Vec<Effect>,
     dirty: bool,
+    /// What the status should say about particular pods.
+    notes: Notes,
 }
 
 // === impl Coordinator ===
@@ -195,6 +202,7 @@ impl Coordinator {
             started: false,
             effects: Vec::new(),
             dirty: true,
+            notes: Notes::default(),
         }
     }
 
@@ -220,7 +228,21 @@ impl Coordinator {
                     self.disconnect(&c.holder, false);
                 }
             }
-            Input::Disconnect { holder, graceful } => self.disconnect(&holder, graceful),
+            Input::Disconnect {
+                holder,
+                graceful,
+                operator_gone,
+            } => {
+                if let Some(why) = operator_gone
+                    && let Some(session) = self.sessions.get(&holder.pod)
+                    && session.holder == holder
+                {
+                    tracing::warn!(runtime = %holder.pod, reason = %why, "runtime left: its operator is gone");
+                    self.notes
+                        .operator_gone(&session.mesh.clone(), &holder.pod, &why, self.now);
+                }
+                self.disconnect(&holder, graceful)
+            }
             Input::Released { holder, keys } => self.released(&holder, keys),
             Input::Tick => self.tick(),
         }

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, ResourceExt as _};
 use opmesh_proto::v1::{
-    Hello, LeaseRenewal, ManagerMessage, RuntimeMessage, manager_message::Msg,
+    GoodbyeReason, Hello, LeaseRenewal, ManagerMessage, RuntimeMessage, manager_message::Msg,
     mesh_service_server::MeshService, runtime_message::Msg as In,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -144,6 +144,7 @@ impl MeshService for MeshServer {
                             .send(Input::Disconnect {
                                 holder: writer_holder,
                                 graceful: false,
+                                operator_gone: None,
                             })
                             .await;
                         return;
@@ -170,6 +171,7 @@ impl MeshService for MeshServer {
         let (authority, ttl) = (self.authority.clone(), self.lease_ttl);
         tokio::spawn(async move {
             let mut graceful = false;
+            let mut operator_gone = None;
             loop {
                 let msg = match inbound.message().await {
                     Ok(Some(m)) => m,
@@ -203,14 +205,22 @@ impl MeshService for MeshServer {
                             break;
                         }
                     }
-                    Some(In::Goodbye(_)) => {
+                    Some(In::Goodbye(bye)) => {
                         graceful = true;
+                        if bye.reason() == GoodbyeReason::OperatorGone {
+                            operator_gone = Some(bye.message);
+                        }
                         break;
                     }
                     Some(In::Report(_)) | Some(In::Hello(_)) | None => {}
                 }
             }
-            let _ = core.send(Input::Disconnect { holder, graceful }).await;
+            let input = Input::Disconnect {
+                holder,
+                graceful,
+                operator_gone,
+            };
+            let _ = core.send(input).await;
         });
 
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -40,6 +40,17 @@ pub(crate) struct MeshView {
     pub(crate) unowned: usize,
     /// Watches this mesh needs that are failing: (resource, error).
     pub(crate) watch_errors: Vec<(String, String)>,
+    /// What is wrong with particular pods.
+    pub(crate) notes: Vec<PodNote>,
+}
+
+/// Something wrong with one pod, for the mesh's `Degraded` condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PodNote {
+    /// The condition reason, e.g. `OperatorGone`.
+    pub(crate) reason: &'static str,
+    /// What happened, naming the pod.
+    pub(crate) message: String,
 }
 
 /// Who holds one key.

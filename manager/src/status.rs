@@ -32,6 +32,7 @@ struct MeshStatus {
     weights: String,
     subsets: Vec<SubsetCounts>,
     watch_errors: Vec<(String, String)>,
+    notes: Vec<(&'static str, String)>,
 }
 
 /// One subset's line in the status.
@@ -130,6 +131,11 @@ impl From<&MeshView> for MeshStatus {
                 })
                 .collect(),
             watch_errors: v.watch_errors.clone(),
+            notes: v
+                .notes
+                .iter()
+                .map(|n| (n.reason, n.message.clone()))
+                .collect(),
         }
     }
 }
@@ -176,6 +182,15 @@ fn to_status(id: &MeshId, st: &MeshStatus, transitions: &mut Transitions) -> Ope
                 what.join("; ")
             ),
         )
+    } else if st.has_policy && st.subsets.iter().all(|s| s.replicas == 0) {
+        cond(
+            "Ready",
+            false,
+            "NoReplicas",
+            "no runtime has joined this mesh, so nothing is reconciled: check that the operator's \
+             pods run the opmesh runtime sidecar with OPMESH_MESH set to this mesh"
+                .into(),
+        )
     } else if st.unowned > 0 {
         cond(
             "Ready",
@@ -201,16 +216,24 @@ fn to_status(id: &MeshId, st: &MeshStatus, transitions: &mut Transitions) -> Ope
     } else {
         cond("Progressing", false, "Stable", "no keys are moving".into())
     };
-    let degraded = cond(
-        "Degraded",
-        st.unowned > 0,
-        if st.unowned > 0 {
-            "SubsetWithoutReplicas"
-        } else {
-            "AsExpected"
-        },
-        format!("{} keys have no live owner", st.unowned),
-    );
+    let degraded = if st.unowned > 0 {
+        cond(
+            "Degraded",
+            true,
+            "SubsetWithoutReplicas",
+            format!("{} keys have no live owner", st.unowned),
+        )
+    } else if let Some((reason, _)) = st.notes.first() {
+        let what: Vec<&str> = st.notes.iter().map(|(_, m)| m.as_str()).collect();
+        cond("Degraded", true, reason, what.join("; "))
+    } else {
+        cond(
+            "Degraded",
+            false,
+            "AsExpected",
+            "every key has a live owner".into(),
+        )
+    };
     let routed: u64 = st.subsets.iter().map(|s| s.routed).sum();
     let observed = |s: &SubsetCounts| {
         (routed > 0).then(|| percent(s.routed as f64 * 100.0 / routed as f64, 1))

@@ -78,8 +78,13 @@ impl Coordinator {
         // wait for its lease like any vanished session's.
         if let Some(old) = self.sessions.get(&pod) {
             let holder = old.holder.clone();
+            let window = self.lease_ttl * 10;
+            if self.notes.replaced(&id, &pod, self.now, window) {
+                tracing::warn!(runtime = %pod, "two runtimes keep replacing each other's session under one pod name");
+            }
             self.disconnect(&holder, false);
         }
+        self.notes.joined(&pod);
         let holder = Holder {
             pod: pod.clone(),
             session: SessionId(self.next_session),
@@ -196,6 +201,9 @@ impl Coordinator {
     /// that went silent.
     pub(super) fn expire(&mut self) {
         let now = self.now;
+        if self.notes.expire(now) {
+            self.dirty = true;
+        }
         self.deleted_meshes.retain(|_, t| *t > now);
         let waking: Vec<MeshId> = self
             .meshes

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::Coordinator;
 use crate::{
-    id::Holder,
+    id::{Holder, MeshId},
     mesh::{Held, Mesh},
     snapshot::{KeyView, MeshView, ReplicaView, Snapshot, SubsetView},
 };
@@ -18,12 +18,12 @@ impl Coordinator {
             meshes: self
                 .meshes
                 .iter()
-                .map(|(id, mesh)| (id.clone(), self.mesh_view(mesh)))
+                .map(|(id, mesh)| (id.clone(), self.mesh_view(id, mesh)))
                 .collect(),
         }
     }
 
-    fn mesh_view(&self, mesh: &Mesh) -> MeshView {
+    fn mesh_view(&self, id: &MeshId, mesh: &Mesh) -> MeshView {
         let keys: BTreeMap<String, KeyView> = mesh
             .own
             .iter()
@@ -103,6 +103,7 @@ impl Coordinator {
             keys,
             unowned,
             watch_errors,
+            notes: self.notes.for_mesh(id),
         }
     }
 }

@@ -185,6 +185,7 @@ impl Sim {
                     self.step(Input::Disconnect {
                         holder: c.holder,
                         graceful: true,
+                        operator_gone: None,
                     });
                 }
             }
@@ -306,6 +307,7 @@ impl Sim {
             self.step(Input::Disconnect {
                 holder: c.holder,
                 graceful: false,
+                operator_gone: None,
             });
         }
     }
@@ -335,6 +337,7 @@ impl Sim {
                     self.step(Input::Disconnect {
                         holder: c.holder,
                         graceful: false,
+                        operator_gone: None,
                     });
                 }
             }
