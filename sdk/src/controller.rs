@@ -11,7 +11,7 @@ use std::{
 
 use kube::Resource;
 use opmesh_proto::v1::{
-    Completion, Empty, GroupVersionKind, RegisterRequest, Task, TasksRequest,
+    Completion, Empty, GroupVersionKind, RegisterRequest, ReleaseRequest, Task, TasksRequest,
     completion::Result as Outcome, runtime_service_client::RuntimeServiceClient,
 };
 use serde::de::DeserializeOwned;
@@ -85,20 +85,44 @@ pub fn fenced(client: &kube::Client) -> kube::Client {
 pub struct Controller<K> {
     mesh: Mesh,
     owns: Vec<GroupVersionKind>,
+    shutdown: Option<Shutdown>,
+    grace: Duration,
     _k: PhantomData<fn() -> K>,
 }
+
+/// A future that asks the controller to stop.
+type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// How long [`Mesh::connect`] waits for the sidecar to come up.
+pub const SIDECAR_WAIT: Duration = Duration::from_secs(10);
+/// How long a stopping controller lets running reconciles finish, by
+/// default: within Kubernetes' default 30 s termination grace period.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 // === impl Mesh ===
 
 impl Mesh {
     /// Connects to the sidecar at `$OPMESH_RUNTIME_SOCKET` (default
-    /// `/var/run/opmesh/runtime.sock`). Fails within seconds with
-    /// [`Error::NoSidecar`] if nothing answers.
+    /// `/var/run/opmesh/runtime.sock`), waiting up to [`SIDECAR_WAIT`] for
+    /// it to come up (containers of a pod start together), then failing
+    /// with [`Error::NoSidecar`].
     pub async fn connect() -> Result<Self> {
+        Self::connect_within(SIDECAR_WAIT).await
+    }
+
+    /// Like [`Mesh::connect`], waiting up to `wait` for the sidecar.
+    pub async fn connect_within(wait: Duration) -> Result<Self> {
         let path = std::env::var_os(SOCKET_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-        Self::connect_to(path).await
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match Self::connect_to(&path).await {
+                Ok(mesh) => return Ok(mesh),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// Connects to the sidecar socket at `path`.
@@ -168,8 +192,25 @@ where
         Self {
             mesh: mesh.clone(),
             owns: Vec::new(),
+            shutdown: None,
+            grace: DEFAULT_SHUTDOWN_GRACE,
             _k: PhantomData,
         }
+    }
+
+    /// Stops gracefully when `signal` completes, instead of on SIGTERM or
+    /// Ctrl-C (the default): see [`Controller::run`].
+    pub fn shutdown_on(mut self, signal: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.shutdown = Some(Box::pin(signal));
+        self
+    }
+
+    /// How long a graceful stop lets running reconciles finish before it
+    /// cancels them ([`DEFAULT_SHUTDOWN_GRACE`] by default). Keep it below
+    /// the pod's `terminationGracePeriodSeconds`.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
     }
 
     /// Also reconcile `K` when an object of type `C` that it controls
@@ -184,7 +225,14 @@ where
     }
 
     /// Registers with the sidecar and reconciles every task it hands out
-    /// until the sidecar goes away.
+    /// until the sidecar goes away ([`Error::SidecarGone`]) or a graceful
+    /// stop (`Ok`).
+    ///
+    /// A graceful stop, on SIGTERM or Ctrl-C unless [`Controller::shutdown_on`]
+    /// says otherwise: the sidecar is told to hand out nothing more, the
+    /// running reconciles finish (within [`Controller::shutdown_grace`], then
+    /// they are cancelled), and the sidecar says goodbye to the manager so
+    /// this replica's keys move at once, with no lease to wait out.
     pub async fn run<Ctx, E, R, RFut, P>(
         self,
         reconcile: R,
@@ -213,11 +261,39 @@ where
         // When the stream ends, stop every reconcile still running: the
         // sidecar has already taken them back and may hand the keys out again.
         let _abort_on_exit = AbortAll(running.clone());
+        let mut shutdown = self.shutdown.unwrap_or_else(|| Box::pin(terminated()));
+        let mut stopping: Option<tokio::time::Instant> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
         let ended = loop {
-            let task = match tasks.message().await {
+            let message = tokio::select! {
+                m = tasks.message() => m,
+                () = &mut shutdown, if stopping.is_none() => {
+                    tracing::info!(grace = ?self.grace, "stopping: finishing running reconciles, then releasing this replica's keys");
+                    let release = ReleaseRequest { reason: "the operator is stopping".into() };
+                    if let Err(e) = client.release(release).await {
+                        tracing::warn!(error = %e, "cannot tell the sidecar this operator is stopping");
+                    }
+                    stopping = Some(tokio::time::Instant::now() + self.grace);
+                    continue;
+                }
+                _ = tick.tick(), if stopping.is_some() => {
+                    let over = stopping.is_some_and(|t| tokio::time::Instant::now() >= t);
+                    if lock(&running).is_empty() {
+                        tracing::info!("every reconcile finished; stopped");
+                        break None;
+                    }
+                    if over {
+                        tracing::warn!("reconciles still running at the end of the shutdown grace; cancelling them");
+                        break None;
+                    }
+                    continue;
+                }
+            };
+            let task = match message {
                 Ok(Some(task)) => task,
-                Ok(None) => break Error::SidecarGone,
-                Err(e) => break e.into(),
+                // The sidecar went away (it closed the stream or the
+                // connection broke).
+                Ok(None) | Err(_) => break Some(Error::SidecarGone),
             };
             let id = task.id;
             if task.cancel {
@@ -282,7 +358,10 @@ where
             let _ = h.await;
         }
         drop(tasks);
-        Err(ended)
+        match ended {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 
@@ -340,6 +419,22 @@ where
         })
         .instrument(span)
         .await
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn terminated() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 fn millis(d: Duration) -> u64 {

@@ -78,7 +78,10 @@ mod fence;
 
 pub use action::{Action, default_error_policy};
 pub use cache::{Cache, gvk_of};
-pub use controller::{Controller, DEFAULT_SOCKET, Mesh, SOCKET_ENV, TaskInfo, current, fenced};
+pub use controller::{
+    Controller, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SOCKET, Mesh, SIDECAR_WAIT, SOCKET_ENV, TaskInfo,
+    current, fenced,
+};
 pub use error::{Error, Result};
 pub use fence::{FENCE_MARGIN, Fence, Fenced, fenced_error, is_fenced};
 

@@ -9,7 +9,8 @@ use std::{
 use k8s_openapi::api::core::v1::ConfigMap;
 use opmesh_proto::v1::{
     CompleteResponse, Completion, GetRequest, GetResponse, ListRequest, ListResponse,
-    OwnershipRequest, OwnershipResponse, RegisterRequest, RegisterResponse, Task, TasksRequest,
+    OwnershipRequest, OwnershipResponse, RegisterRequest, RegisterResponse, ReleaseRequest,
+    ReleaseResponse, Task, TasksRequest,
     runtime_service_server::{RuntimeService, RuntimeServiceServer},
 };
 use tokio::sync::mpsc;
@@ -78,6 +79,13 @@ impl RuntimeService for Sidecar {
         _: Request<OwnershipRequest>,
     ) -> Result<Response<OwnershipResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn release(
+        &self,
+        _: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        Ok(Response::new(ReleaseResponse {}))
     }
 }
 
