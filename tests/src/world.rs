@@ -194,6 +194,53 @@ impl World {
         .await
     }
 
+    /// The mesh's condition of type `ty`: its status, reason and message.
+    pub async fn condition(&self, ty: &str) -> anyhow::Result<Option<(String, String, String)>> {
+        let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+            self.client.clone(),
+            &self.ns,
+            &crate::mesh::mesh_resource(),
+        );
+        let mesh = api.get("mesh").await?;
+        let cond = mesh.data["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == ty)
+            .map(|c| {
+                let s = |f: &str| c[f].as_str().unwrap_or_default().to_string();
+                (s("status"), s("reason"), s("message"))
+            });
+        Ok(cond)
+    }
+
+    /// Starts a replica of subset `version` with extra environment for
+    /// both of its processes.
+    pub async fn replica_with_env(
+        &mut self,
+        pod: &str,
+        version: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let mesh = format!("{}/mesh", self.ns);
+        let labels = [("app", "cmg"), ("version", version)];
+        let manager = self.manager.addr().to_string();
+        let r = Replica::start(
+            &self.client,
+            &ReplicaOptions {
+                manager: &manager,
+                mesh: &mesh,
+                pod,
+                labels: &labels,
+                extra_env: env,
+                ..self.replica_options(version)
+            },
+        )
+        .await?;
+        self.replicas.push(r);
+        Ok(())
+    }
+
     /// Waits until the mesh's status counts `total` routed keys, and
     /// returns each subset's `(routedKeys, observedShare)`.
     pub async fn observed_shares(

@@ -1,0 +1,289 @@
+//! The operator's life cycle: a crashed operator's keys move after a grace
+//! period and the mesh says why; a stopping operator finishes its work and
+//! hands its keys over at once; the mesh's status tells the truth about
+//! replicas.
+
+use std::time::Duration;
+
+use kube::{
+    Api,
+    api::{DynamicObject, Patch, PatchParams},
+};
+use opmesh_proto::env;
+use opmesh_tests::{
+    control_plane::Process,
+    eventually,
+    history::{self, Deaths},
+    mesh::{LEASE_TTL, create_generator, generator_resource, read_records},
+    world::{TIMEOUT, World},
+};
+use serde_json::json;
+
+/// How long the replicas here wait for a crashed operator.
+const GRACE: Duration = Duration::from_secs(1);
+
+fn now_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or_default()
+}
+
+/// Two v1 replicas with a short operator grace, and `n` objects handled.
+async fn two_replicas(prefix: &str, n: usize) -> anyhow::Result<(World, String)> {
+    let mut w = World::new(prefix).await?;
+    w.apply_mesh(
+        json!({"weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1"],
+    )
+    .await?;
+    let grace = GRACE.as_millis().to_string();
+    for pod in ["v1-0", "v1-1"] {
+        w.replica_with_env(pod, "v1", &[(env::OPERATOR_GRACE_MS, &grace)])
+            .await?;
+    }
+    w.all_ready().await?;
+    let ns = w.object_namespace(&format!("{prefix}-data"), &[]).await?;
+    for i in 0..n {
+        create_generator(
+            &w.client,
+            &ns,
+            &format!("app-{i}"),
+            json!({"data": {"n": "0"}}),
+        )
+        .await?;
+    }
+    w.wait_handled(std::slice::from_ref(&ns), n).await?;
+    Ok((w, ns))
+}
+
+/// The names of the objects in `ns` that `pod` handles.
+async fn handled_by(w: &World, ns: &str, pod: &str) -> anyhow::Result<Vec<String>> {
+    let api: Api<DynamicObject> = Api::namespaced_with(w.client.clone(), ns, &generator_resource());
+    Ok(api
+        .list(&Default::default())
+        .await?
+        .into_iter()
+        .filter(|o| o.data["status"]["handledBy"].as_str() == Some(&format!("v1/{pod}")))
+        .filter_map(|o| o.metadata.name)
+        .collect())
+}
+
+async fn patch(w: &World, ns: &str, name: &str, patch: serde_json::Value) -> anyhow::Result<()> {
+    let api: Api<DynamicObject> = Api::namespaced_with(w.client.clone(), ns, &generator_resource());
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_crashed_operators_keys_move_after_the_grace_and_the_mesh_says_why() -> anyhow::Result<()>
+{
+    let (mut w, ns) = two_replicas("crash", 8).await?;
+    let mine = handled_by(&w, &ns, "v1-0").await?;
+    anyhow::ensure!(!mine.is_empty(), "v1-0 owns none of 8 keys");
+
+    w.replicas[0].operator.signal("KILL").await?;
+    w.replicas[0]
+        .operator
+        .wait_exit(Duration::from_secs(10))
+        .await;
+    let killed = now_us();
+    // Every key of v1-0 changes; v1-1 must pick them up.
+    for name in &mine {
+        patch(&w, &ns, name, json!({"spec": {"data": {"n": "after"}}})).await?;
+    }
+    let moved = eventually("v1-0's keys to be reconciled by v1-1", TIMEOUT, || async {
+        let now = handled_by(&w, &ns, "v1-1").await?;
+        Ok(mine.iter().all(|k| now.contains(k)).then_some(now_us()))
+    })
+    .await?;
+    let took = Duration::from_micros((moved - killed) as u64);
+    assert!(
+        took < GRACE + LEASE_TTL * 2,
+        "v1-0's keys took {took:?} to move (grace {GRACE:?}, TTL {LEASE_TTL:?})"
+    );
+    // Its sidecar is not ready, and the mesh says why.
+    assert!(
+        !w.replicas[0].ready(),
+        "v1-0's sidecar says ready without an operator"
+    );
+    let (status, reason, message) = eventually("the mesh to say why", TIMEOUT, || async {
+        Ok(w.condition("Degraded")
+            .await?
+            .filter(|(s, _, _)| s == "True"))
+    })
+    .await?;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "OperatorGone"),
+        "{message}"
+    );
+    assert!(message.contains("v1-0"), "{message}");
+
+    // The operator comes back (as a kubelet restarts it): v1-0 rejoins and
+    // the note goes.
+    let mut r = w.replicas.remove(0);
+    let mesh = format!("{}/mesh", w.ns);
+    let grace = GRACE.as_millis().to_string();
+    let env = [(env::OPERATOR_GRACE_MS, grace.as_str())];
+    let opts = opmesh_tests::mesh::ReplicaOptions {
+        mesh: &mesh,
+        pod: "v1-0",
+        extra_env: &env,
+        ..w.replica_options("v1")
+    };
+    r.restart_operator(&opts)?;
+    w.replicas.insert(0, r);
+    eventually("v1-0 to be ready again", TIMEOUT, || async {
+        Ok(w.replicas[0].ready().then_some(()))
+    })
+    .await?;
+    eventually("the mesh to be no longer degraded", TIMEOUT, || async {
+        Ok(w.condition("Degraded")
+            .await?
+            .filter(|(s, _, _)| s == "False"))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stopping_operator_finishes_its_reconciles_and_its_keys_move_at_once()
+-> anyhow::Result<()> {
+    let (w, ns) = two_replicas("stop-op", 8).await?;
+    let mine = handled_by(&w, &ns, "v1-0").await?;
+    let name = mine
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("v1-0 owns none of 8 keys"))?;
+    let key = format!("{ns}/{name}");
+    let work = (LEASE_TTL * 2 / 3).as_millis() as u64;
+    patch(
+        &w,
+        &ns,
+        &name,
+        json!({"spec": {"data": {"n": "1"}, "reconcileMs": work}}),
+    )
+    .await?;
+    let old = w.replicas[0].records.clone();
+    let started = eventually("v1-0 to start working on the change", TIMEOUT, || async {
+        let Some(r) = history::read(&[&old], &Deaths::default(), now_us())
+            .into_iter()
+            .find(|r| r.key == key && r.generation == 2)
+        else {
+            return Ok(None);
+        };
+        Ok(history::events(&old, "working")
+            .iter()
+            .any(|e| e.id == r.id)
+            .then_some(r))
+    })
+    .await?;
+
+    // SIGTERM to the operator, as the kubelet sends when the pod goes.
+    w.replicas[0].operator.signal("TERM").await?;
+    let code = w.replicas[0].operator.wait_exit(TIMEOUT).await;
+    assert_eq!(code, Some(Some(0)), "the operator did not stop cleanly");
+    let ended = read_records(&old)
+        .into_iter()
+        .find(|r| r.id == started.id)
+        .ok_or_else(|| anyhow::anyhow!("v1-0's reconcile has no end"))?;
+    assert_eq!(ended.outcome, "ok", "{ended:?}");
+
+    // The key moved at the goodbye: v1-1 starts on it well within a TTL.
+    let new = w.replicas[1].records.clone();
+    let next = eventually("v1-1 to reconcile the key", TIMEOUT, || async {
+        Ok(history::read(&[&new], &Deaths::default(), now_us())
+            .into_iter()
+            .find(|r| r.key == key && r.start_us > ended.end_us))
+    })
+    .await?;
+    let waited = Duration::from_micros((next.start_us - ended.end_us) as u64);
+    assert!(waited < LEASE_TTL, "the key waited {waited:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_status_tells_no_replicas_a_lost_replica_and_a_contested_pod_name() -> anyhow::Result<()>
+{
+    let mut w = World::new("status-truth").await?;
+    w.apply_mesh(
+        json!({"weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1"],
+    )
+    .await?;
+    // No replicas: not ready, whatever the (zero) keys say.
+    let (_, reason, _) = eventually("Ready=False with no replicas", TIMEOUT, || async {
+        Ok(w.condition("Ready").await?.filter(|(s, _, _)| s == "False"))
+    })
+    .await?;
+    assert_eq!(reason, "NoReplicas");
+
+    w.replica("v1-0", "v1").await?;
+    w.all_ready().await?;
+    eventually("Ready=True with a replica", TIMEOUT, || async {
+        Ok(w.condition("Ready").await?.filter(|(s, _, _)| s == "True"))
+    })
+    .await?;
+
+    // A killed replica shows within a TTL.
+    let r = w.replicas.remove(0);
+    r.sidecar.signal("KILL").await?;
+    r.operator.signal("KILL").await?;
+    let killed = std::time::Instant::now();
+    eventually("Ready=False once the replica is gone", TIMEOUT, || async {
+        Ok(w.condition("Ready").await?.filter(|(s, _, _)| s == "False"))
+    })
+    .await?;
+    assert!(
+        killed.elapsed() < LEASE_TTL,
+        "the lost replica showed after {:?}",
+        killed.elapsed()
+    );
+    drop(r);
+
+    // Two runtimes that claim one pod keep replacing each other: Degraded,
+    // naming the pod.
+    w.replica("v1-1", "v1").await?;
+    let mesh = format!("{}/mesh", w.ns);
+    let socket = w.dir.path().join("impostor.sock");
+    let impostor = Process::spawn_with_env(
+        "impostor-sidecar",
+        &w.bins.runtime,
+        &[],
+        &[
+            ("KUBECONFIG".into(), w.cp.kubeconfig().display().to_string()),
+            (env::MANAGER_ADDR.into(), w.manager.addr().to_string()),
+            (env::MESH.into(), mesh.clone()),
+            (env::POD_NAMESPACE.into(), w.ns.clone()),
+            (env::POD_NAME.into(), "v1-1".into()),
+            (env::RUNTIME_SOCKET.into(), socket.display().to_string()),
+            (env::HEALTH_ADDR.into(), "127.0.0.1:0".into()),
+        ],
+        w.dir.path(),
+        None,
+    )?;
+    let impostor_op = Process::spawn_with_env(
+        "impostor-operator",
+        &w.bins.operator,
+        &["run".into()],
+        &[
+            ("KUBECONFIG".into(), w.cp.kubeconfig().display().to_string()),
+            (env::RUNTIME_SOCKET.into(), socket.display().to_string()),
+        ],
+        w.dir.path(),
+        None,
+    )?;
+    let (_, reason, message) = eventually("Degraded naming the contested pod", TIMEOUT, || async {
+        impostor.check_running()?;
+        Ok(w.condition("Degraded")
+            .await?
+            .filter(|(s, r, _)| s == "True" && r == "IdentityConflict"))
+    })
+    .await?;
+    assert_eq!(reason, "IdentityConflict");
+    assert!(message.contains("v1-1"), "{message}");
+    drop((impostor_op, impostor));
+    Ok(())
+}
