@@ -41,9 +41,28 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 pub use config::Config;
 
+/// The operator socket's file, removed when this is dropped if it is still
+/// the one this process created (a newer runtime may have replaced it).
+#[derive(Debug)]
+pub struct SocketFile {
+    path: std::path::PathBuf,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Binds the operator socket at `config.socket`, replacing a stale one and
-/// making it readable only by its owner.
-pub fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
+/// making it readable only by its owner. Keep the [`SocketFile`] for as
+/// long as the socket serves: dropping it removes the file.
+pub fn bind_socket(config: &Config) -> anyhow::Result<(UnixListener, SocketFile)> {
+    use std::os::unix::fs::MetadataExt as _;
     let path = &config.socket;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
@@ -56,8 +75,12 @@ pub fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)
         .map_err(|e| anyhow::anyhow!("cannot listen on --socket {}: {e}", path.display()))?;
+    let file = SocketFile {
+        path: path.clone(),
+        ino: std::fs::metadata(path)?.ino(),
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    Ok((listener, file))
 }
 
 /// Runs the runtime until `shutdown` fires.
@@ -112,10 +135,49 @@ pub async fn run(
     let result = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
     let _ = watchdog_stop_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), watchdog).await;
-    let _ = std::fs::remove_file(&rt.config.socket);
     match result {
         Ok(Ok(r)) => r.map_err(Into::into),
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_socket_file_goes_with_its_runtime_but_not_a_newer_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runtime.sock");
+        let config = Config::try_parse_from([
+            "opmesh-runtime",
+            "--mesh",
+            "ops/mesh",
+            "--pod-namespace",
+            "ops",
+            "--pod-name",
+            "op-0",
+            "--socket",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        let (_l, file) = bind_socket(&config).unwrap();
+        drop(file);
+        assert!(!path.exists(), "the socket file was left behind");
+
+        // An older runtime exiting after a newer one took the path over
+        // leaves the newer one's socket alone.
+        let (_old_l, old) = bind_socket(&config).unwrap();
+        let (_new_l, new) = bind_socket(&config).unwrap();
+        drop(old);
+        assert!(
+            path.exists(),
+            "the older runtime removed the newer one's socket"
+        );
+        drop(new);
+        assert!(!path.exists());
     }
 }

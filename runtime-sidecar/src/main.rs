@@ -12,10 +12,19 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let config = Config::parse();
-    let socket = opmesh_runtime::bind_socket(&config)?;
+    // The health port first: if it is taken, nothing is left behind.
     let health = tokio::net::TcpListener::bind(config.health)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on --health {}: {e}", config.health))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on --health {}: {e}; with several runtimes on one host give each \
+                 its own port, or OPMESH_HEALTH_ADDR=127.0.0.1:0 for any free one",
+                config.health
+            )
+        })?;
+    tracing::info!(addr = %health.local_addr()?, "health, readiness and metrics");
+    // Dropped on every way out of main: the socket file goes with it.
+    let (socket, _file) = opmesh_runtime::bind_socket(&config)?;
     opmesh_runtime::run(config, socket, health, shutdown_signal()).await
 }
 
