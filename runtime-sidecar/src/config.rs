@@ -44,9 +44,10 @@ pub struct Config {
     /// The address of `/healthz`, `/readyz` and `/metrics`.
     #[arg(long, env = env::HEALTH_ADDR, default_value = "0.0.0.0:9441")]
     pub health: SocketAddr,
-    /// How many reconciles run at once.
-    #[arg(long, env = env::MAX_CONCURRENT_RECONCILES, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub max_concurrent_reconciles: u32,
+    /// How many reconciles run at once, at most. Unset, the operator's own
+    /// choice (`Controller::concurrency`) applies, or 1.
+    #[arg(long, env = env::MAX_CONCURRENT_RECONCILES, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_concurrent_reconciles: Option<u32>,
     /// How long (ms) the operator may be gone (crashed, restarting) before
     /// this runtime says goodbye so its keys move to other replicas, and
     /// reports not-ready until an operator is back.

@@ -9,7 +9,17 @@ use crate::state::Runtime;
 
 /// Runs until the queue shuts down or `shutdown` fires.
 pub(crate) async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
-    let max = rt.config.max_concurrent_reconciles as usize;
+    // The limit is known once the operator has registered.
+    let mut registration = rt.registration.subscribe();
+    let max = tokio::select! {
+        r = registration.wait_for(Option::is_some) => match r {
+            Ok(reg) => reg.as_ref().map_or(1, |r| r.max_concurrent(rt.config.max_concurrent_reconciles)),
+            Err(_) => return,
+        },
+        _ = shutdown.wait_for(|s| *s) => return,
+    };
+    let max = max as usize;
+    tracing::info!(max, "reconciles at once");
     rt.metrics
         .max_concurrent
         .get_or_create(&rt.metrics.controller(None))
@@ -77,6 +87,20 @@ mod tests {
     use super::*;
     use crate::state::Registration;
 
+    #[test]
+    fn the_operator_chooses_its_concurrency_within_the_flag() {
+        let reg = |concurrency| Registration {
+            primary: GroupVersionKind::default(),
+            owns: Vec::new(),
+            concurrency,
+        };
+        assert_eq!(reg(0).max_concurrent(None), 1);
+        assert_eq!(reg(8).max_concurrent(None), 8);
+        assert_eq!(reg(0).max_concurrent(Some(4)), 4);
+        assert_eq!(reg(8).max_concurrent(Some(4)), 4);
+        assert_eq!(reg(2).max_concurrent(Some(4)), 2);
+    }
+
     /// The next task within 5 s (of paused time), if any.
     async fn next(rx: &mut mpsc::Receiver<Result<Task, tonic::Status>>) -> Option<Task> {
         tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -97,6 +121,7 @@ mod tests {
         rt.registration.send_replace(Some(Registration {
             primary: gvk.clone(),
             owns: Vec::new(),
+            concurrency: 8,
         }));
         let (tx, mut rx) = mpsc::channel(16);
         rt.attach_operator(tx);

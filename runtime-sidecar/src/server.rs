@@ -44,6 +44,7 @@ impl RuntimeService for RuntimeServer {
         let reg = Registration {
             primary,
             owns: req.owns,
+            concurrency: req.max_concurrent_reconciles,
         };
         if let Some(existing) = self.rt.registered()
             && existing.primary.key() != reg.primary.key()
@@ -71,7 +72,10 @@ impl RuntimeService for RuntimeServer {
         &self,
         _request: Request<TasksRequest>,
     ) -> Result<Response<Self::TasksStream>, Status> {
-        let capacity = self.rt.config.max_concurrent_reconciles as usize + 1;
+        let max = self.rt.registered().map_or(1, |r| {
+            r.max_concurrent(self.rt.config.max_concurrent_reconciles)
+        });
+        let capacity = max as usize + 1;
         let (tx, rx) = mpsc::channel(capacity);
         let id = self.rt.attach_operator(tx.clone());
         let rt = self.rt.clone();

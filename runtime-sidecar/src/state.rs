@@ -34,6 +34,22 @@ pub(crate) struct Registration {
     pub(crate) primary: GroupVersionKind,
     /// Owned types.
     pub(crate) owns: Vec<GroupVersionKind>,
+    /// How many reconciles the operator asked for at once (0: no
+    /// preference).
+    pub(crate) concurrency: u32,
+}
+
+impl Registration {
+    /// How many reconciles run at once: the operator's choice, capped by
+    /// the flag; the flag alone; or 1.
+    pub(crate) fn max_concurrent(&self, flag: Option<u32>) -> u32 {
+        let asked = (self.concurrency > 0).then_some(self.concurrency);
+        match (flag, asked) {
+            (Some(f), Some(a)) => f.min(a),
+            (Some(n), None) | (None, Some(n)) => n,
+            (None, None) => 1,
+        }
+    }
 }
 
 /// The current session with the manager.

@@ -87,6 +87,7 @@ pub struct Controller<K> {
     owns: Vec<GroupVersionKind>,
     shutdown: Option<Shutdown>,
     grace: Duration,
+    concurrency: u32,
     _k: PhantomData<fn() -> K>,
 }
 
@@ -194,8 +195,17 @@ where
             owns: Vec::new(),
             shutdown: None,
             grace: DEFAULT_SHUTDOWN_GRACE,
+            concurrency: 0,
             _k: PhantomData,
         }
+    }
+
+    /// Reconcile up to `n` keys at once (never one key twice). The
+    /// sidecar's `OPMESH_MAX_CONCURRENT_RECONCILES`, when set, caps it;
+    /// without either, one at a time.
+    pub fn concurrency(mut self, n: u32) -> Self {
+        self.concurrency = n;
+        self
     }
 
     /// Stops gracefully when `signal` completes, instead of on SIGTERM or
@@ -251,6 +261,7 @@ where
             .register(RegisterRequest {
                 primary: Some(gvk_of::<K>()),
                 owns: self.owns.clone(),
+                max_concurrent_reconciles: self.concurrency,
             })
             .await?;
         let mut tasks = client.tasks(TasksRequest {}).await?.into_inner();
