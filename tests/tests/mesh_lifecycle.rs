@@ -287,3 +287,150 @@ async fn the_status_tells_no_replicas_a_lost_replica_and_a_contested_pod_name() 
     drop((impostor_op, impostor));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_rolling_replacement_loses_no_update_and_no_key_waits_a_ttl() -> anyhow::Result<()> {
+    let mut w = World::new("rolling").await?;
+    w.apply_mesh(
+        json!({"weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1"],
+    )
+    .await?;
+    w.replica("v1-a", "v1").await?;
+    w.replica("v1-b", "v1").await?;
+    w.all_ready().await?;
+    let ns = w.object_namespace("rolling-data", &[]).await?;
+    const N: usize = 20;
+    for i in 0..N {
+        create_generator(
+            &w.client,
+            &ns,
+            &format!("app-{i}"),
+            json!({"data": {"n": "0"}}),
+        )
+        .await?;
+    }
+    w.wait_handled(std::slice::from_ref(&ns), N).await?;
+
+    // Objects keep changing through the whole rollout, with reconciles
+    // that take a while.
+    let writer = {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(w.client.clone(), &ns, &generator_resource());
+        tokio::spawn(async move {
+            for n in 1u64.. {
+                let i = n as usize % N;
+                let patch =
+                    json!({"spec": {"data": {"n": n.to_string()}, "reconcileMs": (n * 37) % 400}});
+                let _ = api
+                    .patch(
+                        &format!("app-{i}"),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    // New pods come up, then each old one goes as a Deployment does: the
+    // operator is stopped first (SIGTERM), then its sidecar.
+    w.replica("v1-c", "v1").await?;
+    w.replica("v1-d", "v1").await?;
+    w.all_ready().await?;
+    let mut stopped = Vec::new();
+    for i in 0..2 {
+        let r = &w.replicas[i];
+        let at = now_us();
+        r.operator.signal("TERM").await?;
+        let code = r.operator.wait_exit(TIMEOUT).await;
+        assert_eq!(code, Some(Some(0)), "{} did not stop cleanly", r.pod);
+        r.sidecar.signal("TERM").await?;
+        r.sidecar.wait_exit(TIMEOUT).await;
+        stopped.push((r.pod.clone(), at));
+    }
+    writer.abort();
+    let _ = writer.await;
+
+    // Every object changes once more; the new pods reconcile each last
+    // generation.
+    for i in 0..N {
+        let patch = json!({"spec": {"data": {"n": "final"}, "reconcileMs": 0}});
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(w.client.clone(), &ns, &generator_resource());
+        api.patch(
+            &format!("app-{i}"),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    }
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(w.client.clone(), &ns, &generator_resource());
+    let finals: Vec<(String, i64)> = api
+        .list(&Default::default())
+        .await?
+        .into_iter()
+        .map(|o| {
+            (
+                format!("{ns}/{}", o.metadata.name.unwrap_or_default()),
+                o.metadata.generation.unwrap_or_default(),
+            )
+        })
+        .collect();
+    let paths: Vec<std::path::PathBuf> = w.replicas.iter().map(|r| r.records.clone()).collect();
+    let read = || {
+        let paths: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
+        history::read(&paths, &Deaths::default(), now_us())
+    };
+    eventually(
+        "every last generation to be reconciled",
+        TIMEOUT,
+        || async {
+            let rs = read();
+            Ok(finals
+                .iter()
+                .all(|(k, g)| {
+                    rs.iter()
+                        .any(|r| &r.key == k && r.generation == *g && r.outcome == "ok")
+                })
+                .then_some(()))
+        },
+    )
+    .await?;
+
+    let rs = read();
+    let overlaps = history::overlaps(&rs);
+    assert!(overlaps.is_empty(), "{overlaps:#?}");
+    // No key waited for a lease: each key an old pod had when its operator
+    // was told to stop, another pod reconciled within a TTL of that.
+    for (pod, at) in &stopped {
+        let runtime = format!("{}/{pod}", w.ns);
+        let mut moved = 0;
+        for (key, _) in &finals {
+            let had = rs
+                .iter()
+                .filter(|r| &r.key == key && r.start_us < *at)
+                .max_by_key(|r| r.start_us)
+                .is_some_and(|r| r.runtime == runtime);
+            if !had {
+                continue;
+            }
+            let next = rs
+                .iter()
+                .filter(|r| &r.key == key && r.start_us >= *at && r.runtime != runtime)
+                .map(|r| r.start_us)
+                .min()
+                .ok_or_else(|| anyhow::anyhow!("{key} was never reconciled after {pod} stopped"))?;
+            let waited = Duration::from_micros((next - at) as u64);
+            assert!(
+                waited < LEASE_TTL,
+                "{key} waited {waited:?} after {pod} stopped"
+            );
+            moved += 1;
+        }
+        assert!(moved > 0, "{pod} held no key when it stopped");
+    }
+    Ok(())
+}
