@@ -49,6 +49,12 @@ fn respond<B>(rt: &Runtime, req: &Request<B>) -> Response<Full<Bytes>> {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "waiting for the operator to register".to_string(),
                 )
+            } else if !rt.operator_present() {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the operator is gone or stopping; its keys are released after the grace period"
+                        .to_string(),
+                )
             } else {
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
