@@ -30,6 +30,11 @@ pub struct Config {
     /// How long the leader's Lease lasts without renewal, in seconds.
     #[arg(long, env = "OPMESH_LEADER_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=600))]
     pub leader_lease_seconds: u64,
+    /// Let runtimes without a token in, as whatever pod they claim to be.
+    /// For development only: any process that reaches the port can then
+    /// impersonate any operator pod.
+    #[arg(long, env = "OPMESH_INSECURE_ALLOW_UNAUTHENTICATED_RUNTIMES")]
+    pub insecure_allow_unauthenticated_runtimes: bool,
 }
 
 // === impl Config ===

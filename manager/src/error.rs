@@ -47,6 +47,12 @@ pub(crate) enum Refusal {
         /// What the mesh already reconciles.
         existing: String,
     },
+    /// The hello's token is missing or not accepted.
+    #[error("the runtime is not authenticated: {0}")]
+    Unauthenticated(String),
+    /// The token does not entitle the runtime to what it claims.
+    #[error("the runtime may not join as it claims: {0}")]
+    PermissionDenied(String),
     /// The manager could not check the runtime's identity.
     #[error("cannot check the runtime's pod: {0}")]
     Lookup(String),
@@ -63,6 +69,8 @@ impl From<Refusal> for Status {
         let msg = r.to_string();
         match r {
             Refusal::Malformed(_) => Status::invalid_argument(msg),
+            Refusal::Unauthenticated(_) => Status::unauthenticated(msg),
+            Refusal::PermissionDenied(_) => Status::permission_denied(msg),
             Refusal::UnknownMesh(_) | Refusal::UnknownPod { .. } => Status::not_found(msg),
             Refusal::NoValidPolicy { .. }
             | Refusal::NotAMember { .. }

@@ -30,6 +30,7 @@
 
 #![warn(unreachable_pub)]
 
+mod admission;
 pub mod config;
 mod coordinator;
 // The schema derive copies the spec types into a private module, which the
@@ -113,11 +114,22 @@ pub async fn run(
         })
     };
 
+    if config.insecure_allow_unauthenticated_runtimes {
+        tracing::warn!(
+            "--insecure-allow-unauthenticated-runtimes: runtimes without a token are admitted as \
+             whatever pod they claim; any process that reaches this port can impersonate an operator"
+        );
+    }
+    let admission = admission::Admission::new(
+        client.clone(),
+        !config.insecure_allow_unauthenticated_runtimes,
+    );
     let service = MeshServiceServer::new(server::MeshServer::new(
         tx,
         client,
         config.lease_ttl(),
         authority.clone(),
+        admission,
     ));
     tracing::info!(addr = %listener.local_addr()?, "manager listening");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

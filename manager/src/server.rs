@@ -34,6 +34,7 @@ const BATCH: usize = 256;
 pub(crate) struct MeshServer {
     core: mpsc::Sender<Input>,
     client: Client,
+    admission: crate::admission::Admission,
     lease_ttl: Duration,
     authority: Arc<Authority>,
 }
@@ -42,16 +43,18 @@ pub(crate) struct MeshServer {
 
 impl MeshServer {
     /// A server that hands sessions to the coordinator behind `core` while
-    /// `authority` says this manager leads.
+    /// `authority` says this manager leads, to runtimes `admission` admits.
     pub(crate) fn new(
         core: mpsc::Sender<Input>,
         client: Client,
         lease_ttl: Duration,
         authority: Arc<Authority>,
+        admission: crate::admission::Admission,
     ) -> Self {
         Self {
             core,
             client,
+            admission,
             lease_ttl,
             authority,
         }
@@ -76,6 +79,8 @@ impl MeshServer {
                 ));
             }
         }
+        // Who it is, before anything is read on its behalf.
+        let uid = self.admission.authenticate(&hello).await?;
         // The subset comes from the real Pod's labels, never from the runtime.
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &hello.pod_namespace);
         let pod = tokio::time::timeout(LOOKUP_TIMEOUT, pods.get_opt(&hello.pod_name))
@@ -85,6 +90,15 @@ impl MeshServer {
             .ok_or_else(|| Refusal::UnknownPod {
                 pod: format!("{}/{}", hello.pod_namespace, hello.pod_name),
             })?;
+        if let Some(uid) = uid
+            && pod.metadata.uid.as_deref() != Some(uid.as_str())
+        {
+            return Err(Refusal::PermissionDenied(format!(
+                "the token is bound to an earlier pod {}/{} (uid {uid}); the pod was re-created, \
+                 so its runtime needs the new pod's token",
+                hello.pod_namespace, hello.pod_name
+            )));
+        }
         let (reply, answer) = oneshot::channel();
         self.core
             .send(Input::Connect {

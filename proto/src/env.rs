@@ -16,6 +16,13 @@ pub const HEALTH_ADDR: &str = "OPMESH_HEALTH_ADDR";
 /// How many reconciles the runtime runs at once.
 pub const MAX_CONCURRENT_RECONCILES: &str = "OPMESH_MAX_CONCURRENT_RECONCILES";
 
+/// Where the runtime reads its projected ServiceAccount token, re-read for
+/// every hello as the kubelet refreshes it.
+pub const TOKEN_FILE: &str = "OPMESH_TOKEN_FILE";
+/// The token file when [`TOKEN_FILE`] is unset.
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/opmesh.io/token";
+/// The audience a runtime's token must be issued for.
+pub const TOKEN_AUDIENCE: &str = "opmesh";
 /// How long, in milliseconds, a runtime waits for its operator to come
 /// back before it releases its keys.
 pub const OPERATOR_GRACE_MS: &str = "OPMESH_OPERATOR_GRACE_MS";

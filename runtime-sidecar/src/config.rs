@@ -48,6 +48,11 @@ pub struct Config {
     /// choice (`Controller::concurrency`) applies, or 1.
     #[arg(long, env = env::MAX_CONCURRENT_RECONCILES, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_concurrent_reconciles: Option<u32>,
+    /// The projected ServiceAccount token (audience `opmesh`) that proves
+    /// to the manager which pod this runtime runs in; re-read for every
+    /// session, as the kubelet refreshes it.
+    #[arg(long, env = env::TOKEN_FILE, default_value = env::DEFAULT_TOKEN_FILE)]
+    pub token_file: PathBuf,
     /// How long (ms) the operator may be gone (crashed, restarting) before
     /// this runtime says goodbye so its keys move to other replicas, and
     /// reports not-ready until an operator is back.

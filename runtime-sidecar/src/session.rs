@@ -176,7 +176,7 @@ async fn session(
         primary: Some(reg.primary.clone()),
         owns: reg.owns.clone(),
         runtime_version: env!("CARGO_PKG_VERSION").to_string(),
-        auth_token: String::new(),
+        auth_token: read_token(&rt.config.token_file),
         held: reported
             .iter()
             .map(|key| opmesh_proto::v1::HeldKey { key: key.clone() })
@@ -286,6 +286,18 @@ async fn session(
             Err(s) => return Err(SessionError::Ended(s.message().to_string())),
         };
         on_message(rt, msg, &sent_at, &tx, ttl, &mut tasks);
+    }
+}
+
+/// The token in `path`, or empty (the manager then says what is missing)
+/// if it cannot be read.
+fn read_token(path: &std::path::Path) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(t) => t.trim().to_string(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the token file; the manager will refuse this runtime unless it allows unauthenticated runtimes");
+            String::new()
+        }
     }
 }
 

@@ -312,6 +312,11 @@ impl Replica {
         let socket = dir.join(format!("{pod}.sock"));
         let records = dir.join(format!("{pod}.jsonl"));
         let health_port = free_port()?;
+        // What the kubelet would project: a token bound to the Pod, if it
+        // exists.
+        let token = dir.join(format!("{pod}.token"));
+        write_pod_token(cp, namespace, pod, &token).await?;
+        let token_env = token.display().to_string();
         // A killed sidecar leaves its socket behind; waiting for the file
         // below must see the new one.
         let _ = std::fs::remove_file(&socket);
@@ -329,6 +334,7 @@ impl Replica {
                     (env::RUNTIME_SOCKET, &socket.display().to_string()),
                     (env::HEALTH_ADDR, &format!("127.0.0.1:{health_port}")),
                     (env::MAX_CONCURRENT_RECONCILES, "4"),
+                    (env::TOKEN_FILE, &token_env),
                 ]
                 .into_iter()
                 .chain(extra_env.iter().copied())
@@ -387,6 +393,25 @@ impl Replica {
         self.sidecar.check_running()?;
         self.operator.check_running()
     }
+}
+
+/// Writes a token for Pod `namespace/name` (audience `opmesh`, bound to the
+/// Pod) to `path`, as the kubelet projects one; nothing if there is no such
+/// Pod.
+pub async fn write_pod_token(
+    cp: &ControlPlane,
+    namespace: &str,
+    name: &str,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let client = cp.client().await?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    let _ = std::fs::remove_file(path);
+    if let Some(pod) = pods.get_opt(name).await? {
+        let token = cluster::pod_token(&client, &pod, &[env::TOKEN_AUDIENCE]).await?;
+        std::fs::write(path, token)?;
+    }
+    Ok(())
 }
 
 /// Starts the example operator of a replica against its sidecar's socket.

@@ -236,6 +236,7 @@ async fn a_watch_the_manager_may_not_run_is_reported_and_recovers_once_granted()
         ),
         rule(&[""], &["pods", "namespaces"], &read),
         rule(&["example.opmesh.io"], &["configmapgenerators"], &read),
+        rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
     ];
     let roles: Api<DynamicObject> = Api::all_with(
         w.client.clone(),

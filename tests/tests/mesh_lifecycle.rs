@@ -260,6 +260,11 @@ async fn the_status_tells_no_replicas_a_lost_replica_and_a_contested_pod_name() 
             (env::POD_NAME.into(), "v1-1".into()),
             (env::RUNTIME_SOCKET.into(), socket.display().to_string()),
             (env::HEALTH_ADDR.into(), "127.0.0.1:0".into()),
+            // The same pod's token: a second runtime in the same pod.
+            (
+                env::TOKEN_FILE.into(),
+                w.dir.path().join("v1-1.token").display().to_string(),
+            ),
         ],
         w.dir.path(),
         None,

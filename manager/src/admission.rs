@@ -1,0 +1,263 @@
+//! Who a runtime is: its hello carries a projected ServiceAccount token
+//! (audience [`AUDIENCE`]) bound to its Pod. The manager reviews it with the
+//! apiserver (TokenReview), caches the answer while the token is valid, and
+//! admits the runtime only as the Pod the token is bound to:
+//!
+//! - no token, or one the apiserver does not accept for this audience:
+//!   `UNAUTHENTICATED`, before anything is read for the hello;
+//! - a token of another namespace, bound to another pod, or to an earlier
+//!   pod of the same name (its UID is checked against the live Pod), or a
+//!   pod outside the mesh's namespace: `PERMISSION_DENIED`.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::{Api, Client, api::PostParams};
+use opmesh_proto::v1::Hello;
+
+use crate::error::Refusal;
+
+/// The audience a runtime's token must be issued for.
+const AUDIENCE: &str = opmesh_proto::env::TOKEN_AUDIENCE;
+/// The longest a review is trusted without asking again.
+const CACHE_FOR: Duration = Duration::from_secs(300);
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
+const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+
+/// What a reviewed token says about its holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Identity {
+    /// The ServiceAccount's namespace.
+    pub(crate) namespace: String,
+    /// The Pod the token is bound to.
+    pub(crate) pod_name: String,
+    /// That Pod's UID.
+    pub(crate) pod_uid: String,
+}
+
+/// A review's answer: the identity, or why the token was rejected.
+type Reviewed = Result<Identity, String>;
+
+/// Reviews runtime tokens, with a cache.
+pub(crate) struct Admission {
+    client: Client,
+    required: bool,
+    /// By token: the answer, and until when it is trusted.
+    cache: Mutex<HashMap<String, (Reviewed, Instant)>>,
+}
+
+// === impl Admission ===
+
+impl Admission {
+    /// Checks tokens through `client`; with `required` false (a development
+    /// flag), runtimes without a token are let in as whoever they claim.
+    pub(crate) fn new(client: Client, required: bool) -> Self {
+        Self {
+            client,
+            required,
+            cache: Mutex::default(),
+        }
+    }
+
+    /// Checks that `hello` comes from the Pod it names. Returns the UID the
+    /// live Pod must have, if a token was checked.
+    pub(crate) async fn authenticate(&self, hello: &Hello) -> Result<Option<String>, Refusal> {
+        if hello.auth_token.is_empty() {
+            if !self.required {
+                return Ok(None);
+            }
+            return Err(Refusal::Unauthenticated(format!(
+                "the hello carries no token: mount a projected ServiceAccount token with audience \
+                 {AUDIENCE:?} in the runtime and point OPMESH_TOKEN_FILE at it"
+            )));
+        }
+        let id = self
+            .review(&hello.auth_token)
+            .await?
+            .map_err(Refusal::Unauthenticated)?;
+        let claimed = format!("{}/{}", hello.pod_namespace, hello.pod_name);
+        if id.namespace != hello.pod_namespace || id.pod_name != hello.pod_name {
+            return Err(Refusal::PermissionDenied(format!(
+                "the token is bound to pod {}/{}, not {claimed}",
+                id.namespace, id.pod_name
+            )));
+        }
+        if hello.pod_namespace != hello.mesh_namespace {
+            return Err(Refusal::PermissionDenied(format!(
+                "pod {claimed} is not in the namespace of OperatorMesh {}/{}: a mesh admits \
+                 runtimes of its own namespace",
+                hello.mesh_namespace, hello.mesh_name
+            )));
+        }
+        Ok(Some(id.pod_uid))
+    }
+
+    /// The identity in `token`, or why the apiserver rejects it.
+    async fn review(&self, token: &str) -> Result<Reviewed, Refusal> {
+        let now = Instant::now();
+        if let Some((answer, until)) = lock(&self.cache).get(token)
+            && *until > now
+        {
+            return Ok(answer.clone());
+        }
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_string(),
+                audiences: Some(vec![AUDIENCE.to_string()]),
+            },
+            ..Default::default()
+        };
+        let reviews: Api<TokenReview> = Api::all(self.client.clone());
+        let reviewed = tokio::time::timeout(
+            REVIEW_TIMEOUT,
+            reviews.create(&PostParams::default(), &review),
+        )
+        .await
+        .map_err(|_| Refusal::Lookup("the TokenReview timed out".into()))?
+        .map_err(|e| {
+            Refusal::Lookup(format!(
+                "cannot review the runtime's token ({e}); the manager needs create on \
+                 tokenreviews.authentication.k8s.io"
+            ))
+        })?;
+        let answer = identity(reviewed.status.unwrap_or_default());
+        let until = now + expires_in(token).unwrap_or(CACHE_FOR).min(CACHE_FOR);
+        let mut cache = lock(&self.cache);
+        cache.retain(|_, (_, u)| *u > now);
+        cache.insert(token.to_string(), (answer.clone(), until));
+        Ok(answer)
+    }
+}
+
+/// The identity a TokenReview's status vouches for.
+fn identity(status: k8s_openapi::api::authentication::v1::TokenReviewStatus) -> Reviewed {
+    if status.authenticated != Some(true) {
+        return Err(format!(
+            "the apiserver does not accept the token for audience {AUDIENCE:?}: {}",
+            status.error.unwrap_or_else(|| "not authenticated".into())
+        ));
+    }
+    let user = status.user.unwrap_or_default();
+    let username = user.username.unwrap_or_default();
+    let Some(namespace) = username
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split(':').next())
+    else {
+        return Err(format!(
+            "the token belongs to {username:?}, not to a ServiceAccount"
+        ));
+    };
+    let extra = user.extra.unwrap_or_default();
+    let first = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
+    let (Some(pod_name), Some(pod_uid)) = (first(POD_NAME), first(POD_UID)) else {
+        return Err(
+            "the token is not bound to a Pod: use a projected ServiceAccount token (or a \
+             TokenRequest bound to the pod)"
+                .into(),
+        );
+    };
+    Ok(Identity {
+        namespace: namespace.to_string(),
+        pod_name,
+        pod_uid,
+    })
+}
+
+/// How long until the JWT `token` expires, from its `exp` claim (already
+/// verified by the apiserver when this is used).
+fn expires_in(token: &str) -> Option<Duration> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?.as_u64()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    Some(Duration::from_secs(exp.saturating_sub(now)))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
+
+    use super::*;
+
+    fn reviewed(username: &str, pod: Option<(&str, &str)>) -> TokenReviewStatus {
+        let mut extra = BTreeMap::new();
+        if let Some((name, uid)) = pod {
+            extra.insert(POD_NAME.to_string(), vec![name.to_string()]);
+            extra.insert(POD_UID.to_string(), vec![uid.to_string()]);
+        }
+        TokenReviewStatus {
+            authenticated: Some(true),
+            user: Some(UserInfo {
+                username: Some(username.into()),
+                extra: Some(extra),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_review_names_the_bound_pod_or_says_what_is_wrong() {
+        let id = identity(reviewed(
+            "system:serviceaccount:ops:op",
+            Some(("op-0", "u1")),
+        ))
+        .unwrap();
+        assert_eq!(
+            id,
+            Identity {
+                namespace: "ops".into(),
+                pod_name: "op-0".into(),
+                pod_uid: "u1".into()
+            }
+        );
+        assert!(
+            identity(reviewed("system:serviceaccount:ops:op", None))
+                .unwrap_err()
+                .contains("not bound to a Pod")
+        );
+        assert!(
+            identity(reviewed("alice", Some(("op-0", "u1"))))
+                .unwrap_err()
+                .contains("not to a ServiceAccount")
+        );
+        let rejected = TokenReviewStatus {
+            authenticated: Some(false),
+            error: Some("token has expired".into()),
+            ..Default::default()
+        };
+        assert!(identity(rejected).unwrap_err().contains("expired"));
+    }
+
+    #[test]
+    fn the_expiry_comes_from_the_token() {
+        use base64::Engine as _;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = serde_json::json!({"exp": now + 120});
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string());
+        let left = expires_in(&format!("h.{payload}.s")).unwrap();
+        assert!(left <= Duration::from_secs(120) && left >= Duration::from_secs(100));
+        assert!(expires_in("not-a-jwt").is_none());
+    }
+}
