@@ -29,6 +29,75 @@ const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
+/// The most keys a hello may report as held.
+const MAX_HELD: usize = 100_000;
+/// The most owned types a hello may declare.
+const MAX_OWNS: usize = 64;
+/// The longest key a hello may report (`namespace/name`).
+const MAX_KEY: usize = 63 + 1 + 253;
+
+/// Checks the shape of every string in `hello` before any of it is used,
+/// in an API path or anywhere else: names are Kubernetes names, and lists
+/// are bounded.
+pub(crate) fn check_hello(hello: &Hello) -> Result<(), Refusal> {
+    let bad = |field: &str, what: &str, value: &str| {
+        let shown: String = value.chars().take(80).collect();
+        Refusal::Malformed(format!("{field} {shown:?} is not {what}"))
+    };
+    for (field, value) in [
+        ("hello.mesh_namespace", &hello.mesh_namespace),
+        ("hello.pod_namespace", &hello.pod_namespace),
+    ] {
+        if value.is_empty() {
+            return Err(Refusal::Malformed(format!("{field} is empty")));
+        }
+        if !dns_label(value) {
+            return Err(bad(field, "a namespace name (RFC 1123 label)", value));
+        }
+    }
+    for (field, value) in [
+        ("hello.mesh_name", &hello.mesh_name),
+        ("hello.pod_name", &hello.pod_name),
+    ] {
+        if value.is_empty() {
+            return Err(Refusal::Malformed(format!("{field} is empty")));
+        }
+        if !dns_subdomain(value) {
+            return Err(bad(field, "an object name (RFC 1123 subdomain)", value));
+        }
+    }
+    if hello.owns.len() > MAX_OWNS {
+        return Err(Refusal::Malformed(format!(
+            "hello.owns declares {} types, more than {MAX_OWNS}",
+            hello.owns.len()
+        )));
+    }
+    if hello.held.len() > MAX_HELD {
+        return Err(Refusal::Malformed(format!(
+            "hello.held reports {} keys, more than {MAX_HELD}",
+            hello.held.len()
+        )));
+    }
+    if let Some(k) = hello.held.iter().find(|k| k.key.len() > MAX_KEY) {
+        return Err(bad("a hello.held key", "a namespace/name key", &k.key));
+    }
+    Ok(())
+}
+
+/// An RFC 1123 label, as namespace names are.
+fn dns_label(s: &str) -> bool {
+    s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// An RFC 1123 subdomain, as most object names are.
+fn dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(|part| !part.is_empty() && dns_label(part))
+}
+
 /// What a reviewed token says about its holder.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Identity {
@@ -245,6 +314,43 @@ mod tests {
             ..Default::default()
         };
         assert!(identity(rejected).unwrap_err().contains("expired"));
+    }
+
+    #[test]
+    fn hello_names_must_be_kubernetes_names() {
+        let ok = Hello {
+            mesh_namespace: "ops".into(),
+            mesh_name: "mesh.v1".into(),
+            pod_namespace: "ops".into(),
+            pod_name: "op-0".into(),
+            ..Default::default()
+        };
+        assert!(check_hello(&ok).is_ok());
+        for bad in [
+            Hello {
+                pod_name: "../../secrets".into(),
+                ..ok.clone()
+            },
+            Hello {
+                pod_namespace: "Ops".into(),
+                ..ok.clone()
+            },
+            Hello {
+                mesh_namespace: "a".repeat(64),
+                ..ok.clone()
+            },
+            Hello {
+                pod_name: "-x".into(),
+                ..ok.clone()
+            },
+            Hello {
+                mesh_name: String::new(),
+                ..ok.clone()
+            },
+        ] {
+            let err = check_hello(&bad).unwrap_err().to_string();
+            assert!(err.contains("hello."), "{err}");
+        }
     }
 
     #[test]

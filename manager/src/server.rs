@@ -61,16 +61,7 @@ impl MeshServer {
     }
 
     async fn admit(&self, hello: Hello) -> Result<Connected, Refusal> {
-        for (field, value) in [
-            ("hello.mesh_namespace", &hello.mesh_namespace),
-            ("hello.mesh_name", &hello.mesh_name),
-            ("hello.pod_namespace", &hello.pod_namespace),
-            ("hello.pod_name", &hello.pod_name),
-        ] {
-            if value.is_empty() {
-                return Err(Refusal::Malformed(format!("{field} is empty")));
-            }
-        }
+        crate::admission::check_hello(&hello)?;
         match &hello.primary {
             Some(g) if !g.kind.is_empty() && !g.version.is_empty() && !g.plural.is_empty() => {}
             _ => {
