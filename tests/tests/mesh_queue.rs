@@ -58,16 +58,18 @@ async fn errors_back_off_requeues_wait_and_deleted_keys_stop() -> anyhow::Result
     // status); after those settle, only the requeue drives it.
     create_generator(&w.client, &ns, "ticker", json!({"requeueAfterMs": 400})).await?;
     let ticker = format!("{ns}/ticker");
-    let ticks = eventually("six ticks", TIMEOUT, || async {
+    // Events of its own writes can still arrive a little late on a loaded
+    // machine, so the last three gaps of nine reconciles are what is judged.
+    let ticks = eventually("nine ticks", TIMEOUT, || async {
         let rs: Vec<Record> = w
             .records()
             .into_iter()
             .filter(|r| r.key == ticker)
             .collect();
-        Ok((rs.len() >= 6).then_some(rs))
+        Ok((rs.len() >= 9).then_some(rs))
     })
     .await?;
-    for pair in ticks[3..].windows(2) {
+    for pair in ticks[5..].windows(2) {
         let gap = pair[1].start_us - pair[0].end_us;
         assert!(gap >= 400_000, "requeued after {gap}µs, before 400ms");
     }
