@@ -33,6 +33,11 @@ use serde::{Deserialize, Serialize};
 pub struct OperatorMeshSpec {
     /// Selects the operator's pods. A runtime whose Pod does not match is refused.
     pub selector: LabelSelector,
+    /// The operator's controllers: for each, its primary type and the types
+    /// it owns. The manager watches and routes only these types; a runtime
+    /// that declares anything else is refused.
+    #[schemars(length(min = 1, max = 16))]
+    pub controllers: Vec<ControllerSpec>,
     /// The subsets (typically versions) of the operator, in declared order.
     /// The order fixes the order of the weight ranges.
     #[schemars(length(min = 1, max = 16))]
@@ -46,6 +51,41 @@ pub struct OperatorMeshSpec {
     /// Unset means every namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
+}
+
+/// One controller of the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ControllerSpec {
+    /// The type the controller reconciles.
+    pub primary: TypeRef,
+    /// The types it owns (controller ownerReferences to the primary).
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    pub owns: Vec<TypeRef>,
+}
+
+/// A resource type.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TypeRef {
+    /// `group/version`, or `version` for the core group, e.g. `v1`.
+    #[schemars(length(min = 1, max = 317))]
+    pub api_version: String,
+    /// The kind, e.g. `ConfigMap`.
+    #[schemars(length(min = 1, max = 63))]
+    pub kind: String,
+}
+
+impl TypeRef {
+    /// The key the manager and runtimes use for this type.
+    pub fn key(&self) -> String {
+        let (group, version) = self
+            .api_version
+            .rsplit_once('/')
+            .unwrap_or(("", self.api_version.as_str()));
+        opmesh_proto::gvk_key(group, version, &self.kind)
+    }
 }
 
 /// One subset of the operator's pods.

@@ -53,6 +53,14 @@ pub(crate) enum Refusal {
     /// The token does not entitle the runtime to what it claims.
     #[error("the runtime may not join as it claims: {0}")]
     PermissionDenied(String),
+    /// The runtime declares types its mesh does not route.
+    #[error("OperatorMesh {mesh} does not route what this runtime declares: {reason}")]
+    UndeclaredTypes {
+        /// The mesh.
+        mesh: String,
+        /// The difference.
+        reason: String,
+    },
     /// The manager could not check the runtime's identity.
     #[error("cannot check the runtime's pod: {0}")]
     Lookup(String),
@@ -70,7 +78,9 @@ impl From<Refusal> for Status {
         match r {
             Refusal::Malformed(_) => Status::invalid_argument(msg),
             Refusal::Unauthenticated(_) => Status::unauthenticated(msg),
-            Refusal::PermissionDenied(_) => Status::permission_denied(msg),
+            Refusal::PermissionDenied(_) | Refusal::UndeclaredTypes { .. } => {
+                Status::permission_denied(msg)
+            }
             Refusal::UnknownMesh(_) | Refusal::UnknownPod { .. } => Status::not_found(msg),
             Refusal::NoValidPolicy { .. }
             | Refusal::NotAMember { .. }

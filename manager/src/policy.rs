@@ -7,7 +7,7 @@
 //! is always valid. An invalid spec yields a [`PolicyError`] whose message
 //! names the field to fix; the caller keeps the last valid policy in force.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use regex::Regex;
@@ -18,7 +18,7 @@ mod selector;
 pub(crate) use routing::ReplicaRing;
 pub(crate) use selector::Labels;
 
-use crate::crd::{Granularity, OperatorMeshSpec, Split};
+use crate::crd::{Granularity, OperatorMeshSpec, Split, TypeRef};
 use routing::{WeightRanges, weight_hash};
 
 /// Result type of this module.
@@ -30,6 +30,12 @@ pub(crate) enum PolicyError {
     /// `spec.subsets` is empty.
     #[error("spec.subsets is empty; declare at least one subset")]
     NoSubsets,
+    /// `spec.controllers` is empty.
+    #[error(
+        "spec.controllers is empty; name the operator's primary type and the types it owns \
+         (the manager routes only those)"
+    )]
+    NoControllers,
     /// Two subsets share a name.
     #[error("spec.subsets has two subsets named {0:?}; subset names must be unique")]
     DuplicateSubset(String),
@@ -90,6 +96,8 @@ pub(crate) struct Policy {
     namespace_selector: Option<LabelSelector>,
     pod_selector: LabelSelector,
     paused: bool,
+    /// The declared controllers: primary type key -> owned type keys.
+    controllers: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// Which subset each namespace gets under the exact split.
@@ -127,10 +135,47 @@ pub(crate) enum MembershipError {
 // === impl Policy ===
 
 impl Policy {
+    /// Why a runtime declaring `primary` and `owns` (type keys) may not
+    /// join, if it may not: the mesh declares the types it routes.
+    pub(crate) fn undeclared(&self, primary: &str, owns: &[String]) -> Option<String> {
+        let declared = |keys: &mut dyn Iterator<Item = &String>| {
+            keys.map(String::as_str).collect::<Vec<_>>().join(", ")
+        };
+        let Some(owned) = self.controllers.get(primary) else {
+            return Some(format!(
+                "its primary type {primary} is not one of spec.controllers' primaries ({})",
+                declared(&mut self.controllers.keys())
+            ));
+        };
+        let extra: Vec<&str> = owns
+            .iter()
+            .filter(|o| !owned.contains(*o))
+            .map(String::as_str)
+            .collect();
+        (!extra.is_empty()).then(|| {
+            format!(
+                "it declares owned types the mesh does not route for {primary}: {} (spec.controllers \
+                 lists: {})",
+                extra.join(", "),
+                declared(&mut owned.iter())
+            )
+        })
+    }
+
     /// Compiles and validates `spec`.
     pub(crate) fn compile(spec: &OperatorMeshSpec) -> Result<Self> {
         if spec.subsets.is_empty() {
             return Err(PolicyError::NoSubsets);
+        }
+        if spec.controllers.is_empty() {
+            return Err(PolicyError::NoControllers);
+        }
+        let mut controllers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for c in &spec.controllers {
+            controllers
+                .entry(c.primary.key())
+                .or_default()
+                .extend(c.owns.iter().map(TypeRef::key));
         }
         let mut index = HashMap::new();
         for (i, s) in spec.subsets.iter().enumerate() {
@@ -226,6 +271,7 @@ impl Policy {
             namespace_selector: spec.namespace_selector.clone(),
             pod_selector: spec.selector.clone(),
             paused: spec.paused,
+            controllers,
         })
     }
 

@@ -450,6 +450,15 @@ pub fn read_records(path: &Path) -> Vec<Record> {
         .collect()
 }
 
+/// `spec.controllers` for the example operator: ConfigMapGenerators, which
+/// own ConfigMaps.
+pub fn example_controllers() -> serde_json::Value {
+    serde_json::json!([{
+        "primary": {"apiVersion": "example.opmesh.io/v1", "kind": "ConfigMapGenerator"},
+        "owns": [{"apiVersion": "v1", "kind": "ConfigMap"}],
+    }])
+}
+
 /// Applies an OperatorMesh (server-side apply) from a JSON spec.
 pub async fn apply_mesh(
     client: &Client,

@@ -88,6 +88,7 @@ impl World {
     pub fn mesh_spec(&self, routing: serde_json::Value, subsets: &[&str]) -> serde_json::Value {
         json!({
             "selector": {"matchLabels": {"app": "cmg"}},
+            "controllers": crate::mesh::example_controllers(),
             "namespaceSelector": {"matchLabels": {"opmesh.io/test": self.tag}},
             "subsets": subsets.iter().map(|s| json!({"name": s, "labels": {"version": s}})).collect::<Vec<_>>(),
             "routing": routing,

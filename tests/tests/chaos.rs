@@ -182,6 +182,7 @@ impl Chaos {
     fn mesh_spec(&self) -> serde_json::Value {
         json!({
             "selector": {"matchLabels": {"app": "cmg"}},
+            "controllers": opmesh_tests::mesh::example_controllers(),
             "namespaceSelector": {"matchLabels": {"opmesh.io/test": self.ns}},
             "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}],
             "routing": {

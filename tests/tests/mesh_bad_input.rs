@@ -176,6 +176,26 @@ async fn unknown_meshes_and_foreign_pods_are_refused_with_a_clear_status() -> an
         "do not match the mesh's spec.selector",
     )
     .await?;
+    // A mesh that routes ConfigMapGenerators but not the ConfigMaps the
+    // operator declares it owns (as a mesh of ConfigMaps would not route an
+    // operator's Secrets): refused, naming the difference.
+    let mut narrow = w.mesh_spec(
+        json!({"weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1"],
+    );
+    narrow["controllers"] = json!([{
+        "primary": {"apiVersion": "example.opmesh.io/v1", "kind": "ConfigMapGenerator"},
+    }]);
+    apply_mesh(&w.client, &w.ns, "narrow", narrow).await?;
+    let narrow = format!("{}/narrow", w.ns);
+    refused_runtime(
+        &w,
+        "greedy-0",
+        &narrow,
+        &[("app", "cmg"), ("version", "v1")],
+        "owned types the mesh does not route for example.opmesh.io/v1/ConfigMapGenerator: /v1/ConfigMap",
+    )
+    .await?;
     Ok(())
 }
 

@@ -11,6 +11,16 @@ fn spec(weights: &[(&str, u32)], pins: Vec<PinSpec>) -> OperatorMeshSpec {
             match_labels: Some(BTreeMap::from([("app".into(), "op".into())])),
             match_expressions: None,
         },
+        controllers: vec![crate::crd::ControllerSpec {
+            primary: crate::crd::TypeRef {
+                api_version: "example.com/v1".into(),
+                kind: "Widget".into(),
+            },
+            owns: vec![crate::crd::TypeRef {
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+            }],
+        }],
         subsets: ["v1", "v2"]
             .iter()
             .map(|v| SubsetSpec {
@@ -234,4 +244,29 @@ fn the_exact_split_needs_namespace_granularity() {
     let namespaces = fleet((0..2000).map(|i| format!("team-{i}")));
     let got = canary(&p, &namespaces).len();
     assert!((60..=140).contains(&got), "{got} of 2000 at 5%");
+}
+
+#[test]
+fn the_mesh_decides_which_types_a_runtime_may_declare() {
+    let p = Policy::compile(&spec(&[("v1", 100)], vec![])).unwrap();
+    let widget = opmesh_proto::gvk_key("example.com", "v1", "Widget");
+    let cm = opmesh_proto::gvk_key("", "v1", "ConfigMap");
+    let secret = opmesh_proto::gvk_key("", "v1", "Secret");
+    assert_eq!(p.undeclared(&widget, std::slice::from_ref(&cm)), None);
+    assert_eq!(p.undeclared(&widget, &[]), None);
+    let why = p
+        .undeclared(&widget, &[cm.clone(), secret.clone()])
+        .unwrap();
+    assert!(
+        why.contains(&secret) && !why.contains(&format!("{secret},")),
+        "{why}"
+    );
+    let why = p.undeclared(&secret, &[]).unwrap();
+    assert!(why.contains("primary"), "{why}");
+    let mut none = spec(&[("v1", 100)], vec![]);
+    none.controllers.clear();
+    assert!(matches!(
+        Policy::compile(&none),
+        Err(PolicyError::NoControllers)
+    ));
 }

@@ -285,6 +285,7 @@ impl Setup<'_> {
         let mesh = |v2: u32| {
             json!({
                 "selector": {"matchLabels": {"app": app}},
+                "controllers": opmesh_tests::mesh::example_controllers(),
                 "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}],
                 "routing": {"weights": [{"subset": "v1", "weight": 100 - v2}, {"subset": "v2", "weight": v2}], "exclude": ["opmesh-bench"]},
             })

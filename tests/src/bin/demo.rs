@@ -104,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
         "configmap-generator",
         json!({
             "selector": {"matchLabels": {"app": "configmap-generator"}},
+            "controllers": opmesh_tests::mesh::example_controllers(),
             "subsets": [
                 {"name": "v1", "labels": {"version": "v1"}},
                 {"name": "v2", "labels": {"version": "v2"}},

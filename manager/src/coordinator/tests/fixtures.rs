@@ -25,6 +25,13 @@ pub(super) fn spec(v2: u8, pin: bool, paused: bool, by_namespace: bool) -> Opera
             match_labels: Some(labels(&[("app", "op")])),
             match_expressions: None,
         },
+        controllers: vec![crate::crd::ControllerSpec {
+            primary: crate::crd::TypeRef {
+                api_version: "example.com/v1".into(),
+                kind: "Widget".into(),
+            },
+            owns: Vec::new(),
+        }],
         subsets: ["v1", "v2"]
             .iter()
             .map(|v| SubsetSpec {
