@@ -139,6 +139,17 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
         }
     };
     let manager_kubeconfig = as_pod(manager_pod).await?;
+    // Least privilege: the manager reads what meshes declare, not Secrets.
+    let as_manager =
+        opmesh_tests::control_plane::client_from_kubeconfig(Path::new(&manager_kubeconfig)).await?;
+    let secrets = Api::<k8s_openapi::api::core::v1::Secret>::all(as_manager)
+        .list(&Default::default())
+        .await;
+    assert!(
+        matches!(&secrets, Err(kube::Error::Api(e)) if e.code == 403),
+        "the manager's ServiceAccount may list Secrets: {:?}",
+        secrets.map(|l| l.items.len())
+    );
     let port = free_port()?;
     let manager = Manager::spawn(
         cp,
