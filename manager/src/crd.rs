@@ -157,10 +157,11 @@ pub struct RoutingSpec {
     pub weight_total: Option<u32>,
     /// The subset that owns cluster-scoped objects. Unset means none does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
     pub cluster_scoped: Option<String>,
     /// Namespaces that no subset sees.
     #[serde(default)]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 63)))]
     pub exclude: Vec<String>,
 }
 
@@ -174,13 +175,14 @@ pub struct PinSpec {
     pub subset: String,
     /// Namespaces by name.
     #[serde(default)]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 63)))]
     pub namespaces: Vec<String>,
     /// Namespaces by label; a label change re-routes the namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
     /// Namespaces whose whole name matches this regular expression.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
     pub namespace_regex: Option<String>,
 }
 

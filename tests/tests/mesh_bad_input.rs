@@ -30,6 +30,11 @@ async fn invalid_meshes_are_rejected_by_the_api_server() -> anyhow::Result<()> {
             json!({"weights": [{"subset": "v1", "weight": 100}], "pins": [{"subset": "v9", "namespaces": ["x"]}]}),
             "every pin must name a subset",
         ),
+        // Bounded: a regex the manager would have to compile is capped.
+        (
+            json!({"weights": [{"subset": "v1", "weight": 100}], "pins": [{"subset": "v1", "namespaceRegex": "a".repeat(2000)}]}),
+            "spec.routing.pins[0].namespaceRegex: Too long",
+        ),
     ];
     for (routing, message) in cases {
         let err = w
