@@ -141,10 +141,21 @@ impl MeshService for MeshServer {
         let (tx, rx) = mpsc::channel(64);
         let core = self.core.clone();
         let (writer_holder, writer_pending) = (holder.clone(), pending.clone());
+        let stuck_after = self.lease_ttl;
         tokio::spawn(async move {
             while let Some(batch) = writer_pending.next_batch(BATCH).await {
                 for msg in batch {
-                    if tx.send(Ok(msg)).await.is_err() {
+                    // A runtime that stops reading gets no renewal either,
+                    // so its lease runs out; it is dropped then, and its keys
+                    // wait for that lease like any lost runtime's.
+                    let sent = match tokio::time::timeout(stuck_after, tx.send(Ok(msg))).await {
+                        Ok(r) => r.is_ok(),
+                        Err(_) => {
+                            tracing::warn!(runtime = %writer_holder.pod, waited = ?stuck_after, "the runtime stopped reading its stream; dropping its session");
+                            false
+                        }
+                    };
+                    if !sent {
                         let _ = core
                             .send(Input::Disconnect {
                                 holder: writer_holder,
