@@ -11,12 +11,13 @@ control-plane:
 
 # The end-to-end tests start the manager, sidecar and example operator as
 # real processes, so their binaries are built first.
+# --locked: exactly the dependency versions in Cargo.lock, never newer ones.
 test: control-plane
-	cargo build --workspace --bins --examples
-	cargo test --workspace
+	cargo build --locked --workspace --bins --examples
+	cargo test --locked --workspace
 
 # Starts a local control plane, the manager and two operator versions, runs
 # a canary, prints who handled what, and waits for Ctrl-C.
 demo: control-plane
-	cargo build --workspace --bins --examples
+	cargo build --locked --workspace --bins --examples
 	./target/debug/opmesh-demo
