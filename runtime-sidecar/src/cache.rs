@@ -108,19 +108,51 @@ impl Cache {
 
     /// Objects of type `gvk`, optionally only in `namespace` and only those
     /// with an ownerReference to `owner_uid`.
+    #[cfg(test)]
     pub(crate) fn list(&self, gvk: &str, namespace: &str, owner_uid: &str) -> Vec<Arc<Vec<u8>>> {
+        self.list_page(gvk, namespace, owner_uid, "", usize::MAX).0
+    }
+
+    /// One page of [`Cache::list`]'s objects: those after `after` (a
+    /// previous page's token, `namespace/name`; empty for the first page),
+    /// in namespace/name order, up to about `max_bytes`, and the token of
+    /// the next page if more follow. A page holds at least one object.
+    pub(crate) fn list_page(
+        &self,
+        gvk: &str,
+        namespace: &str,
+        owner_uid: &str,
+        after: &str,
+        max_bytes: usize,
+    ) -> (Vec<Arc<Vec<u8>>>, Option<String>) {
+        let after = after.split_once('/');
         let mut out: Vec<(&ObjRef, Arc<Vec<u8>>)> = self
             .objects
             .iter()
-            .filter(|((g, ns, _), e)| {
+            .filter(|((g, ns, name), e)| {
                 g == gvk
                     && (namespace.is_empty() || ns == namespace)
                     && (owner_uid.is_empty() || e.owner_uids.iter().any(|u| u == owner_uid))
+                    && after
+                        .is_none_or(|(a_ns, a_name)| (ns.as_str(), name.as_str()) > (a_ns, a_name))
             })
             .map(|(r, e)| (r, e.object.clone()))
             .collect();
         out.sort_by(|a, b| a.0.cmp(b.0));
-        out.into_iter().map(|(_, o)| o).collect()
+        let mut page = Vec::new();
+        let mut bytes = 0usize;
+        let mut last: Option<&ObjRef> = None;
+        for (i, (r, o)) in out.iter().enumerate() {
+            if !page.is_empty() && bytes + o.len() > max_bytes {
+                let next = last.map(|(_, ns, name)| format!("{ns}/{name}"));
+                debug_assert!(i > 0);
+                return (page, next);
+            }
+            bytes += o.len();
+            page.push(o.clone());
+            last = Some(r);
+        }
+        (page, None)
     }
 
     /// Number of cached objects.
@@ -136,6 +168,41 @@ mod tests {
 
     fn r(g: &str, ns: &str, n: &str) -> ObjRef {
         (g.into(), ns.into(), n.into())
+    }
+
+    #[test]
+    fn pages_together_are_the_whole_list() {
+        let mut c = Cache::default();
+        for ns in ["a", "b"] {
+            for i in 0..5 {
+                let obj = format!(
+                    r#"{{"metadata":{{"name":"o{i}","namespace":"{ns}"}},"data":"{}"}}"#,
+                    "x".repeat(i * 10)
+                );
+                c.apply(
+                    &format!("{ns}/o{i}"),
+                    ("g".into(), ns.into(), format!("o{i}")),
+                    obj.into_bytes(),
+                );
+            }
+        }
+        let all = c.list("g", "", "");
+        assert_eq!(all.len(), 10);
+        let mut paged = Vec::new();
+        let mut token = String::new();
+        let mut pages = 0;
+        loop {
+            let (page, next) = c.list_page("g", "", "", &token, 150);
+            assert!(!page.is_empty());
+            paged.extend(page);
+            pages += 1;
+            match next {
+                Some(t) => token = t,
+                None => break,
+            }
+        }
+        assert!(pages > 2, "{pages} pages");
+        assert_eq!(paged, all);
     }
 
     #[test]

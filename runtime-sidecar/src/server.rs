@@ -14,6 +14,10 @@ use tonic::{Request, Response, Status};
 
 use crate::state::{Registration, Runtime};
 
+/// About how much one List page carries, far below gRPC's 4 MiB message
+/// limit.
+const LIST_PAGE_BYTES: usize = 1024 * 1024;
+
 /// Serves `RuntimeService` from the runtime's state.
 pub(crate) struct RuntimeServer {
     rt: Arc<Runtime>,
@@ -168,14 +172,17 @@ impl RuntimeService for RuntimeServer {
         let gvk = req
             .gvk
             .ok_or_else(|| Status::invalid_argument("gvk is required"))?;
-        let objects = self
-            .rt
-            .cache()
-            .list(&gvk.key(), &req.namespace, &req.owner_uid)
-            .into_iter()
-            .map(|b| b.as_ref().clone())
-            .collect();
-        Ok(Response::new(ListResponse { objects }))
+        let (objects, next) = self.rt.cache().list_page(
+            &gvk.key(),
+            &req.namespace,
+            &req.owner_uid,
+            &req.continue_token,
+            LIST_PAGE_BYTES,
+        );
+        Ok(Response::new(ListResponse {
+            objects: objects.into_iter().map(|b| b.as_ref().clone()).collect(),
+            continue_token: next.unwrap_or_default(),
+        }))
     }
 
     async fn release(

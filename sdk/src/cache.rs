@@ -82,17 +82,29 @@ impl Cache {
         K: Resource<DynamicType = ()> + DeserializeOwned,
         K::Scope: 'static,
     {
-        let resp = self
-            .client
-            .clone()
-            .list(ListRequest {
-                gvk: Some(gvk_of::<K>()),
-                namespace: namespace.to_string(),
-                owner_uid: owner_uid.to_string(),
-            })
-            .await?
-            .into_inner();
-        resp.objects.iter().map(|b| decode::<K>(b)).collect()
+        // The sidecar pages large lists; read every page.
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let resp = self
+                .client
+                .clone()
+                .list(ListRequest {
+                    gvk: Some(gvk_of::<K>()),
+                    namespace: namespace.to_string(),
+                    owner_uid: owner_uid.to_string(),
+                    continue_token: token,
+                })
+                .await?
+                .into_inner();
+            for b in &resp.objects {
+                out.push(decode::<K>(b)?);
+            }
+            if resp.continue_token.is_empty() {
+                return Ok(out);
+            }
+            token = resp.continue_token;
+        }
     }
 }
 
