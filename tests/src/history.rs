@@ -213,6 +213,26 @@ fn read_events(path: &Path, event: &str) -> Vec<Write> {
         .collect()
 }
 
+/// Now, in µs since the epoch, the clock the records use.
+pub fn now_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or_default()
+}
+
+/// The reconcile of `key` at `generation` in the records file at `path`,
+/// once it has read what it needs and started working (`reconcileMs`).
+pub fn working(path: &Path, key: &str, generation: i64) -> Option<Record> {
+    let r = read(&[path], &Deaths::default(), now_us())
+        .into_iter()
+        .find(|r| r.key == key && r.generation == generation)?;
+    events(path, "working")
+        .iter()
+        .any(|e| e.id == r.id)
+        .then_some(r)
+}
+
 /// A write as it landed on the apiserver: the object's resourceVersion
 /// after it, and the reconcile that made it.
 #[derive(Clone, Debug, PartialEq, Eq)]

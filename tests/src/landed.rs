@@ -51,78 +51,33 @@ impl WriteLog {
         let namespaces: Arc<BTreeSet<String>> = Arc::new(namespaces.iter().cloned().collect());
         let cms: Api<ConfigMap> = Api::all(client.clone());
         let generators: Api<DynamicObject> = Api::all_with(client.clone(), &generator_resource());
-        let cm_task = {
-            let (log, namespaces) = (log.clone(), namespaces.clone());
-            let config = watcher::Config::default().labels(GENERATOR);
-            tokio::spawn(async move {
-                let mut events = watcher::watcher(cms, config).boxed();
-                let mut inits = 0usize;
-                while let Some(ev) = events.next().await {
-                    match ev {
-                        Ok(Event::Init) => {
-                            inits += 1;
-                            if inits > 1 {
-                                lock(&log).relists += 1;
-                            }
-                        }
-                        Ok(Event::Apply(cm) | Event::InitApply(cm)) => {
-                            let ns = cm.namespace().unwrap_or_default();
-                            if !namespaces.contains(&ns) {
-                                continue;
-                            }
-                            let generator = cm.labels().get(GENERATOR).cloned().unwrap_or_default();
-                            let writer = cm.annotations().get(WRITTEN_BY).cloned();
-                            record(
-                                &log,
-                                "configmap",
-                                &ns,
-                                &cm.name_any(),
-                                &generator,
-                                writer,
-                                &cm,
-                            );
-                        }
-                        Ok(_) | Err(_) => {}
-                    }
-                }
-            })
-        };
-        let status_task = {
-            let (log, namespaces) = (log.clone(), namespaces);
-            tokio::spawn(async move {
-                let mut events = watcher::watcher(generators, watcher::Config::default()).boxed();
-                let mut inits = 0usize;
-                while let Some(ev) = events.next().await {
-                    match ev {
-                        Ok(Event::Init) => {
-                            inits += 1;
-                            if inits > 1 {
-                                lock(&log).relists += 1;
-                            }
-                        }
-                        Ok(Event::Apply(g) | Event::InitApply(g)) => {
-                            let ns = g.namespace().unwrap_or_default();
-                            if !namespaces.contains(&ns) {
-                                continue;
-                            }
-                            let writer = g.data["status"]["writtenBy"].as_str().map(str::to_string);
-                            if let Some(rv) = g
-                                .metadata
-                                .resource_version
-                                .as_deref()
-                                .and_then(|v| v.parse().ok())
-                            {
-                                let mut l = lock(&log);
-                                l.generator_rv = l.generator_rv.max(rv);
-                            }
-                            let name = g.name_any();
-                            record(&log, "status", &ns, &name, &name, writer, &g);
-                        }
-                        Ok(_) | Err(_) => {}
-                    }
-                }
-            })
-        };
+        let config = watcher::Config::default().labels(GENERATOR);
+        let cm_task = follow(
+            cms,
+            config,
+            log.clone(),
+            namespaces.clone(),
+            |log, ns, cm| {
+                let generator = cm.labels().get(GENERATOR).cloned().unwrap_or_default();
+                let writer = cm.annotations().get(WRITTEN_BY).cloned();
+                record(log, "configmap", ns, &cm.name_any(), &generator, writer, cm);
+            },
+        );
+        let config = watcher::Config::default();
+        let status_task = follow(generators, config, log.clone(), namespaces, |log, ns, g| {
+            let writer = g.data["status"]["writtenBy"].as_str().map(str::to_string);
+            if let Some(rv) = g
+                .metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse().ok())
+            {
+                let mut l = lock(log);
+                l.generator_rv = l.generator_rv.max(rv);
+            }
+            let name = g.name_any();
+            record(log, "status", ns, &name, &name, writer, g);
+        });
         Self {
             log,
             tasks: vec![cm_task, status_task],
@@ -154,6 +109,41 @@ impl Drop for WriteLog {
             t.abort();
         }
     }
+}
+
+/// Watches `api` and hands every object in `namespaces` to `seen`,
+/// counting the watch's lists after the first.
+fn follow<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    log: Arc<Mutex<Log>>,
+    namespaces: Arc<BTreeSet<String>>,
+    seen: impl Fn(&Mutex<Log>, &str, &K) + Send + 'static,
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut events = watcher::watcher(api, config).boxed();
+        let mut inits = 0usize;
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(Event::Init) => {
+                    inits += 1;
+                    if inits > 1 {
+                        lock(&log).relists += 1;
+                    }
+                }
+                Ok(Event::Apply(o) | Event::InitApply(o)) => {
+                    let ns = o.meta().namespace.clone().unwrap_or_default();
+                    if namespaces.contains(&ns) {
+                        seen(&log, &ns, &o);
+                    }
+                }
+                Ok(_) | Err(_) => {}
+            }
+        }
+    })
 }
 
 fn lock(log: &Mutex<Log>) -> std::sync::MutexGuard<'_, Log> {

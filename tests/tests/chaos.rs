@@ -40,6 +40,7 @@ use kube::{
 };
 use opmesh_tests::{
     ControlPlane, cluster, eventually,
+    history::now_us,
     history::{self, Deaths},
     landed::WriteLog,
     mesh::{
@@ -169,13 +170,6 @@ async fn killed(p: &opmesh_tests::control_plane::Process) -> u128 {
     let died = now_us();
     p.wait_exit(Duration::from_secs(10)).await;
     died
-}
-
-fn now_us() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros())
-        .unwrap_or_default()
 }
 
 impl Chaos {

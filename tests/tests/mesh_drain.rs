@@ -9,18 +9,12 @@ use kube::{
 };
 use opmesh_tests::{
     eventually,
+    history::now_us,
     history::{self, Deaths},
     mesh::{LEASE_TTL, Record, create_generator, generator_resource, read_records},
     world::{TIMEOUT, World},
 };
 use serde_json::json;
-
-fn now_us() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros())
-        .unwrap_or_default()
-}
 
 /// Two replicas, eight objects, and one key that v1-0 owns, now
 /// reconciling a change that works for `work_ms` before it writes. Returns
@@ -73,16 +67,7 @@ async fn slow_reconcile_on_v1_0(
     .await?;
     let records = w.replicas[0].records.clone();
     let started = eventually("v1-0 to start working on the change", TIMEOUT, || async {
-        let Some(r) = history::read(&[&records], &Deaths::default(), now_us())
-            .into_iter()
-            .find(|r| r.key == key && r.generation == 2)
-        else {
-            return Ok(None);
-        };
-        Ok(history::events(&records, "working")
-            .iter()
-            .any(|e| e.id == r.id)
-            .then_some(r))
+        Ok(history::working(&records, &key, 2))
     })
     .await?;
     Ok((key, started))
@@ -192,16 +177,7 @@ async fn a_slow_reconcile_at_a_handoff_completes_its_write_before_the_key_moves(
     .await?;
     let old_records = w.replicas[0].records.clone();
     let started = eventually("v1-0 to start working on the change", TIMEOUT, || async {
-        let Some(r) = history::read(&[&old_records], &Deaths::default(), now_us())
-            .into_iter()
-            .find(|r| r.key == key && r.generation == 2)
-        else {
-            return Ok(None);
-        };
-        Ok(history::events(&old_records, "working")
-            .iter()
-            .any(|e| e.id == r.id)
-            .then_some(r))
+        Ok(history::working(&old_records, &key, 2))
     })
     .await?;
     // The key moves to v2 while v1-0 works on it.

@@ -8,6 +8,7 @@ use kube::{
 };
 use opmesh_tests::{
     eventually,
+    history::now_us,
     history::{self, Deaths},
     landed::WriteLog,
     mesh::{LEASE_TTL, Replica, ReplicaOptions, create_generator, generator_resource},
@@ -15,13 +16,6 @@ use opmesh_tests::{
     world::{TIMEOUT, World},
 };
 use serde_json::json;
-
-fn now_us() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros())
-        .unwrap_or_default()
-}
 
 /// Starts a replica whose operator reaches the apiserver through a proxy
 /// the test controls.

@@ -13,6 +13,7 @@ use opmesh_proto::env;
 use opmesh_tests::{
     control_plane::Process,
     eventually,
+    history::now_us,
     history::{self, Deaths},
     mesh::{LEASE_TTL, create_generator, generator_resource, read_records},
     world::{TIMEOUT, World},
@@ -21,13 +22,6 @@ use serde_json::json;
 
 /// How long the replicas here wait for a crashed operator.
 const GRACE: Duration = Duration::from_secs(1);
-
-fn now_us() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros())
-        .unwrap_or_default()
-}
 
 /// Two v1 replicas with a short operator grace, and `n` objects handled.
 async fn two_replicas(prefix: &str, n: usize) -> anyhow::Result<(World, String)> {
@@ -168,16 +162,7 @@ async fn a_stopping_operator_finishes_its_reconciles_and_its_keys_move_at_once()
     .await?;
     let old = w.replicas[0].records.clone();
     let started = eventually("v1-0 to start working on the change", TIMEOUT, || async {
-        let Some(r) = history::read(&[&old], &Deaths::default(), now_us())
-            .into_iter()
-            .find(|r| r.key == key && r.generation == 2)
-        else {
-            return Ok(None);
-        };
-        Ok(history::events(&old, "working")
-            .iter()
-            .any(|e| e.id == r.id)
-            .then_some(r))
+        Ok(history::working(&old, &key, 2))
     })
     .await?;
 

@@ -5,6 +5,7 @@ use kube::{Api, api::DynamicObject};
 use opmesh_tests::world::{TIMEOUT, World};
 use opmesh_tests::{
     eventually,
+    history::now_us,
     mesh::{Record, create_generator, generator_resource},
 };
 use serde_json::json;
@@ -94,13 +95,6 @@ async fn errors_back_off_requeues_wait_and_deleted_keys_stop() -> anyhow::Result
         .collect();
     assert!(late.is_empty(), "a deleted object was reconciled: {late:?}");
     Ok(())
-}
-
-fn now_us() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros())
-        .unwrap_or_default()
 }
 
 /// Sum of a metric's samples in a Prometheus text exposition.
