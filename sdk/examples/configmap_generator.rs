@@ -406,7 +406,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Crd => {
-            print!("{}", serde_yaml::to_string(&ConfigMapGenerator::crd())?);
+            print!("{}", serde_norway::to_string(&ConfigMapGenerator::crd())?);
             Ok(())
         }
         Command::Run {

@@ -283,7 +283,7 @@ impl ControlPlane {
         api: &Api<CustomResourceDefinition>,
         yaml: &str,
     ) -> anyhow::Result<String> {
-        let crd: CustomResourceDefinition = serde_yaml::from_str(yaml).context("parsing CRD")?;
+        let crd: CustomResourceDefinition = serde_norway::from_str(yaml).context("parsing CRD")?;
         let name = crd.metadata.name.clone().unwrap_or_default();
         api.patch(
             &name,

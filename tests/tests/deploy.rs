@@ -254,8 +254,8 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
 async fn apply_file(client: &Client, path: &Path) -> anyhow::Result<Vec<DynamicObject>> {
     let text = std::fs::read_to_string(path)?;
     let mut applied = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value = serde_json::to_value(serde_yaml::Value::deserialize(doc)?)?;
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let value = serde_json::to_value(serde_norway::Value::deserialize(doc)?)?;
         if value.is_null() {
             continue;
         }

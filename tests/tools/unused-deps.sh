@@ -1,21 +1,14 @@
 #!/usr/bin/env bash
 # Fails when a crate declares a dependency it does not use.
 #
-# Uses cargo-machete at a pinned version, installed once from crates.io into
-# ${OPMESH_CACHE:-~/.cache/opmesh}/tools/ and reused. It reads sources, not
-# build output, so it needs no build and runs in well under a second.
+# Uses cargo-machete at a pinned version (installed once, see lib.sh). It
+# reads sources, not build output, so it needs no build and runs in well
+# under a second.
 set -euo pipefail
 
-version=0.9.2
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-cache_root=${OPMESH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/opmesh}
-root="$cache_root/tools/cargo-machete-$version"
-bin="$root/bin/cargo-machete"
-
-if [[ ! -x "$bin" ]]; then
-  echo "installing cargo-machete $version into $root (once)..." >&2
-  cargo install --quiet --locked --version "$version" --root "$root" cargo-machete
-fi
+source "$here/lib.sh"
+bin=$(cargo_tool cargo-machete 0.9.2)
 
 cd "$here/../.."
 if ! "$bin" --with-metadata; then
