@@ -7,7 +7,12 @@
 //!   `UNAUTHENTICATED`, before anything is read for the hello;
 //! - a token of another namespace, bound to another pod, or to an earlier
 //!   pod of the same name (its UID is checked against the live Pod), or a
-//!   pod outside the mesh's namespace: `PERMISSION_DENIED`.
+//!   pod outside the mesh's namespace and its `spec.runtimeNamespaces`:
+//!   `PERMISSION_DENIED`;
+//! - a ServiceAccount that may not list and watch, cluster-wide, every type
+//!   the runtime would receive (a SubjectAccessReview per type and verb):
+//!   `PERMISSION_DENIED`, naming the missing grant. The manager never hands
+//!   a runtime objects its own identity could not read.
 
 use std::{
     collections::HashMap,
@@ -15,9 +20,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::{
+    authentication::v1::{TokenReview, TokenReviewSpec, UserInfo},
+    authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
+};
 use kube::{Api, Client, api::PostParams};
-use opmesh_proto::v1::Hello;
+use opmesh_proto::v1::{GroupVersionKind, Hello};
 
 use crate::error::Refusal;
 
@@ -99,7 +107,7 @@ fn dns_subdomain(s: &str) -> bool {
 }
 
 /// What a reviewed token says about its holder.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Identity {
     /// The ServiceAccount's namespace.
     pub(crate) namespace: String,
@@ -107,7 +115,12 @@ pub(crate) struct Identity {
     pub(crate) pod_name: String,
     /// That Pod's UID.
     pub(crate) pod_uid: String,
+    /// The user the apiserver authenticated, for access reviews.
+    pub(crate) user: UserInfo,
 }
+
+/// A grant that was checked: (username, API group, resource, verb).
+type Grant = (String, String, String, &'static str);
 
 /// A review's answer: the identity, or why the token was rejected.
 type Reviewed = Result<Identity, String>;
@@ -118,6 +131,10 @@ pub(crate) struct Admission {
     required: bool,
     /// By token: the answer, and until when it is trusted.
     cache: Mutex<HashMap<String, (Reviewed, Instant)>>,
+    /// Grants seen allowed, by (username, group, resource, verb), and until
+    /// when that is trusted. Denials are asked again each time, so a grant
+    /// an admin adds takes effect at the runtime's next attempt.
+    allowed: Mutex<HashMap<Grant, Instant>>,
 }
 
 // === impl Admission ===
@@ -130,12 +147,13 @@ impl Admission {
             client,
             required,
             cache: Mutex::default(),
+            allowed: Mutex::default(),
         }
     }
 
-    /// Checks that `hello` comes from the Pod it names. Returns the UID the
-    /// live Pod must have, if a token was checked.
-    pub(crate) async fn authenticate(&self, hello: &Hello) -> Result<Option<String>, Refusal> {
+    /// Checks that `hello` comes from the Pod it names. Returns who it is,
+    /// if a token was checked; the live Pod must have its `pod_uid`.
+    pub(crate) async fn authenticate(&self, hello: &Hello) -> Result<Option<Identity>, Refusal> {
         if hello.auth_token.is_empty() {
             if !self.required {
                 return Ok(None);
@@ -156,14 +174,90 @@ impl Admission {
                 id.namespace, id.pod_name
             )));
         }
-        if hello.pod_namespace != hello.mesh_namespace {
-            return Err(Refusal::PermissionDenied(format!(
-                "pod {claimed} is not in the namespace of OperatorMesh {}/{}: a mesh admits \
-                 runtimes of its own namespace",
-                hello.mesh_namespace, hello.mesh_name
-            )));
+        Ok(Some(id))
+    }
+
+    /// Checks that `id` may itself list and watch every type in `types`,
+    /// in all namespaces, as the runtime will receive them.
+    pub(crate) async fn authorize(
+        &self,
+        id: &Identity,
+        types: &[&GroupVersionKind],
+    ) -> Result<(), Refusal> {
+        let username = id.user.username.clone().unwrap_or_default();
+        let mut missing = Vec::new();
+        for t in types {
+            let mut denied = Vec::new();
+            for verb in ["list", "watch"] {
+                let cached = (username.clone(), t.group.clone(), t.plural.clone(), verb);
+                let now = Instant::now();
+                if lock(&self.allowed).get(&cached).is_some_and(|u| *u > now) {
+                    continue;
+                }
+                if self.review_access(&id.user, t, verb).await? {
+                    let mut allowed = lock(&self.allowed);
+                    allowed.retain(|_, u| *u > now);
+                    allowed.insert(cached, now + CACHE_FOR);
+                } else {
+                    denied.push(verb);
+                }
+            }
+            if !denied.is_empty() {
+                let resource = match t.group.as_str() {
+                    "" => t.plural.clone(),
+                    g => format!("{}.{g}", t.plural),
+                };
+                missing.push(format!("{} {resource}", denied.join("/")));
+            }
         }
-        Ok(Some(id.pod_uid))
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(Refusal::PermissionDenied(format!(
+            "{username} may not {} in all namespaces, so the mesh will not send it those \
+             objects: grant them to the operator's ServiceAccount (a ClusterRole and binding)",
+            missing.join(", ")
+        )))
+    }
+
+    /// Whether the apiserver says `user` may `verb` the type `t` in all
+    /// namespaces.
+    async fn review_access(
+        &self,
+        user: &UserInfo,
+        t: &GroupVersionKind,
+        verb: &str,
+    ) -> Result<bool, Refusal> {
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: user.username.clone(),
+                groups: user.groups.clone(),
+                uid: user.uid.clone(),
+                extra: user.extra.clone(),
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(t.group.clone()),
+                    resource: Some(t.plural.clone()),
+                    verb: Some(verb.to_string()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let reviews: Api<SubjectAccessReview> = Api::all(self.client.clone());
+        let reviewed = tokio::time::timeout(
+            REVIEW_TIMEOUT,
+            reviews.create(&PostParams::default(), &review),
+        )
+        .await
+        .map_err(|_| Refusal::Lookup("the SubjectAccessReview timed out".into()))?
+        .map_err(|e| {
+            Refusal::Lookup(format!(
+                "cannot review the runtime's access ({e}); the manager needs create on \
+                 subjectaccessreviews.authorization.k8s.io"
+            ))
+        })?;
+        Ok(reviewed.status.is_some_and(|s| s.allowed))
     }
 
     /// The identity in `token`, or why the apiserver rejects it.
@@ -234,6 +328,11 @@ fn identity(status: k8s_openapi::api::authentication::v1::TokenReviewStatus) -> 
         namespace: namespace.to_string(),
         pod_name,
         pod_uid,
+        user: UserInfo {
+            username: Some(username),
+            extra: Some(extra),
+            ..user
+        },
     })
 }
 
@@ -291,12 +390,16 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(
-            id,
-            Identity {
-                namespace: "ops".into(),
-                pod_name: "op-0".into(),
-                pod_uid: "u1".into()
-            }
+            (
+                id.namespace.as_str(),
+                id.pod_name.as_str(),
+                id.pod_uid.as_str()
+            ),
+            ("ops", "op-0", "u1")
+        );
+        assert_eq!(
+            id.user.username.as_deref(),
+            Some("system:serviceaccount:ops:op")
         );
         assert!(
             identity(reviewed("system:serviceaccount:ops:op", None))

@@ -51,6 +51,12 @@ pub struct OperatorMeshSpec {
     /// Unset means every namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
+    /// Namespaces besides the mesh's own whose pods may join as its
+    /// runtimes, for an operator installed elsewhere. Empty: only pods of
+    /// the mesh's namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 63)))]
+    pub runtime_namespaces: Vec<String>,
 }
 
 /// One controller of the operator.
@@ -247,8 +253,8 @@ pub struct SubsetStatus {
 }
 
 /// The CRD manifest as YAML, as committed under `deploy/crds/`.
-pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
-    serde_yaml::to_string(&OperatorMesh::crd())
+pub fn crd_yaml() -> Result<String, serde_norway::Error> {
+    serde_norway::to_string(&OperatorMesh::crd())
 }
 
 #[cfg(test)]

@@ -91,17 +91,18 @@ pub async fn run(
 
     // The coordinator starts once this manager leads and stops when it no
     // longer does; sessions are refused outside that window.
+    let published = Arc::new(Published::new());
     let mut coordinator = {
-        let (client, config, tx, authority) = (
+        let (client, config, tx, authority, published) = (
             client.clone(),
             config.clone(),
             tx.clone(),
             authority.clone(),
+            published.clone(),
         );
         tokio::spawn(async move {
             authority.wait_leading().await;
             tracing::info!("leading: starting the coordinator");
-            let published = Arc::new(Published::new());
             let _status = Task::spawn(status::run(client.clone(), published.clone()));
             let driver = Driver {
                 client,
@@ -130,6 +131,7 @@ pub async fn run(
         config.lease_ttl(),
         authority.clone(),
         admission,
+        published,
     ));
     tracing::info!(addr = %listener.local_addr()?, "manager listening");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

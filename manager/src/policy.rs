@@ -96,9 +96,14 @@ pub(crate) struct Policy {
     namespace_selector: Option<LabelSelector>,
     pod_selector: LabelSelector,
     paused: bool,
-    /// The declared controllers: primary type key -> owned type keys.
-    controllers: BTreeMap<String, BTreeSet<String>>,
+    controllers: Declared,
+    runtime_namespaces: Vec<String>,
 }
+
+/// The types a mesh routes, as `spec.controllers` declares them: primary
+/// type key -> owned type keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Declared(BTreeMap<String, BTreeSet<String>>);
 
 /// Which subset each namespace gets under the exact split.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -132,19 +137,19 @@ pub(crate) enum MembershipError {
     NoSubset(Labels),
 }
 
-// === impl Policy ===
+// === impl Declared ===
 
-impl Policy {
+impl Declared {
     /// Why a runtime declaring `primary` and `owns` (type keys) may not
     /// join, if it may not: the mesh declares the types it routes.
     pub(crate) fn undeclared(&self, primary: &str, owns: &[String]) -> Option<String> {
         let declared = |keys: &mut dyn Iterator<Item = &String>| {
             keys.map(String::as_str).collect::<Vec<_>>().join(", ")
         };
-        let Some(owned) = self.controllers.get(primary) else {
+        let Some(owned) = self.0.get(primary) else {
             return Some(format!(
                 "its primary type {primary} is not one of spec.controllers' primaries ({})",
-                declared(&mut self.controllers.keys())
+                declared(&mut self.0.keys())
             ));
         };
         let extra: Vec<&str> = owns
@@ -161,6 +166,20 @@ impl Policy {
             )
         })
     }
+}
+
+// === impl Policy ===
+
+impl Policy {
+    /// The types this policy routes.
+    pub(crate) fn declared(&self) -> &Declared {
+        &self.controllers
+    }
+
+    /// Namespaces besides the mesh's own whose pods may join.
+    pub(crate) fn runtime_namespaces(&self) -> &[String] {
+        &self.runtime_namespaces
+    }
 
     /// Compiles and validates `spec`.
     pub(crate) fn compile(spec: &OperatorMeshSpec) -> Result<Self> {
@@ -170,9 +189,10 @@ impl Policy {
         if spec.controllers.is_empty() {
             return Err(PolicyError::NoControllers);
         }
-        let mut controllers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut controllers = Declared::default();
         for c in &spec.controllers {
             controllers
+                .0
                 .entry(c.primary.key())
                 .or_default()
                 .extend(c.owns.iter().map(TypeRef::key));
@@ -271,6 +291,7 @@ impl Policy {
             namespace_selector: spec.namespace_selector.clone(),
             pod_selector: spec.selector.clone(),
             paused: spec.paused,
+            runtime_namespaces: spec.runtime_namespaces.clone(),
             controllers,
         })
     }

@@ -17,7 +17,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     coordinator::{Connected, Input},
     error::Refusal,
+    gvk::Gvk,
     leader::Authority,
+    snapshot::Published,
 };
 
 /// How long a runtime may take to send its hello.
@@ -37,19 +39,22 @@ pub(crate) struct MeshServer {
     admission: crate::admission::Admission,
     lease_ttl: Duration,
     authority: Arc<Authority>,
+    published: Arc<Published>,
 }
 
 // === impl MeshServer ===
 
 impl MeshServer {
     /// A server that hands sessions to the coordinator behind `core` while
-    /// `authority` says this manager leads, to runtimes `admission` admits.
+    /// `authority` says this manager leads, to runtimes `admission` admits;
+    /// `published` is the coordinator's view, for the types a mesh routes.
     pub(crate) fn new(
         core: mpsc::Sender<Input>,
         client: Client,
         lease_ttl: Duration,
         authority: Arc<Authority>,
         admission: crate::admission::Admission,
+        published: Arc<Published>,
     ) -> Self {
         Self {
             core,
@@ -57,6 +62,7 @@ impl MeshServer {
             admission,
             lease_ttl,
             authority,
+            published,
         }
     }
 
@@ -71,7 +77,38 @@ impl MeshServer {
             }
         }
         // Who it is, before anything is read on its behalf.
-        let uid = self.admission.authenticate(&hello).await?;
+        let id = self.admission.authenticate(&hello).await?;
+        // The mesh decides what it routes (checked again when the session
+        // starts, against the policy then in force); the runtime's own
+        // identity must be able to read all of it.
+        let mesh = crate::id::MeshId::new(&hello.mesh_namespace, &hello.mesh_name);
+        let types: Vec<_> = hello.primary.iter().chain(&hello.owns).collect();
+        let published = self.published.load();
+        let view = published.meshes.get(&mesh);
+        if hello.pod_namespace != hello.mesh_namespace
+            && !view.is_some_and(|m| m.runtime_namespaces.contains(&hello.pod_namespace))
+        {
+            return Err(Refusal::PermissionDenied(format!(
+                "pod {}/{} is not in the namespace of OperatorMesh {mesh}: a mesh admits runtimes \
+                 of its own namespace and of those its spec.runtimeNamespaces lists",
+                hello.pod_namespace, hello.pod_name
+            )));
+        }
+        if let Some(declared) = view.and_then(|m| m.declared.as_ref()) {
+            let owns: Vec<String> = hello.owns.iter().map(|g| Gvk::from(g).key()).collect();
+            let primary = Gvk::from(types[0]).key();
+            if let Some(reason) = declared.undeclared(&primary, &owns) {
+                return Err(Refusal::UndeclaredTypes {
+                    mesh: mesh.to_string(),
+                    reason,
+                });
+            }
+        }
+        drop(published);
+        if let Some(id) = &id {
+            self.admission.authorize(id, &types).await?;
+        }
+        let uid = id.map(|id| id.pod_uid);
         // The subset comes from the real Pod's labels, never from the runtime.
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &hello.pod_namespace);
         let pod = tokio::time::timeout(LOOKUP_TIMEOUT, pods.get_opt(&hello.pod_name))

@@ -11,7 +11,10 @@ use std::{collections::BTreeMap, sync::Arc, time::Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::id::{Holder, MeshId};
+use crate::{
+    id::{Holder, MeshId},
+    policy::Declared,
+};
 
 /// Everything the coordinator knows that others may read.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -29,6 +32,10 @@ pub(crate) struct MeshView {
     pub(crate) invalid: Option<String>,
     /// True once a valid policy is in force.
     pub(crate) has_policy: bool,
+    /// The types the policy in force routes.
+    pub(crate) declared: Option<Declared>,
+    /// Namespaces besides the mesh's own whose pods may join.
+    pub(crate) runtime_namespaces: Vec<String>,
     /// The weights in force, e.g. `v1=80 v2=20`.
     pub(crate) weights: String,
     /// The subsets in declared order, with their live replicas.

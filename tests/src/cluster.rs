@@ -1,5 +1,6 @@
 //! Helpers that set up what a test needs in the cluster: namespaces, Pods
-//! with labels, bound ServiceAccount tokens and token reviews.
+//! with labels, ServiceAccounts and their grants, bound tokens and token
+//! reviews.
 
 use std::{
     collections::BTreeMap,
@@ -13,10 +14,11 @@ use k8s_openapi::api::{
         TokenReviewStatus,
     },
     core::v1::{Container, Namespace, Pod, PodSpec, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject},
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{ObjectMeta, PostParams},
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -119,6 +121,65 @@ pub async fn ensure_service_account(
     }
 }
 
+/// Lets ServiceAccount `namespace/service_account` `verbs` the resources
+/// `(group, plural)` in all namespaces, through ClusterRole `role` (made or
+/// updated) and a binding of its own.
+pub async fn grant_cluster(
+    client: &Client,
+    role: &str,
+    resources: &[(&str, &str)],
+    verbs: &[&str],
+    namespace: &str,
+    service_account: &str,
+) -> anyhow::Result<()> {
+    let strings = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let rules = resources
+        .iter()
+        .map(|(group, plural)| PolicyRule {
+            api_groups: strings(&[group]),
+            resources: strings(&[plural]),
+            verbs: verbs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .collect();
+    let cluster_role = ClusterRole {
+        metadata: ObjectMeta {
+            name: Some(role.to_string()),
+            ..Default::default()
+        },
+        rules: Some(rules),
+        ..Default::default()
+    };
+    let binding_name = format!("{role}:{namespace}:{service_account}");
+    let binding = ClusterRoleBinding {
+        metadata: ObjectMeta {
+            name: Some(binding_name.clone()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "ClusterRole".into(),
+            name: role.to_string(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: service_account.to_string(),
+            namespace: Some(namespace.to_string()),
+            ..Default::default()
+        }]),
+    };
+    let apply = PatchParams::apply("opmesh-tests").force();
+    Api::<ClusterRole>::all(client.clone())
+        .patch(role, &apply, &Patch::Apply(&cluster_role))
+        .await
+        .with_context(|| format!("applying clusterrole {role}"))?;
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(&binding_name, &apply, &Patch::Apply(&binding))
+        .await
+        .with_context(|| format!("applying clusterrolebinding {binding_name}"))?;
+    Ok(())
+}
+
 /// Requests a token for the Pod's ServiceAccount that is bound to the Pod
 /// (TokenRequest), valid for an hour.
 pub async fn pod_token(client: &Client, pod: &Pod, audiences: &[&str]) -> anyhow::Result<String> {
@@ -200,7 +261,7 @@ pub fn write_token_kubeconfig(
             ..Default::default()
         });
     }
-    std::fs::write(path, serde_yaml::to_string(&kc)?)?;
+    std::fs::write(path, serde_norway::to_string(&kc)?)?;
     Ok(())
 }
 

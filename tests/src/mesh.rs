@@ -98,6 +98,30 @@ pub fn generator_resource() -> ApiResource {
     )
 }
 
+/// Creates an operator Pod with `labels`, running as ServiceAccount
+/// `operator`, which may read the example operator's types in all
+/// namespaces as its install would allow (the manager sends a runtime only
+/// what its own identity could read).
+pub async fn create_operator_pod(
+    client: &Client,
+    namespace: &str,
+    pod: &str,
+    labels: &[(&str, &str)],
+) -> anyhow::Result<k8s_openapi::api::core::v1::Pod> {
+    let created = cluster::create_pod(client, namespace, pod, labels, "operator").await?;
+    let plural = generator_resource().plural;
+    cluster::grant_cluster(
+        client,
+        "opmesh-tests:example-operator-read",
+        &[("example.opmesh.io", &plural), ("", "configmaps")],
+        &["get", "list", "watch"],
+        namespace,
+        "operator",
+    )
+    .await?;
+    Ok(created)
+}
+
 // === impl Binaries ===
 
 impl Binaries {
@@ -291,7 +315,7 @@ impl Replica {
     /// Creates the replica's Pod with its labels, then starts its sidecar
     /// and operator.
     pub async fn start(client: &Client, opts: &ReplicaOptions<'_>) -> anyhow::Result<Self> {
-        cluster::create_pod(client, opts.namespace, opts.pod, opts.labels, "operator").await?;
+        create_operator_pod(client, opts.namespace, opts.pod, opts.labels).await?;
         Self::start_processes(opts).await
     }
 

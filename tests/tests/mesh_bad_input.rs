@@ -13,7 +13,8 @@ use opmesh_tests::{
     control_plane::Process,
     eventually,
     mesh::{
-        Manager, Replica, ReplicaOptions, apply_mesh, create_generator, handled_by, mesh_resource,
+        Manager, Replica, ReplicaOptions, apply_mesh, create_generator, create_operator_pod,
+        handled_by, mesh_resource,
     },
 };
 use serde_json::json;
@@ -124,7 +125,7 @@ async fn refused_runtime(
     labels: &[(&str, &str)],
     expect: &str,
 ) -> anyhow::Result<()> {
-    cluster::create_pod(&w.client, &w.ns, pod, labels, "operator").await?;
+    create_operator_pod(&w.client, &w.ns, pod, labels).await?;
     let r = Replica::start_processes(&ReplicaOptions {
         mesh,
         pod,
@@ -262,6 +263,11 @@ async fn a_watch_the_manager_may_not_run_is_reported_and_recovers_once_granted()
         rule(&[""], &["pods", "namespaces"], &read),
         rule(&["example.opmesh.io"], &["configmapgenerators"], &read),
         rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
+        rule(
+            &["authorization.k8s.io"],
+            &["subjectaccessreviews"],
+            &["create"],
+        ),
     ];
     let roles: Api<DynamicObject> = Api::all_with(
         w.client.clone(),

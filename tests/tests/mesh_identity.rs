@@ -11,7 +11,10 @@ use kube::{
 use opmesh_proto::env;
 use opmesh_tests::{
     cluster, eventually,
-    mesh::{Replica, ReplicaOptions, create_generator, generator_resource},
+    mesh::{
+        Replica, ReplicaOptions, create_generator, create_operator_pod, generator_resource,
+        mesh_resource,
+    },
     world::{TIMEOUT, World},
 };
 use serde_json::json;
@@ -63,7 +66,7 @@ async fn refused(
 }
 
 async fn pod(w: &World, namespace: &str, name: &str) -> anyhow::Result<Pod> {
-    cluster::create_pod(&w.client, namespace, name, &LABELS, "operator").await
+    create_operator_pod(&w.client, namespace, name, &LABELS).await
 }
 
 #[tokio::test]
@@ -180,10 +183,27 @@ async fn a_runtime_is_admitted_only_as_the_pod_its_token_is_bound_to() -> anyhow
         .await?,
     );
 
+    // A genuine pod whose ServiceAccount may not itself read the mesh's
+    // types: it is not sent them.
+    let blind = cluster::create_pod(&w.client, &w.ns, "blind", &LABELS, "blind").await?;
+    let token_blind = cluster::pod_token(&w.client, &blind, &[env::TOKEN_AUDIENCE]).await?;
+    held.push(
+        refused(
+            &w,
+            &w.ns,
+            "blind",
+            Some(&token_blind),
+            "PermissionDenied",
+            "may not list/watch configmapgenerators.example.opmesh.io, list/watch configmaps",
+        )
+        .await?,
+    );
+
     // A genuine pod of another namespace.
     let elsewhere = cluster::create_namespace(&w.client, "identity-elsewhere", &[]).await?;
     let far = pod(&w, &elsewhere, "far").await?;
     let token_far = cluster::pod_token(&w.client, &far, &[env::TOKEN_AUDIENCE]).await?;
+    let far = held.len();
     held.push(
         refused(
             &w,
@@ -217,6 +237,27 @@ async fn a_runtime_is_admitted_only_as_the_pod_its_token_is_bound_to() -> anyhow
             && o.data["status"]["handledBy"] == "v1/v1-0")
             .then_some(()))
     })
+    .await?;
+
+    // Once the mesh lists its namespace, the pod of the other namespace is
+    // admitted at its next attempt.
+    let meshes: Api<DynamicObject> =
+        Api::namespaced_with(w.client.clone(), &w.ns, &mesh_resource());
+    meshes
+        .patch(
+            "mesh",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"runtimeNamespaces": [elsewhere]}})),
+        )
+        .await?;
+    eventually(
+        "the pod of the listed namespace to be admitted",
+        TIMEOUT,
+        || async {
+            held[far].check_running()?;
+            Ok(held[far].ready().then_some(()))
+        },
+    )
     .await?;
     drop(held);
     Ok(())

@@ -45,7 +45,7 @@ impl Coordinator {
             .ok_or_else(|| Refusal::Malformed("hello.primary is missing".into()))?;
         // The mesh, not the runtime, decides which types it routes.
         let owns: Vec<String> = hello.owns.iter().map(|g| Gvk::from(g).key()).collect();
-        if let Some(reason) = policy.undeclared(&primary.key(), &owns) {
+        if let Some(reason) = policy.declared().undeclared(&primary.key(), &owns) {
             return Err(Refusal::UndeclaredTypes {
                 mesh: id.to_string(),
                 reason,

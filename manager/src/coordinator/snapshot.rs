@@ -94,6 +94,12 @@ impl Coordinator {
             generation: mesh.generation,
             invalid: mesh.invalid.clone(),
             has_policy: mesh.policy.is_some(),
+            declared: mesh.policy.as_ref().map(|p| p.declared().clone()),
+            runtime_namespaces: mesh
+                .policy
+                .as_ref()
+                .map(|p| p.runtime_namespaces().to_vec())
+                .unwrap_or_default(),
             weights: mesh
                 .policy
                 .as_ref()

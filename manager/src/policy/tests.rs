@@ -45,6 +45,7 @@ fn spec(weights: &[(&str, u32)], pins: Vec<PinSpec>) -> OperatorMeshSpec {
         },
         paused: false,
         namespace_selector: None,
+        runtime_namespaces: vec![],
     }
 }
 
@@ -252,16 +253,20 @@ fn the_mesh_decides_which_types_a_runtime_may_declare() {
     let widget = opmesh_proto::gvk_key("example.com", "v1", "Widget");
     let cm = opmesh_proto::gvk_key("", "v1", "ConfigMap");
     let secret = opmesh_proto::gvk_key("", "v1", "Secret");
-    assert_eq!(p.undeclared(&widget, std::slice::from_ref(&cm)), None);
-    assert_eq!(p.undeclared(&widget, &[]), None);
+    assert_eq!(
+        p.declared().undeclared(&widget, std::slice::from_ref(&cm)),
+        None
+    );
+    assert_eq!(p.declared().undeclared(&widget, &[]), None);
     let why = p
+        .declared()
         .undeclared(&widget, &[cm.clone(), secret.clone()])
         .unwrap();
     assert!(
         why.contains(&secret) && !why.contains(&format!("{secret},")),
         "{why}"
     );
-    let why = p.undeclared(&secret, &[]).unwrap();
+    let why = p.declared().undeclared(&secret, &[]).unwrap();
     assert!(why.contains("primary"), "{why}");
     let mut none = spec(&[("v1", 100)], vec![]);
     none.controllers.clear();

@@ -74,6 +74,7 @@ pub(super) fn spec(v2: u8, pin: bool, paused: bool, by_namespace: bool) -> Opera
         },
         paused,
         namespace_selector: None,
+        runtime_namespaces: vec![],
     }
 }
 
