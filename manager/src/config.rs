@@ -1,6 +1,6 @@
 //! The manager's settings, as plain data.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 /// Settings for [`crate::run`]. Tests build it directly.
 #[derive(Clone, Debug, clap::Args)]
@@ -35,6 +35,21 @@ pub struct Config {
     /// impersonate any operator pod.
     #[arg(long, env = "OPMESH_INSECURE_ALLOW_UNAUTHENTICATED_RUNTIMES")]
     pub insecure_allow_unauthenticated_runtimes: bool,
+    /// The session port's TLS certificate chain (PEM), e.g. `tls.crt` of a
+    /// mounted `kubernetes.io/tls` Secret. Re-read when it changes.
+    #[arg(long, env = "OPMESH_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `--tls-cert-file`, e.g. `tls.key`.
+    #[arg(long, env = "OPMESH_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Serve sessions without TLS. For development only: anyone on the
+    /// network path can then read the objects and forge the manager.
+    #[arg(
+        long,
+        env = "OPMESH_INSECURE_PLAINTEXT",
+        conflicts_with = "tls_cert_file"
+    )]
+    pub insecure_plaintext: bool,
 }
 
 // === impl Config ===

@@ -48,6 +48,7 @@ mod server;
 mod snapshot;
 mod status;
 mod task;
+mod tls;
 mod watch;
 
 use std::{future::Future, sync::Arc};
@@ -81,6 +82,23 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // TLS first: a manager that would serve plaintext by mistake never
+    // starts.
+    let certificate = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(tls::Certificate::load(cert, key)?),
+        _ if config.insecure_plaintext => {
+            tracing::warn!(
+                "--insecure-plaintext: sessions are not encrypted; anyone on the network path \
+                 can read the objects sent to runtimes and pose as the manager"
+            );
+            None
+        }
+        _ => anyhow::bail!(
+            "no TLS certificate for the session port: pass --tls-cert-file and --tls-key-file \
+             (e.g. tls.crt and tls.key of a mounted kubernetes.io/tls Secret), or \
+             --insecure-plaintext for development only"
+        ),
+    };
     let (tx, rx) = mpsc::channel(INPUTS);
     let authority = Arc::new(Authority::new(config.leader_election));
     let election = if config.leader_election {
@@ -133,16 +151,26 @@ pub async fn run(
         admission,
         published,
     ));
-    tracing::info!(addr = %listener.local_addr()?, "manager listening");
+    tracing::info!(addr = %listener.local_addr()?, tls = certificate.is_some(), "manager listening");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
-        .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = stop_rx.await;
-        });
-    let mut server = std::pin::pin!(server);
+        .add_service(service);
+    let stopped = async move {
+        let _ = stop_rx.await;
+    };
+    let mut _reload = None;
+    let mut server: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match &certificate {
+        Some(cert) => {
+            _reload = Some(Task::spawn(cert.clone().watch()));
+            let incoming = tls::incoming(listener, cert.acceptor()?);
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        None => {
+            Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped))
+        }
+    };
     let ended = tokio::select! {
         result = &mut server => return result.map_err(Into::into),
         _ = shutdown => None,

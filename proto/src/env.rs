@@ -29,5 +29,18 @@ pub const OPERATOR_GRACE_MS: &str = "OPMESH_OPERATOR_GRACE_MS";
 /// The socket path the runtime and the SDK use when [`RUNTIME_SOCKET`] is unset.
 pub const DEFAULT_RUNTIME_SOCKET: &str = "/var/run/opmesh/runtime.sock";
 
+/// The PEM bundle of CAs the runtime trusts for the manager's certificate
+/// (`ca.crt` of the manager's TLS Secret); re-read at every connection, so
+/// a rotated bundle needs no restart.
+pub const CA_FILE: &str = "OPMESH_CA_FILE";
+/// The CA bundle when [`CA_FILE`] is unset.
+pub const DEFAULT_CA_FILE: &str = "/var/run/secrets/opmesh.io/ca/ca.crt";
+/// The name the manager's certificate must carry, when it is not the host
+/// of the manager address.
+pub const TLS_SERVER_NAME: &str = "OPMESH_TLS_SERVER_NAME";
+/// Set to `true` to let the runtime dial a plaintext (`http://`) manager.
+/// For development only.
+pub const INSECURE_PLAINTEXT: &str = "OPMESH_INSECURE_PLAINTEXT";
+
 /// The variables a runtime container must set: it has no default for them.
 pub const REQUIRED: [&str; 3] = [MESH, POD_NAMESPACE, POD_NAME];

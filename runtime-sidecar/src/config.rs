@@ -22,9 +22,21 @@ pub struct Config {
         long,
         env = env::MANAGER_ADDR,
         value_delimiter = ',',
-        default_value = "http://opmesh-manager.opmesh-system.svc:9440"
+        default_value = "https://opmesh-manager.opmesh-system.svc:9440"
     )]
     pub manager: Vec<String>,
+    /// The CAs trusted for the manager's certificate (PEM), and no others.
+    /// Re-read at every connection, so a rotated bundle needs no restart.
+    #[arg(long, env = env::CA_FILE, default_value = env::DEFAULT_CA_FILE)]
+    pub ca_file: PathBuf,
+    /// The name the manager's certificate must carry; unset, the host of
+    /// the manager address.
+    #[arg(long, env = env::TLS_SERVER_NAME)]
+    pub tls_server_name: Option<String>,
+    /// Allow `http://` manager addresses. For development only: the objects
+    /// and the manager's orders then travel unauthenticated.
+    #[arg(long, env = env::INSECURE_PLAINTEXT)]
+    pub insecure_plaintext: bool,
     /// The OperatorMesh this runtime belongs to, as `namespace/name`.
     #[arg(long, env = env::MESH, value_parser = parse_mesh)]
     pub mesh: MeshRef,
@@ -58,6 +70,34 @@ pub struct Config {
     /// reports not-ready until an operator is back.
     #[arg(long, env = env::OPERATOR_GRACE_MS, default_value_t = 10_000)]
     pub operator_grace_ms: u64,
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Checks what flags alone cannot: every manager address is `https://`
+    /// unless plaintext was allowed on purpose.
+    pub fn validate(&self) -> Result<(), String> {
+        for addr in &self.manager {
+            match addr.split_once("://").map(|(scheme, _)| scheme) {
+                Some("https") => {}
+                Some("http") if self.insecure_plaintext => {}
+                Some("http") => {
+                    return Err(format!(
+                        "refusing the plaintext manager address {addr}: use https:// and mount \
+                         the manager's CA bundle at --ca-file, or set {}=true for development only",
+                        env::INSECURE_PLAINTEXT
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "--manager {addr:?} is not an https:// (or http://) address"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn parse_mesh(s: &str) -> Result<MeshRef, String> {
@@ -95,5 +135,37 @@ mod tests {
         .to_string();
         assert!(err.contains("--mesh"), "{err}");
         assert!(err.contains("NAMESPACE/NAME"), "{err}");
+    }
+
+    #[test]
+    fn a_plaintext_manager_is_refused_unless_allowed() {
+        let config = |extra: &[&str]| {
+            let mut args = vec![
+                "opmesh-runtime",
+                "--mesh",
+                "ops/m",
+                "--pod-namespace",
+                "ops",
+                "--pod-name",
+                "p",
+            ];
+            args.extend_from_slice(extra);
+            Config::try_parse_from(args).unwrap()
+        };
+        assert!(config(&[]).validate().is_ok(), "the default is https");
+        let err = config(&["--manager", "http://m:9440"])
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.contains("plaintext") && err.contains(env::INSECURE_PLAINTEXT),
+            "{err}"
+        );
+        assert!(
+            config(&["--manager", "http://m:9440", "--insecure-plaintext"])
+                .validate()
+                .is_ok()
+        );
+        let err = config(&["--manager", "m:9440"]).validate().unwrap_err();
+        assert!(err.contains("https://"), "{err}");
     }
 }

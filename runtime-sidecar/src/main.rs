@@ -12,6 +12,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let config = Config::parse();
+    config.validate().map_err(|e| anyhow::anyhow!(e))?;
     // The health port first: if it is taken, nothing is left behind.
     let health = tokio::net::TcpListener::bind(config.health)
         .await

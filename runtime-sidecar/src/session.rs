@@ -13,7 +13,10 @@ use tokio::{
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, transport::Endpoint};
+use tonic::{
+    Code,
+    transport::{Certificate, ClientTlsConfig, Endpoint},
+};
 
 use crate::state::Runtime;
 
@@ -155,13 +158,18 @@ async fn session(
     let reg = rt
         .registered()
         .ok_or_else(|| unreachable("not registered".into()))?;
-    let endpoint = Endpoint::from_shared(addr.to_string())
+    let mut endpoint = Endpoint::from_shared(addr.to_string())
         .map_err(|e| unreachable(format!("bad --manager address: {e}")))?
         .connect_timeout(NET_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(NET_TIMEOUT);
+    if addr.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(tls_config(&rt.config).map_err(unreachable)?)
+            .map_err(|e| unreachable(format!("TLS settings: {}", chain(&e))))?;
+    }
     let channel = tokio::select! {
-        c = endpoint.connect() => c.map_err(|e| unreachable(e.to_string()))?,
+        c = endpoint.connect() => c.map_err(|e| unreachable(chain(&e)))?,
         _ = shutdown.wait_for(|s| *s) => return Ok(()),
     };
     let mut client = MeshServiceClient::new(channel);
@@ -291,6 +299,36 @@ async fn session(
 
 /// The token in `path`, or empty (the manager then says what is missing)
 /// if it cannot be read.
+/// TLS that trusts the CA bundle file, read now (so a rotated bundle is
+/// used from the next connection on), and nothing else.
+fn tls_config(config: &crate::Config) -> Result<ClientTlsConfig, String> {
+    let pem = std::fs::read(&config.ca_file).map_err(|e| {
+        format!(
+            "cannot read the CA bundle {} ({e}): mount the manager's ca.crt there, or point \
+             {} at it",
+            config.ca_file.display(),
+            opmesh_proto::env::CA_FILE
+        )
+    })?;
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+    if let Some(name) = &config.tls_server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    Ok(tls)
+}
+
+/// An error with its causes, which say what failed in a handshake.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 fn read_token(path: &std::path::Path) -> String {
     match std::fs::read_to_string(path) {
         Ok(t) => t.trim().to_string(),

@@ -4,6 +4,7 @@
 //!   proxy by `tests/control-plane/build.sh`, one per test binary.
 //! - [`cluster`]: helpers for namespaces, Pods, bound tokens and token reviews.
 //! - [`mesh`]: the manager, sidecars and example operator as real processes.
+//! - [`tls`]: the session port's CA and serving certificates.
 //! - [`proxy`]: a loopback TCP proxy that cuts, blackholes, delays and
 //!   stalls connections.
 //! - [`history`]: checks reconcile records for overlaps, stale writes and
@@ -22,6 +23,7 @@ pub mod landed;
 pub mod mesh;
 pub mod oracle;
 pub mod proxy;
+pub mod tls;
 pub mod world;
 
 use std::{future::Future, time::Duration};

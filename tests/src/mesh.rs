@@ -255,7 +255,7 @@ impl Manager {
         .await?;
         Ok(Self {
             process,
-            addr: format!("http://{addr}"),
+            addr: format!("https://{addr}"),
         })
     }
 
@@ -556,6 +556,9 @@ fn process_env(cp: &ControlPlane, extra: &[(&str, &str)]) -> Vec<(String, String
         "KUBECONFIG".to_string(),
         cp.kubeconfig().display().to_string(),
     )];
+    // Managers serve TLS and runtimes trust its CA, unless `extra` says
+    // otherwise.
+    v.extend(crate::tls::MeshTls::shared(cp.dir()).env());
     if std::env::var_os("RUST_LOG").is_none() {
         v.push(("RUST_LOG".into(), "info".into()));
     }

@@ -111,9 +111,10 @@ impl Proxy {
         Ok(proxy)
     }
 
-    /// The `http://` address clients dial.
+    /// The `https://` address runtimes dial in front of a manager; TLS
+    /// passes through, and the manager's certificate names 127.0.0.1.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("https://127.0.0.1:{}", self.port)
     }
 
     /// The local port clients dial.

@@ -4,7 +4,9 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use crate::{
-    ControlPlane, cluster, eventually,
+    ControlPlane, cluster,
+    control_plane::free_port,
+    eventually,
     mesh::{Binaries, Manager, Record, Replica, ReplicaOptions, apply_mesh, handled_by},
 };
 use kube::Client;
@@ -39,13 +41,24 @@ pub struct World {
 impl World {
     /// Sets up a namespace and a manager for one test.
     pub async fn new(prefix: &str) -> anyhow::Result<Self> {
+        Self::with_manager_env(prefix, &[]).await
+    }
+
+    /// [`World::new`] with `manager_env` for the manager (for example a
+    /// TLS certificate of the test's own).
+    pub async fn with_manager_env(
+        prefix: &str,
+        manager_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let cp = ControlPlane::shared().await?;
         let bins = Binaries::locate()?;
         CRD.get_or_try_init(|| bins.install_example_crd(cp)).await?;
         let client = cp.client().await?;
         let ns = cluster::create_namespace(&client, prefix, &[]).await?;
         let dir = tempfile::Builder::new().prefix("opmesh-e2e-").tempdir()?;
-        let manager = Manager::start(cp, &bins, dir.path(), &ns).await?;
+        let manager =
+            Manager::start_with(cp, &bins, dir.path(), &ns, free_port()?, None, manager_env)
+                .await?;
         Ok(Self {
             cp,
             client,

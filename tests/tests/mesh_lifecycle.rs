@@ -233,24 +233,26 @@ async fn the_status_tells_no_replicas_a_lost_replica_and_a_contested_pod_name() 
     w.replica("v1-1", "v1").await?;
     let mesh = format!("{}/mesh", w.ns);
     let socket = w.dir.path().join("impostor.sock");
+    let mut vars = opmesh_tests::tls::MeshTls::shared(w.cp.dir()).env();
+    vars.extend([
+        ("KUBECONFIG".into(), w.cp.kubeconfig().display().to_string()),
+        (env::MANAGER_ADDR.into(), w.manager.addr().to_string()),
+        (env::MESH.into(), mesh.clone()),
+        (env::POD_NAMESPACE.into(), w.ns.clone()),
+        (env::POD_NAME.into(), "v1-1".into()),
+        (env::RUNTIME_SOCKET.into(), socket.display().to_string()),
+        (env::HEALTH_ADDR.into(), "127.0.0.1:0".into()),
+        // The same pod's token: a second runtime in the same pod.
+        (
+            env::TOKEN_FILE.into(),
+            w.dir.path().join("v1-1.token").display().to_string(),
+        ),
+    ]);
     let impostor = Process::spawn_with_env(
         "impostor-sidecar",
         &w.bins.runtime,
         &[],
-        &[
-            ("KUBECONFIG".into(), w.cp.kubeconfig().display().to_string()),
-            (env::MANAGER_ADDR.into(), w.manager.addr().to_string()),
-            (env::MESH.into(), mesh.clone()),
-            (env::POD_NAMESPACE.into(), w.ns.clone()),
-            (env::POD_NAME.into(), "v1-1".into()),
-            (env::RUNTIME_SOCKET.into(), socket.display().to_string()),
-            (env::HEALTH_ADDR.into(), "127.0.0.1:0".into()),
-            // The same pod's token: a second runtime in the same pod.
-            (
-                env::TOKEN_FILE.into(),
-                w.dir.path().join("v1-1.token").display().to_string(),
-            ),
-        ],
+        &vars,
         w.dir.path(),
         None,
     )?;

@@ -1,0 +1,180 @@
+//! TLS on the session port.
+//!
+//! The serving certificate and key are PEM files: a mounted
+//! `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`), as cert-manager
+//! writes it, or any other source. They are re-read every few seconds and
+//! a changed pair is served to new connections from then on, so a rotation
+//! needs no restart; open sessions keep the connection they have. A pair
+//! that does not load (half-written, key and certificate that do not
+//! match) is reported and the last good one stays in force.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use rustls::{
+    ServerConfig,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How often the files are checked for a new pair.
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
+/// How long a client may take to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections handshaken but not yet taken by the server.
+const ACCEPTED: usize = 64;
+
+/// The serving certificate in force, reloaded from its files.
+#[derive(Debug)]
+pub(crate) struct Certificate {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    provider: Arc<CryptoProvider>,
+    /// The files' contents last loaded, to notice a change.
+    loaded: std::sync::Mutex<(Vec<u8>, Vec<u8>)>,
+    current: ArcSwap<CertifiedKey>,
+}
+
+// === impl Certificate ===
+
+impl Certificate {
+    /// Loads the pair from `cert_file` and `key_file`; fails with what to
+    /// fix if they do not load.
+    pub(crate) fn load(cert_file: &Path, key_file: &Path) -> anyhow::Result<Arc<Self>> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (cert, key) = read_pair(cert_file, key_file)?;
+        let certified = certified(&provider, &cert, &key)
+            .with_context(|| format!("--tls-cert-file {}", cert_file.display()))?;
+        Ok(Arc::new(Self {
+            cert_file: cert_file.to_path_buf(),
+            key_file: key_file.to_path_buf(),
+            provider,
+            loaded: std::sync::Mutex::new((cert, key)),
+            current: ArcSwap::from_pointee(certified),
+        }))
+    }
+
+    /// Re-reads the files; returns true when a new pair is now in force.
+    pub(crate) fn reload(&self) -> anyhow::Result<bool> {
+        let (cert, key) = read_pair(&self.cert_file, &self.key_file)?;
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if loaded.0 == cert && loaded.1 == key {
+            return Ok(false);
+        }
+        let certified = certified(&self.provider, &cert, &key)?;
+        self.current.store(Arc::new(certified));
+        *loaded = (cert, key);
+        Ok(true)
+    }
+
+    /// Checks the files every few seconds for as long as it runs.
+    pub(crate) async fn watch(self: Arc<Self>) {
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(RELOAD_EVERY).await;
+            match self.reload() {
+                Ok(true) => {
+                    failing = false;
+                    tracing::info!(cert = %self.cert_file.display(), "serving a new TLS certificate to new connections");
+                }
+                Ok(false) => failing = false,
+                // Once per failure, not every few seconds.
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(cert = %self.cert_file.display(), error = %format!("{e:#}"), "cannot load the new TLS certificate; still serving the previous one");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// A TLS acceptor that serves whichever pair is in force, offering
+    /// HTTP/2 only (gRPC).
+    pub(crate) fn acceptor(self: &Arc<Self>) -> anyhow::Result<TlsAcceptor> {
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+impl ResolvesServerCert for Certificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn read_pair(cert_file: &Path, key_file: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let read = |flag: &str, path: &Path| {
+        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+    };
+    Ok((
+        read("--tls-cert-file", cert_file)?,
+        read("--tls-key-file", key_file)?,
+    ))
+}
+
+/// The chain and key in `cert` and `key` (PEM), checked to belong together.
+fn certified(provider: &CryptoProvider, cert: &[u8], key: &[u8]) -> anyhow::Result<CertifiedKey> {
+    let chain = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .context("the certificate file is not PEM certificates")?;
+    anyhow::ensure!(
+        !chain.is_empty(),
+        "the certificate file holds no certificate"
+    );
+    let key =
+        PrivateKeyDer::from_pem_slice(key).context("the key file holds no PEM private key")?;
+    CertifiedKey::from_der(chain, key, provider)
+        .context("the key does not load, or does not belong to the certificate")
+}
+
+/// TLS connections accepted on `listener`, each handshaken in a task of its
+/// own so a slow client holds up no other.
+pub(crate) fn incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(ACCEPTED);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
