@@ -178,3 +178,54 @@ pub(crate) fn incoming(
     });
     ReceiverStream::new(rx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate for `localhost` and its key, PEM.
+    fn pair() -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    }
+
+    fn served(cert: &Certificate) -> Vec<u8> {
+        cert.current.load().cert[0].to_vec()
+    }
+
+    #[test]
+    fn a_new_pair_is_served_and_a_broken_one_leaves_the_last_good_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let (c1, k1) = pair();
+        std::fs::write(&cert_file, &c1).unwrap();
+        std::fs::write(&key_file, &k1).unwrap();
+        let cert = Certificate::load(&cert_file, &key_file).unwrap();
+        let first = served(&cert);
+        assert!(
+            !cert.reload().unwrap(),
+            "unchanged files are not a new pair"
+        );
+
+        // Half written: the new certificate with the old key.
+        let (c2, k2) = pair();
+        std::fs::write(&cert_file, &c2).unwrap();
+        let err = cert.reload().unwrap_err();
+        assert!(format!("{err:#}").contains("does not belong"), "{err:#}");
+        assert_eq!(served(&cert), first);
+
+        std::fs::write(&key_file, &k2).unwrap();
+        assert!(cert.reload().unwrap());
+        assert_ne!(served(&cert), first);
+
+        // Not PEM at all: a clear error, and the pair in force stays.
+        std::fs::write(&cert_file, "garbage").unwrap();
+        assert!(cert.reload().is_err());
+        assert!(Certificate::load(&cert_file, &key_file).is_err());
+        let missing = Certificate::load(&dir.path().join("nope"), &key_file).unwrap_err();
+        assert!(
+            format!("{missing:#}").contains("--tls-cert-file"),
+            "{missing:#}"
+        );
+    }
+}
