@@ -42,6 +42,17 @@ pub struct Config {
     /// The private key (PEM) of `--tls-cert-file`, e.g. `tls.key`.
     #[arg(long, env = "OPMESH_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
+    /// The most runtime sessions this manager serves at once; more are
+    /// refused with RESOURCE_EXHAUSTED. (A pod has one session: a newer one
+    /// replaces it.)
+    #[arg(long, env = "OPMESH_MAX_SESSIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_sessions: u64,
+    /// How many hellos per second are admitted, on average (bursts of a
+    /// second's worth pass); more are refused with RESOURCE_EXHAUSTED so
+    /// a flood of connections costs the apiserver and the sessions in
+    /// place nothing. Runtimes retry with backoff.
+    #[arg(long, env = "OPMESH_MAX_HELLOS_PER_SECOND", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_hellos_per_second: u64,
     /// Serve sessions without TLS. For development only: anyone on the
     /// network path can then read the objects and forge the manager.
     #[arg(

@@ -70,6 +70,9 @@ pub(crate) enum Refusal {
     /// This manager is a standby.
     #[error("this manager is not the leader; try another manager address")]
     NotLeader,
+    /// A limit on sessions or hellos is reached; retry with backoff.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl From<Refusal> for Status {
@@ -88,6 +91,7 @@ impl From<Refusal> for Status {
             Refusal::Lookup(_) | Refusal::ShuttingDown | Refusal::NotLeader => {
                 Status::unavailable(msg)
             }
+            Refusal::Busy(_) => Status::resource_exhausted(msg),
         }
     }
 }

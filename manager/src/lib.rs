@@ -42,6 +42,7 @@ mod error;
 mod gvk;
 mod id;
 mod leader;
+mod limits;
 mod mesh;
 mod policy;
 mod server;
@@ -150,7 +151,12 @@ pub async fn run(
         authority.clone(),
         admission,
         published,
-    ));
+        limits::Limits::new(
+            usize::try_from(config.max_sessions).unwrap_or(usize::MAX),
+            config.max_hellos_per_second,
+        ),
+    ))
+    .max_decoding_message_size(server::MAX_MESSAGE);
     tracing::info!(addr = %listener.local_addr()?, tls = certificate.is_some(), "manager listening");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()

@@ -14,7 +14,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the manager (uses KUBECONFIG or the in-cluster config).
-    Run(Config),
+    Run(Box<Config>),
     /// Print the OperatorMesh CRD as YAML.
     Crd,
 }
@@ -41,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on --listen {}: {e}", config.listen))?;
-            opmesh_manager::run(config, client, listener, shutdown_signal()).await
+            opmesh_manager::run(*config, client, listener, shutdown_signal()).await
         }
     }
 }

@@ -19,6 +19,7 @@ use crate::{
     error::Refusal,
     gvk::Gvk,
     leader::Authority,
+    limits::Limits,
     snapshot::Published,
 };
 
@@ -31,6 +32,10 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 const SESSION_INPUTS: usize = 1024;
 /// Messages taken from a pending set per write.
 const BATCH: usize = 256;
+/// The largest message a runtime may send: a hello with the most held keys
+/// it may report, of typical length. Larger ones are refused by gRPC
+/// (`OUT_OF_RANGE`) before anything else reads them.
+pub(crate) const MAX_MESSAGE: usize = 16 << 20;
 
 /// Serves `MeshService`.
 pub(crate) struct MeshServer {
@@ -40,6 +45,7 @@ pub(crate) struct MeshServer {
     lease_ttl: Duration,
     authority: Arc<Authority>,
     published: Arc<Published>,
+    limits: Limits,
 }
 
 // === impl MeshServer ===
@@ -47,7 +53,8 @@ pub(crate) struct MeshServer {
 impl MeshServer {
     /// A server that hands sessions to the coordinator behind `core` while
     /// `authority` says this manager leads, to runtimes `admission` admits;
-    /// `published` is the coordinator's view, for the types a mesh routes.
+    /// `published` is the coordinator's view, for the types a mesh routes;
+    /// `limits` bound the hellos and sessions it takes.
     pub(crate) fn new(
         core: mpsc::Sender<Input>,
         client: Client,
@@ -55,6 +62,7 @@ impl MeshServer {
         authority: Arc<Authority>,
         admission: crate::admission::Admission,
         published: Arc<Published>,
+        limits: Limits,
     ) -> Self {
         Self {
             core,
@@ -63,6 +71,7 @@ impl MeshServer {
             lease_ttl,
             authority,
             published,
+            limits,
         }
     }
 
@@ -151,6 +160,8 @@ impl MeshService for MeshServer {
         if !self.authority.leading(std::time::Instant::now()) {
             return Err(Refusal::NotLeader.into());
         }
+        // Over a limit: refused before the hello is even read.
+        let admitting = self.limits.hello(std::time::Instant::now())?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -160,6 +171,7 @@ impl MeshService for MeshServer {
             _ => return Err(Refusal::Malformed("the first message must be hello".into()).into()),
         };
         let pod = crate::id::PodId::new(&hello.pod_namespace, &hello.pod_name);
+        let slot = self.limits.session()?;
         let connected = match self.admit(hello).await {
             Ok(c) => c,
             Err(refusal) => {
@@ -167,6 +179,7 @@ impl MeshService for MeshServer {
                 return Err(refusal.into());
             }
         };
+        drop(admitting);
         let Connected {
             holder,
             pending,
@@ -223,6 +236,8 @@ impl MeshService for MeshServer {
         let ttl_ms = u32::try_from(self.lease_ttl.as_millis()).unwrap_or(u32::MAX);
         let (authority, ttl) = (self.authority.clone(), self.lease_ttl);
         tokio::spawn(async move {
+            // The session's slot is free again when its stream ends.
+            let _slot = slot;
             let mut graceful = false;
             let mut operator_gone = None;
             loop {

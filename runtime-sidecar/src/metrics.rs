@@ -35,6 +35,8 @@ pub(crate) struct Metrics {
     pub(crate) max_concurrent: Family<Labels, Gauge>,
     /// `opmesh_runtime_owned_keys`.
     pub(crate) owned_keys: Gauge,
+    /// Time from a heartbeat to the renewal that answers it.
+    pub(crate) lease_renewal: Histogram,
 }
 
 fn buckets() -> Histogram {
@@ -63,6 +65,9 @@ impl Metrics {
         let active_workers = Family::<Labels, Gauge>::default();
         let max_concurrent = Family::<Labels, Gauge>::default();
         let owned_keys = Gauge::default();
+        let lease_renewal = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         registry.register(
             "workqueue_depth",
             "Current depth of workqueue",
@@ -118,6 +123,11 @@ impl Metrics {
             "Keys this runtime owns",
             owned_keys.clone(),
         );
+        registry.register(
+            "opmesh_runtime_lease_renewal_seconds",
+            "Time from a heartbeat to the manager's renewal of the lease; a renewal later than the lease TTL is a lapsed lease",
+            lease_renewal.clone(),
+        );
         Self {
             registry,
             name: vec![("name".into(), name.into())],
@@ -132,6 +142,7 @@ impl Metrics {
             active_workers,
             max_concurrent,
             owned_keys,
+            lease_renewal,
         }
     }
 

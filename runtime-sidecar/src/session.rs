@@ -376,11 +376,12 @@ fn on_message(
             });
         }
         Some(Msg::Lease(l)) => {
-            let until = renewed_until(
-                &sent_at.lock().unwrap_or_else(|e| e.into_inner()),
-                l.seq,
-                l.ttl_ms,
-            );
+            let sent = sent_at.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(at) = sent.get(&l.seq) {
+                rt.metrics.lease_renewal.observe(at.elapsed().as_secs_f64());
+            }
+            let until = renewed_until(&sent, l.seq, l.ttl_ms);
+            drop(sent);
             if let Some(until) = until {
                 rt.renewed(until);
             }
