@@ -30,7 +30,7 @@ mod server;
 mod session;
 mod state;
 
-use std::{os::unix::fs::PermissionsExt as _, sync::Arc};
+use std::sync::Arc;
 
 use opmesh_proto::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::{
@@ -58,28 +58,48 @@ impl Drop for SocketFile {
     }
 }
 
-/// Binds the operator socket at `config.socket`, replacing a stale one and
-/// making it readable only by its owner. Keep the [`SocketFile`] for as
-/// long as the socket serves: dropping it removes the file.
+/// Binds the operator socket at `config.socket`, replacing a stale one.
+/// The socket is readable and writable by its owner only (the operator
+/// container runs as the same user) from the moment it appears: it is
+/// bound under a temporary name, restricted, then renamed into place. A
+/// directory it creates is private to its owner; one that others may
+/// write to is reported. Keep the [`SocketFile`] for as long as the socket
+/// serves: dropping it removes the file.
 pub fn bind_socket(config: &Config) -> anyhow::Result<(UnixListener, SocketFile)> {
-    use std::os::unix::fs::MetadataExt as _;
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
     let path = &config.socket;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create {} for --socket: {e}", dir.display()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {} for --socket: {e}", dir.display()))?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+        tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "the socket's directory is writable by every user; mount it from a volume only this pod's containers share");
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => anyhow::bail!("cannot replace --socket {}: {e}", path.display()),
-    }
-    let listener = UnixListener::bind(path)
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow::anyhow!("--socket {} names no file", path.display()))?;
+    let staging = dir.join(format!(
+        ".{}.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging)
         .map_err(|e| anyhow::anyhow!("cannot listen on --socket {}: {e}", path.display()))?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))?;
+    // Replaces a stale socket in one step.
+    std::fs::rename(&staging, path)
+        .map_err(|e| anyhow::anyhow!("cannot replace --socket {}: {e}", path.display()))?;
     let file = SocketFile {
         path: path.clone(),
         ino: std::fs::metadata(path)?.ino(),
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok((listener, file))
 }
 
@@ -179,5 +199,34 @@ mod tests {
         );
         drop(new);
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn only_the_owner_may_use_the_socket_or_its_new_directory() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new/runtime.sock");
+        let config = Config::try_parse_from([
+            "opmesh-runtime",
+            "--mesh",
+            "ops/mesh",
+            "--pod-namespace",
+            "ops",
+            "--pod-name",
+            "op-0",
+            "--socket",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        let (_l, _file) = bind_socket(&config).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        // Nothing is left under the temporary name.
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["runtime.sock"]);
     }
 }
