@@ -31,6 +31,17 @@ pub use self::process::{Process, tail};
 /// How long the control plane may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// What the apiserver's audit log records: who read which Pod.
+const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Metadata
+    verbs: ["get"]
+    resources: [{group: "", resources: ["pods"]}]
+  - level: None
+"#;
+
 /// Options for [`ControlPlane::start`].
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -111,7 +122,13 @@ impl ControlPlane {
             Some(&root),
         )?;
 
+        // The audit log records each GET of a Pod, so a test can tell which
+        // requests a component made (and which it did not).
+        let audit_policy = root.join("audit-policy.yaml");
+        std::fs::write(&audit_policy, AUDIT_POLICY)?;
         let mut args = vec![
+            format!("--audit-policy-file={}", audit_policy.display()),
+            format!("--audit-log-path={}", root.join("audit.log").display()),
             format!("--etcd-servers={etcd_url}"),
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
@@ -186,6 +203,22 @@ impl ControlPlane {
     /// A temporary directory that lives as long as the control plane.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// How many times the apiserver served a GET of Pod `namespace/name`,
+    /// by its audit log.
+    pub fn pod_gets(&self, namespace: &str, name: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir().join("audit.log")).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| {
+                let o = &e["objectRef"];
+                e["verb"] == "get"
+                    && o["resource"] == "pods"
+                    && o["namespace"] == namespace
+                    && o["name"] == name
+            })
+            .count()
     }
 
     /// A new admin client. Build one per test: a client belongs to the tokio

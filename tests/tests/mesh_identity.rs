@@ -120,6 +120,19 @@ async fn a_runtime_is_admitted_only_as_the_pod_its_token_is_bound_to() -> anyhow
         .await?,
     );
 
+    // Nothing was read for them: no Pod GET before a token is accepted. The
+    // apiserver's audit log shows one GET of each, the harness's own (it
+    // reads the Pod to mint the token a kubelet would project), and more
+    // for the admitted runtime's Pod, which the manager reads.
+    for name in ["no-token", "garbage", "other-audience"] {
+        assert_eq!(
+            w.cp.pod_gets(&w.ns, name),
+            1,
+            "pod {name} was read for its hello"
+        );
+    }
+    assert!(w.cp.pod_gets(&w.ns, "v1-0") > 1);
+
     // A valid token, presented for another pod: here the real v1-0, whose
     // session must not notice.
     let a = pod(&w, &w.ns, "pod-a").await?;
