@@ -37,16 +37,6 @@ pub(crate) enum Refusal {
         /// Why.
         reason: String,
     },
-    /// The runtime reconciles a different primary type than the mesh.
-    #[error("OperatorMesh {mesh} reconciles {existing}, but this runtime declares {declared}")]
-    PrimaryMismatch {
-        /// The mesh.
-        mesh: String,
-        /// What the runtime declared.
-        declared: String,
-        /// What the mesh already reconciles.
-        existing: String,
-    },
     /// The hello's token is missing or not accepted.
     #[error("the runtime is not authenticated: {0}")]
     Unauthenticated(String),
@@ -85,9 +75,9 @@ impl From<Refusal> for Status {
                 Status::permission_denied(msg)
             }
             Refusal::UnknownMesh(_) | Refusal::UnknownPod { .. } => Status::not_found(msg),
-            Refusal::NoValidPolicy { .. }
-            | Refusal::NotAMember { .. }
-            | Refusal::PrimaryMismatch { .. } => Status::failed_precondition(msg),
+            Refusal::NoValidPolicy { .. } | Refusal::NotAMember { .. } => {
+                Status::failed_precondition(msg)
+            }
             Refusal::Lookup(_) | Refusal::ShuttingDown | Refusal::NotLeader => {
                 Status::unavailable(msg)
             }

@@ -66,3 +66,21 @@ impl From<&Gvk> for opmesh_proto::v1::GroupVersionKind {
         }
     }
 }
+
+/// Each controller's primary type key and owned type keys.
+pub(crate) fn controller_keys(
+    controllers: &[opmesh_proto::v1::ControllerTypes],
+) -> Vec<(String, Vec<String>)> {
+    controllers
+        .iter()
+        .map(|c| {
+            (
+                c.primary
+                    .as_ref()
+                    .map(|p| Gvk::from(p).key())
+                    .unwrap_or_default(),
+                c.owns.iter().map(|g| Gvk::from(g).key()).collect(),
+            )
+        })
+        .collect()
+}

@@ -32,8 +32,8 @@ pub(crate) struct Mesh {
     pub(crate) apportionment: Apportionment,
     /// Why the latest spec is invalid, if it is.
     pub(crate) invalid: Option<String>,
-    /// The primary type, declared by the first runtime.
-    pub(crate) primary: Option<Gvk>,
+    /// The primary types, by key, as the runtimes declare them.
+    pub(crate) primaries: BTreeMap<String, Gvk>,
     /// Owned types, by key, declared by runtimes.
     pub(crate) owns: BTreeMap<String, Gvk>,
     /// Objects by primary key.
@@ -60,7 +60,7 @@ impl Mesh {
             policy: None,
             apportionment: Apportionment::default(),
             invalid: None,
-            primary: None,
+            primaries: BTreeMap::new(),
             owns: BTreeMap::new(),
             index: Index::default(),
             own: Ownership::default(),
@@ -70,41 +70,41 @@ impl Mesh {
         }
     }
 
-    /// The primary key an object of type `gvk` belongs to in this mesh.
+    /// The key an object of type `gvk` belongs to in this mesh: its own, if
+    /// it is of a primary type, or its controller owner's, if that is of a
+    /// primary type this mesh's controllers own objects of type `gvk` for.
     pub(crate) fn key_for(&self, gvk: &str, obj: &DynamicObject) -> Option<String> {
-        let primary = self.primary.as_ref()?;
         let ns = obj.namespace();
-        let join = |name: &str| match &ns {
-            Some(ns) if primary.namespaced => format!("{ns}/{name}"),
-            _ => name.to_string(),
+        let key = |primary: &Gvk, name: &str| {
+            let ns = ns.as_deref().filter(|_| primary.namespaced);
+            opmesh_proto::mesh_key(&primary.group, &primary.version, &primary.kind, ns, name)
         };
-        if gvk == primary.key() {
-            return Some(join(&obj.name_any()));
+        if let Some(primary) = self.primaries.get(gvk) {
+            return Some(key(primary, &obj.name_any()));
         }
         if !self.owns.contains_key(gvk) {
             return None;
         }
-        // Secondary objects follow their controller owner of the primary kind.
-        let api_version = primary.api_version();
-        obj.owner_references()
+        // Secondary objects follow their controller owner of a primary kind.
+        let owner = obj
+            .owner_references()
             .iter()
-            .find(|o| {
-                o.controller == Some(true) && o.kind == primary.kind && o.api_version == api_version
-            })
-            .map(|o| join(&o.name))
+            .find(|o| o.controller == Some(true))?;
+        let primary = self
+            .primaries
+            .values()
+            .find(|p| p.kind == owner.kind && p.api_version() == owner.api_version)?;
+        Some(key(primary, &owner.name))
     }
 
     /// The type of `gvk` key, if this mesh routes it.
     pub(crate) fn gvk(&self, key: &str) -> Option<&Gvk> {
-        self.primary
-            .as_ref()
-            .filter(|p| p.key() == key)
-            .or_else(|| self.owns.get(key))
+        self.primaries.get(key).or_else(|| self.owns.get(key))
     }
 
     /// Every type this mesh routes.
     pub(crate) fn types(&self) -> impl Iterator<Item = &Gvk> {
-        self.primary.iter().chain(self.owns.values())
+        self.primaries.values().chain(self.owns.values())
     }
 
     /// Every key with objects, a holder, or a runtime that reported it.

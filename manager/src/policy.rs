@@ -140,29 +140,48 @@ pub(crate) enum MembershipError {
 // === impl Declared ===
 
 impl Declared {
-    /// Why a runtime declaring `primary` and `owns` (type keys) may not
-    /// join, if it may not: the mesh declares the types it routes.
-    pub(crate) fn undeclared(&self, primary: &str, owns: &[String]) -> Option<String> {
-        let declared = |keys: &mut dyn Iterator<Item = &String>| {
+    /// Why a runtime whose operator runs `controllers` (primary type key,
+    /// owned type keys) may not join, if it may not. The mesh declares the
+    /// types it routes: each controller must be one of spec.controllers,
+    /// owning no type spec.controllers does not list for it, and every
+    /// declared controller must run behind the runtime, since any of its
+    /// keys may be routed there.
+    pub(crate) fn undeclared(&self, controllers: &[(String, Vec<String>)]) -> Option<String> {
+        let list = |keys: &mut dyn Iterator<Item = &String>| {
             keys.map(String::as_str).collect::<Vec<_>>().join(", ")
         };
-        let Some(owned) = self.0.get(primary) else {
-            return Some(format!(
-                "its primary type {primary} is not one of spec.controllers' primaries ({})",
-                declared(&mut self.0.keys())
-            ));
-        };
-        let extra: Vec<&str> = owns
-            .iter()
-            .filter(|o| !owned.contains(*o))
+        for (primary, owns) in controllers {
+            let Some(owned) = self.0.get(primary) else {
+                return Some(format!(
+                    "its primary type {primary} is not one of spec.controllers' primaries ({})",
+                    list(&mut self.0.keys())
+                ));
+            };
+            let extra: Vec<&str> = owns
+                .iter()
+                .filter(|o| !owned.contains(*o))
+                .map(String::as_str)
+                .collect();
+            if !extra.is_empty() {
+                return Some(format!(
+                    "it declares owned types the mesh does not route for {primary}: {} \
+                     (spec.controllers lists: {})",
+                    extra.join(", "),
+                    list(&mut owned.iter())
+                ));
+            }
+        }
+        let missing: Vec<&str> = self
+            .0
+            .keys()
+            .filter(|p| !controllers.iter().any(|(c, _)| c == *p))
             .map(String::as_str)
             .collect();
-        (!extra.is_empty()).then(|| {
+        (!missing.is_empty()).then(|| {
             format!(
-                "it declares owned types the mesh does not route for {primary}: {} (spec.controllers \
-                 lists: {})",
-                extra.join(", "),
-                declared(&mut owned.iter())
+                "its operator does not run the controller of {}, which spec.controllers declares; \
+                 every runtime of a mesh runs all of its controllers",
+                missing.join(", ")
             )
         })
     }
@@ -399,7 +418,11 @@ impl Policy {
         match (self.split, self.granularity) {
             (Split::Exact, _) => exact.0.get(ns).copied(),
             (Split::Hash, Granularity::Namespace) => Some(self.ranges.subset_of(weight_hash(ns))),
-            (Split::Hash, Granularity::Object) => Some(self.ranges.subset_of(weight_hash(key))),
+            // The object, not its type: an object's controllers agree.
+            (Split::Hash, Granularity::Object) => Some(
+                self.ranges
+                    .subset_of(weight_hash(opmesh_proto::parse_key(key).0)),
+            ),
         }
     }
 

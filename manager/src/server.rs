@@ -7,8 +7,9 @@ use std::{sync::Arc, time::Duration};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, ResourceExt as _};
 use opmesh_proto::v1::{
-    GoodbyeReason, Hello, LeaseRenewal, ManagerMessage, RuntimeMessage, manager_message::Msg,
-    mesh_service_server::MeshService, runtime_message::Msg as In,
+    ControllerTypes, GoodbyeReason, GroupVersionKind, Hello, LeaseRenewal, ManagerMessage,
+    RuntimeMessage, manager_message::Msg, mesh_service_server::MeshService,
+    runtime_message::Msg as In,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     coordinator::{Connected, Input},
     error::Refusal,
-    gvk::Gvk,
+    gvk::controller_keys,
     leader::Authority,
     limits::Limits,
     snapshot::Published,
@@ -77,13 +78,17 @@ impl MeshServer {
 
     async fn admit(&self, hello: Hello) -> Result<Connected, Refusal> {
         crate::admission::check_hello(&hello)?;
-        match &hello.primary {
-            Some(g) if !g.kind.is_empty() && !g.version.is_empty() && !g.plural.is_empty() => {}
-            _ => {
-                return Err(Refusal::Malformed(
-                    "hello.primary must name a kind, version and plural".into(),
-                ));
-            }
+        let controllers =
+            ControllerTypes::declared(&hello.controllers, hello.primary.as_ref(), &hello.owns);
+        let named = |g: &Option<GroupVersionKind>| {
+            g.as_ref().is_some_and(|g| {
+                !g.kind.is_empty() && !g.version.is_empty() && !g.plural.is_empty()
+            })
+        };
+        if controllers.is_empty() || !controllers.iter().all(|c| named(&c.primary)) {
+            return Err(Refusal::Malformed(
+                "every controller of the hello must name a primary kind, version and plural".into(),
+            ));
         }
         // Who it is, before anything is read on its behalf.
         let id = self.admission.authenticate(&hello).await?;
@@ -91,7 +96,10 @@ impl MeshServer {
         // starts, against the policy then in force); the runtime's own
         // identity must be able to read all of it.
         let mesh = crate::id::MeshId::new(&hello.mesh_namespace, &hello.mesh_name);
-        let types: Vec<_> = hello.primary.iter().chain(&hello.owns).collect();
+        let types: Vec<&GroupVersionKind> = controllers
+            .iter()
+            .flat_map(|c| c.primary.iter().chain(&c.owns))
+            .collect();
         let published = self.published.load();
         let view = published.meshes.get(&mesh);
         if hello.pod_namespace != hello.mesh_namespace
@@ -103,15 +111,14 @@ impl MeshServer {
                 hello.pod_namespace, hello.pod_name
             )));
         }
-        if let Some(declared) = view.and_then(|m| m.declared.as_ref()) {
-            let owns: Vec<String> = hello.owns.iter().map(|g| Gvk::from(g).key()).collect();
-            let primary = Gvk::from(types[0]).key();
-            if let Some(reason) = declared.undeclared(&primary, &owns) {
-                return Err(Refusal::UndeclaredTypes {
-                    mesh: mesh.to_string(),
-                    reason,
-                });
-            }
+        if let Some(reason) = view
+            .and_then(|m| m.declared.as_ref())
+            .and_then(|d| d.undeclared(&controller_keys(&controllers)))
+        {
+            return Err(Refusal::UndeclaredTypes {
+                mesh: mesh.to_string(),
+                reason,
+            });
         }
         drop(published);
         if let Some(id) = &id {

@@ -81,7 +81,9 @@ pub(crate) async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
 mod tests {
     use std::time::Duration;
 
-    use opmesh_proto::v1::{GroupVersionKind, ObjectEvent, Task, Welcome, object_event::Type};
+    use opmesh_proto::v1::{
+        ControllerTypes, GroupVersionKind, ObjectEvent, Task, Welcome, object_event::Type,
+    };
     use tokio::sync::mpsc;
 
     use super::*;
@@ -90,8 +92,7 @@ mod tests {
     #[test]
     fn the_operator_chooses_its_concurrency_within_the_flag() {
         let reg = |concurrency| Registration {
-            primary: GroupVersionKind::default(),
-            owns: Vec::new(),
+            controllers: Vec::new(),
             concurrency,
         };
         assert_eq!(reg(0).max_concurrent(None), 1);
@@ -119,8 +120,10 @@ mod tests {
             ..Default::default()
         };
         rt.registration.send_replace(Some(Registration {
-            primary: gvk.clone(),
-            owns: Vec::new(),
+            controllers: vec![ControllerTypes {
+                primary: Some(gvk.clone()),
+                owns: Vec::new(),
+            }],
             concurrency: 8,
         }));
         let (tx, mut rx) = mpsc::channel(16);
@@ -133,7 +136,7 @@ mod tests {
         rt.welcomed(&welcome, tokio::time::Instant::now(), &[]);
         for i in 0..5 {
             rt.on_event(ObjectEvent {
-                key: format!("ns/k{i}"),
+                key: opmesh_proto::mesh_key("", "v1", "ConfigMap", Some("ns"), &format!("k{i}")),
                 r#type: Type::Applied as i32,
                 gvk: Some(gvk.clone()),
                 namespace: "ns".into(),

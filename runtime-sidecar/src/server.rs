@@ -3,10 +3,10 @@
 use std::{sync::Arc, time::Duration};
 
 use opmesh_proto::v1::{
-    CompleteResponse, Completion, GetRequest, GetResponse, ListRequest, ListResponse,
-    OwnershipRequest, OwnershipResponse, RegisterRequest, RegisterResponse, ReleaseRequest,
-    ReleaseResponse, Task, TasksRequest, completion::Result as Outcome,
-    runtime_service_server::RuntimeService,
+    CompleteResponse, Completion, ControllerTypes, GetRequest, GetResponse, GroupVersionKind,
+    ListRequest, ListResponse, OwnershipRequest, OwnershipResponse, RegisterRequest,
+    RegisterResponse, ReleaseRequest, ReleaseResponse, Task, TasksRequest,
+    completion::Result as Outcome, runtime_service_server::RuntimeService,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -39,27 +39,33 @@ impl RuntimeService for RuntimeServer {
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let req = request.into_inner();
-        let primary = req
-            .primary
-            .filter(|g| !g.kind.is_empty() && !g.version.is_empty() && !g.plural.is_empty())
-            .ok_or_else(|| {
-                Status::invalid_argument("primary must name a kind, version and plural")
-            })?;
+        let controllers =
+            ControllerTypes::declared(&req.controllers, req.primary.as_ref(), &req.owns);
+        let named = |g: &Option<GroupVersionKind>| {
+            g.as_ref().is_some_and(|g| {
+                !g.kind.is_empty() && !g.version.is_empty() && !g.plural.is_empty()
+            })
+        };
+        if controllers.is_empty() || !controllers.iter().all(|c| named(&c.primary)) {
+            return Err(Status::invalid_argument(
+                "every controller must name a primary kind, version and plural",
+            ));
+        }
         let reg = Registration {
-            primary,
-            owns: req.owns,
+            controllers,
             concurrency: req.max_concurrent_reconciles,
         };
         if let Some(existing) = self.rt.registered()
-            && existing.primary.key() != reg.primary.key()
+            && existing.primaries() != reg.primaries()
         {
             return Err(Status::failed_precondition(format!(
-                "this sidecar serves {}, not {}; one sidecar serves one controller",
-                existing.primary.key(),
-                reg.primary.key()
+                "this sidecar serves the controllers of {}, not {}; an operator registers all of \
+                 its controllers at once, and a new operator process the same ones",
+                existing.primaries().join(", "),
+                reg.primaries().join(", ")
             )));
         }
-        tracing::info!(primary = %reg.primary.key(), owns = reg.owns.len(), "operator registered");
+        tracing::info!(controllers = %reg.primaries().join(", "), "operator registered");
         self.rt.registration.send_replace(Some(reg));
         let c = &self.rt.config;
         Ok(Response::new(RegisterResponse {

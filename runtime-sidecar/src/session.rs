@@ -181,8 +181,9 @@ async fn session(
         mesh_name: rt.config.mesh.name.clone(),
         pod_namespace: rt.config.pod_namespace.clone(),
         pod_name: rt.config.pod_name.clone(),
-        primary: Some(reg.primary.clone()),
-        owns: reg.owns.clone(),
+        controllers: reg.controllers.clone(),
+        primary: None,
+        owns: Vec::new(),
         runtime_version: env!("CARGO_PKG_VERSION").to_string(),
         auth_token: read_token(&rt.config.token_file),
         held: reported

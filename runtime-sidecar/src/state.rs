@@ -10,7 +10,9 @@ use std::{
     },
 };
 
-use opmesh_proto::v1::{GroupVersionKind, ObjectEvent, Task, Welcome, object_event::Type};
+use opmesh_proto::v1::{
+    ControllerTypes, GroupVersionKind, ObjectEvent, Task, Welcome, object_event::Type,
+};
 use tokio::{
     sync::{mpsc, watch},
     time::Instant,
@@ -30,16 +32,26 @@ pub(crate) type TaskSender = mpsc::Sender<Result<Task, Status>>;
 /// What the operator declared through `Register`.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Registration {
-    /// The primary type.
-    pub(crate) primary: GroupVersionKind,
-    /// Owned types.
-    pub(crate) owns: Vec<GroupVersionKind>,
+    /// The operator's controllers: each a primary type and its owned types.
+    pub(crate) controllers: Vec<ControllerTypes>,
     /// How many reconciles the operator asked for at once (0: no
     /// preference).
     pub(crate) concurrency: u32,
 }
 
 impl Registration {
+    /// The primary type keys, sorted: what tells one registration from
+    /// another.
+    pub(crate) fn primaries(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .controllers
+            .iter()
+            .filter_map(|c| c.primary.as_ref().map(GroupVersionKind::key))
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// How many reconciles run at once: the operator's choice, capped by
     /// the flag; the flag alone; or 1.
     pub(crate) fn max_concurrent(&self, flag: Option<u32>) -> u32 {
@@ -416,15 +428,16 @@ impl Runtime {
         self.session().lease_until
     }
 
-    /// The primary object of `key`, from the cache.
+    /// The primary object of `key`, from the cache. The key names the
+    /// object and its type.
     pub(crate) fn primary(&self, key: &str) -> Option<Vec<u8>> {
-        let reg = self.registered()?;
-        let (ns, name) = match key.split_once('/') {
+        let (object, gvk) = opmesh_proto::parse_key(key);
+        let (ns, name) = match object.split_once('/') {
             Some((ns, name)) => (ns.to_string(), name.to_string()),
-            None => (String::new(), key.to_string()),
+            None => (String::new(), object.to_string()),
         };
         self.cache()
-            .get(&(reg.primary.key(), ns, name))
+            .get(&(gvk?, ns, name))
             .map(|b| b.as_ref().clone())
     }
 }

@@ -11,8 +11,8 @@ use std::{
 
 use kube::Resource;
 use opmesh_proto::v1::{
-    Completion, Empty, GroupVersionKind, RegisterRequest, ReleaseRequest, Task, TasksRequest,
-    completion::Result as Outcome, runtime_service_client::RuntimeServiceClient,
+    Completion, ControllerTypes, Empty, GroupVersionKind, RegisterRequest, ReleaseRequest, Task,
+    TasksRequest, completion::Result as Outcome, runtime_service_client::RuntimeServiceClient,
 };
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
@@ -54,6 +54,8 @@ pub struct TaskInfo {
 
 struct Current {
     info: TaskInfo,
+    /// The key as the mesh knows it (object and type), for the fence.
+    mesh_key: String,
     sidecar: RuntimeServiceClient<Channel>,
 }
 
@@ -75,7 +77,7 @@ pub fn current() -> Option<TaskInfo> {
 pub fn fenced(client: &kube::Client) -> kube::Client {
     CURRENT
         .try_with(|c| {
-            crate::fence::Fence::new(c.info.key.clone(), c.sidecar.clone(), client.clone())
+            crate::fence::Fence::new(c.mesh_key.clone(), c.sidecar.clone(), client.clone())
         })
         .unwrap_or_else(|_| crate::fence::Fence::outside_reconcile(client.clone()))
         .into_client()
@@ -236,7 +238,8 @@ where
 
     /// Registers with the sidecar and reconciles every task it hands out
     /// until the sidecar goes away ([`Error::SidecarGone`]) or a graceful
-    /// stop (`Ok`).
+    /// stop (`Ok`). An operator with several controllers runs them together
+    /// with [`run_all`] instead.
     ///
     /// A graceful stop, on SIGTERM or Ctrl-C unless [`Controller::shutdown_on`]
     /// says otherwise: the sidecar is told to hand out nothing more, the
@@ -256,123 +259,236 @@ where
         RFut: Future<Output = Result<Action, E>> + Send + 'static,
         P: Fn(Arc<K>, &E, Arc<Ctx>) -> Action + Send + Sync + 'static,
     {
-        let mut client = self.mesh.client.clone();
-        client
-            .register(RegisterRequest {
-                primary: Some(gvk_of::<K>()),
-                owns: self.owns.clone(),
-                max_concurrent_reconciles: self.concurrency,
-            })
-            .await?;
-        let mut tasks = client.tasks(TasksRequest {}).await?.into_inner();
+        run_all(vec![self.bind(reconcile, error_policy, ctx)]).await
+    }
+
+    /// This controller with its reconcile function, error policy and
+    /// context, to run next to the operator's other controllers with
+    /// [`run_all`].
+    pub fn bind<Ctx, E, R, RFut, P>(
+        self,
+        reconcile: R,
+        error_policy: P,
+        ctx: Arc<Ctx>,
+    ) -> BoundController
+    where
+        Ctx: Send + Sync + 'static,
+        E: std::fmt::Display + Send + 'static,
+        R: Fn(Arc<K>, Arc<Ctx>) -> RFut + Send + Sync + 'static,
+        RFut: Future<Output = Result<Action, E>> + Send + 'static,
+        P: Fn(Arc<K>, &E, Arc<Ctx>) -> Action + Send + Sync + 'static,
+    {
         let reconcile = Arc::new(reconcile);
         let error_policy = Arc::new(error_policy);
-        let running: Arc<Mutex<HashMap<u64, JoinHandle<()>>>> = Arc::default();
-        tracing::info!(kind = %K::kind(&()), "controller started");
-        // When the stream ends, stop every reconcile still running: the
-        // sidecar has already taken them back and may hand the keys out again.
-        let _abort_on_exit = AbortAll(running.clone());
-        let mut shutdown = self.shutdown.unwrap_or_else(|| Box::pin(terminated()));
-        let mut stopping: Option<tokio::time::Instant> = None;
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        let ended = loop {
-            let message = tokio::select! {
-                m = tasks.message() => m,
-                () = &mut shutdown, if stopping.is_none() => {
-                    tracing::info!(grace = ?self.grace, "stopping: finishing running reconciles, then releasing this replica's keys");
-                    let release = ReleaseRequest { reason: "the operator is stopping".into() };
-                    if let Err(e) = client.release(release).await {
-                        tracing::warn!(error = %e, "cannot tell the sidecar this operator is stopping");
-                    }
-                    stopping = Some(tokio::time::Instant::now() + self.grace);
-                    continue;
-                }
-                _ = tick.tick(), if stopping.is_some() => {
-                    let over = stopping.is_some_and(|t| tokio::time::Instant::now() >= t);
-                    if lock(&running).is_empty() {
-                        tracing::info!("every reconcile finished; stopped");
-                        break None;
-                    }
-                    if over {
-                        tracing::warn!("reconciles still running at the end of the shutdown grace; cancelling them");
-                        break None;
-                    }
-                    continue;
-                }
-            };
-            let task = match message {
-                Ok(Some(task)) => task,
-                // The sidecar went away (it closed the stream or the
-                // connection broke).
-                Ok(None) | Err(_) => break Some(Error::SidecarGone),
-            };
-            let id = task.id;
-            if task.cancel {
-                // The lease ran out or the key was lost: stop, and say so.
-                let handle = lock(&running).remove(&id);
-                if let Some(handle) = handle {
-                    handle.abort();
-                    tracing::warn!(task = id, "reconcile cancelled by the sidecar");
-                    // Reported done only once the reconcile has stopped, so
-                    // the sidecar never counts a key free while it still runs.
-                    let mut sidecar = client.clone();
-                    tokio::spawn(async move {
-                        let _ = handle.await;
-                        let completion = Completion {
-                            id,
-                            result: Some(Outcome::Error(
-                                "cancelled: this replica lost the key or its lease".into(),
-                            )),
-                            no_retry: true,
-                            ..Default::default()
-                        };
-                        let _ = sidecar.complete(completion).await;
-                    });
-                }
-                continue;
-            }
-            let (sidecar, reconcile, error_policy, ctx, done) = (
-                client.clone(),
-                reconcile.clone(),
-                error_policy.clone(),
-                ctx.clone(),
-                running.clone(),
-            );
-            let mut guard = lock(&running);
-            let join = tokio::spawn(async move {
-                let completion = handle(
+        let handler: Handler = Arc::new(move |task, sidecar| {
+            let (reconcile, error_policy, ctx) =
+                (reconcile.clone(), error_policy.clone(), ctx.clone());
+            Box::pin(async move {
+                handle::<K, _, _, _, _, _>(
                     task,
-                    sidecar.clone(),
+                    sidecar,
                     reconcile.as_ref(),
                     error_policy.as_ref(),
                     ctx,
                 )
-                .await;
-                // A cancelled task was already completed by the cancel.
-                if lock(&done).remove(&id).is_none() {
-                    return;
+                .await
+            })
+        });
+        BoundController {
+            mesh: self.mesh,
+            kind: K::kind(&()).to_string(),
+            types: ControllerTypes {
+                primary: Some(gvk_of::<K>()),
+                owns: self.owns,
+            },
+            concurrency: self.concurrency,
+            shutdown: self.shutdown,
+            grace: self.grace,
+            handler,
+        }
+    }
+}
+
+/// Runs one task of a bound controller to its completion.
+type Handler = Arc<
+    dyn Fn(
+            Task,
+            RuntimeServiceClient<Channel>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Completion> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A [`Controller`] with its reconcile function, from [`Controller::bind`].
+pub struct BoundController {
+    mesh: Mesh,
+    kind: String,
+    types: ControllerTypes,
+    concurrency: u32,
+    shutdown: Option<Shutdown>,
+    grace: Duration,
+    handler: Handler,
+}
+
+/// Runs several controllers of one operator on one sidecar: they register
+/// together (the mesh routes each one's keys by its primary type), share
+/// the sidecar's task stream and its concurrency (the sum of what each
+/// asks for), and stop together, like [`Controller::run`]. The first
+/// controller's [`Controller::shutdown_on`] and the longest
+/// [`Controller::shutdown_grace`] apply.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use opmesh_sdk::{Action, Controller, Mesh, kube, k8s_openapi::api::core::v1::{ConfigMap, Secret}};
+/// # async fn r1(_: Arc<ConfigMap>, _: Arc<()>) -> Result<Action, kube::Error> { Ok(Action::await_change()) }
+/// # async fn r2(_: Arc<Secret>, _: Arc<()>) -> Result<Action, kube::Error> { Ok(Action::await_change()) }
+/// # async fn run() -> opmesh_sdk::Result<()> {
+/// let mesh = Mesh::connect().await?;
+/// let ctx = Arc::new(());
+/// opmesh_sdk::run_all(vec![
+///     Controller::<ConfigMap>::new(&mesh).bind(r1, opmesh_sdk::default_error_policy, ctx.clone()),
+///     Controller::<Secret>::new(&mesh).bind(r2, opmesh_sdk::default_error_policy, ctx),
+/// ])
+/// .await
+/// # }
+/// ```
+pub async fn run_all(controllers: Vec<BoundController>) -> Result<()> {
+    let Some(first) = controllers.first() else {
+        return Ok(());
+    };
+    let mut client = first.mesh.client.clone();
+    let grace = controllers
+        .iter()
+        .map(|c| c.grace)
+        .max()
+        .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+    let mut shutdown = None;
+    let mut handlers: HashMap<String, Handler> = HashMap::new();
+    let mut registration = RegisterRequest::default();
+    for c in controllers {
+        let primary = c
+            .types
+            .primary
+            .as_ref()
+            .map(GroupVersionKind::key)
+            .unwrap_or_default();
+        if handlers.insert(primary.clone(), c.handler).is_some() {
+            return Err(Error::Register(format!(
+                "two controllers reconcile {primary}; an operator runs one per primary type"
+            )));
+        }
+        tracing::info!(kind = %c.kind, "controller started");
+        registration.max_concurrent_reconciles += c.concurrency;
+        registration.controllers.push(c.types);
+        if shutdown.is_none() {
+            shutdown = c.shutdown;
+        }
+    }
+    client.register(registration).await?;
+    let mut tasks = client.tasks(TasksRequest {}).await?.into_inner();
+    let running: Arc<Mutex<HashMap<u64, JoinHandle<()>>>> = Arc::default();
+    // When the stream ends, stop every reconcile still running: the
+    // sidecar has already taken them back and may hand the keys out again.
+    let _abort_on_exit = AbortAll(running.clone());
+    let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(terminated()));
+    let mut stopping: Option<tokio::time::Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let ended = loop {
+        let message = tokio::select! {
+            m = tasks.message() => m,
+            () = &mut shutdown, if stopping.is_none() => {
+                tracing::info!(grace = ?grace, "stopping: finishing running reconciles, then releasing this replica's keys");
+                let release = ReleaseRequest { reason: "the operator is stopping".into() };
+                if let Err(e) = client.release(release).await {
+                    tracing::warn!(error = %e, "cannot tell the sidecar this operator is stopping");
                 }
-                let mut sidecar = sidecar;
-                if let Err(e) = sidecar.complete(Completion { id, ..completion }).await {
-                    tracing::warn!(task = id, error = %e, "cannot report completion");
+                stopping = Some(tokio::time::Instant::now() + grace);
+                continue;
+            }
+            _ = tick.tick(), if stopping.is_some() => {
+                let over = stopping.is_some_and(|t| tokio::time::Instant::now() >= t);
+                if lock(&running).is_empty() {
+                    tracing::info!("every reconcile finished; stopped");
+                    break None;
                 }
-            });
-            guard.insert(id, join);
+                if over {
+                    tracing::warn!("reconciles still running at the end of the shutdown grace; cancelling them");
+                    break None;
+                }
+                continue;
+            }
         };
-        // Stop every reconcile still running before the task stream closes:
-        // its close is what tells the sidecar the tasks are over.
-        let handles: Vec<JoinHandle<()>> = lock(&running).drain().map(|(_, h)| h).collect();
-        for h in &handles {
-            h.abort();
+        let task = match message {
+            Ok(Some(task)) => task,
+            // The sidecar went away (it closed the stream or the
+            // connection broke).
+            Ok(None) | Err(_) => break Some(Error::SidecarGone),
+        };
+        let id = task.id;
+        if task.cancel {
+            // The lease ran out or the key was lost: stop, and say so.
+            let handle = lock(&running).remove(&id);
+            if let Some(handle) = handle {
+                handle.abort();
+                tracing::warn!(task = id, "reconcile cancelled by the sidecar");
+                // Reported done only once the reconcile has stopped, so
+                // the sidecar never counts a key free while it still runs.
+                let mut sidecar = client.clone();
+                tokio::spawn(async move {
+                    let _ = handle.await;
+                    let completion = Completion {
+                        id,
+                        result: Some(Outcome::Error(
+                            "cancelled: this replica lost the key or its lease".into(),
+                        )),
+                        no_retry: true,
+                        ..Default::default()
+                    };
+                    let _ = sidecar.complete(completion).await;
+                });
+            }
+            continue;
         }
-        for h in handles {
-            let _ = h.await;
-        }
-        drop(tasks);
-        match ended {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        let primary = opmesh_proto::parse_key(&task.key).1.unwrap_or_default();
+        let handler = handlers.get(&primary).cloned();
+        let (sidecar, done) = (client.clone(), running.clone());
+        let mut guard = lock(&running);
+        let join = tokio::spawn(async move {
+            let completion = match handler {
+                Some(handler) => handler(task, sidecar.clone()).await,
+                // Not this operator's: retrying cannot help.
+                None => Completion {
+                    result: Some(Outcome::Error(format!(
+                        "no controller of this operator reconciles {primary}"
+                    ))),
+                    no_retry: true,
+                    ..Default::default()
+                },
+            };
+            // A cancelled task was already completed by the cancel.
+            if lock(&done).remove(&id).is_none() {
+                return;
+            }
+            let mut sidecar = sidecar;
+            if let Err(e) = sidecar.complete(Completion { id, ..completion }).await {
+                tracing::warn!(task = id, error = %e, "cannot report completion");
+            }
+        });
+        guard.insert(id, join);
+    };
+    // Stop every reconcile still running before the task stream closes:
+    // its close is what tells the sidecar the tasks are over.
+    let handles: Vec<JoinHandle<()>> = lock(&running).drain().map(|(_, h)| h).collect();
+    for h in &handles {
+        h.abort();
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    drop(tasks);
+    match ended {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
@@ -391,10 +507,11 @@ where
     P: Fn(Arc<K>, &E, Arc<Ctx>) -> Action,
 {
     let info = TaskInfo {
-        key: task.key.clone(),
+        key: opmesh_proto::parse_key(&task.key).0.to_string(),
         subset: task.subset.clone(),
         runtime_id: task.runtime_id.clone(),
     };
+    let mesh_key = task.key.clone();
     let obj = match decode::<K>(&task.object) {
         Ok(o) => Arc::new(o),
         Err(e) => {
@@ -406,28 +523,35 @@ where
             };
         }
     };
-    let span = tracing::info_span!("reconcile", key = %task.key, subset = %task.subset);
+    let span = tracing::info_span!("reconcile", key = %info.key, subset = %task.subset);
     CURRENT
-        .scope(Current { info, sidecar }, async move {
-            match reconcile(obj.clone(), ctx.clone()).await {
-                Ok(action) => Completion {
-                    result: Some(match action.requeue_after() {
-                        Some(d) => Outcome::RequeueAfterMs(millis(d)),
-                        None => Outcome::Ok(Empty {}),
-                    }),
-                    ..Default::default()
-                },
-                Err(e) => {
-                    let action = error_policy(obj, &e, ctx);
-                    Completion {
-                        result: Some(Outcome::Error(e.to_string())),
-                        retry_after_ms: action.requeue_after().map(millis).unwrap_or(0),
-                        no_retry: !action.is_backoff() && action.requeue_after().is_none(),
+        .scope(
+            Current {
+                info,
+                mesh_key,
+                sidecar,
+            },
+            async move {
+                match reconcile(obj.clone(), ctx.clone()).await {
+                    Ok(action) => Completion {
+                        result: Some(match action.requeue_after() {
+                            Some(d) => Outcome::RequeueAfterMs(millis(d)),
+                            None => Outcome::Ok(Empty {}),
+                        }),
                         ..Default::default()
+                    },
+                    Err(e) => {
+                        let action = error_policy(obj, &e, ctx);
+                        Completion {
+                            result: Some(Outcome::Error(e.to_string())),
+                            retry_after_ms: action.requeue_after().map(millis).unwrap_or(0),
+                            no_retry: !action.is_backoff() && action.requeue_after().is_none(),
+                            ..Default::default()
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
         .instrument(span)
         .await
 }

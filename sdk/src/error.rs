@@ -22,6 +22,9 @@ pub enum Error {
     /// The sidecar refused or failed a call.
     #[error("the runtime sidecar answered {0}")]
     Sidecar(#[from] tonic::Status),
+    /// The controllers given to `run_all` cannot run together.
+    #[error("cannot register these controllers: {0}")]
+    Register(String),
     /// The sidecar closed the task stream.
     #[error("the runtime sidecar closed the task stream")]
     SidecarGone,

@@ -11,7 +11,8 @@
 //!
 //! - [`Mesh`] — the connection to the sidecar ([`Mesh::connect`] fails fast
 //!   with [`Error::NoSidecar`] if there is none).
-//! - [`Controller`] — `new` / `owns` / `run`.
+//! - [`Controller`] — `new` / `owns` / `run`; [`run_all`] runs an
+//!   operator's several controllers on one sidecar.
 //! - [`Action`] — what to do after a reconcile.
 //! - [`Cache`] — typed reads of the slice cache (get, list, list by owner).
 //! - [`current`] — the key, subset and replica of the running reconcile.
@@ -79,8 +80,8 @@ mod fence;
 pub use action::{Action, default_error_policy};
 pub use cache::{Cache, gvk_of};
 pub use controller::{
-    Controller, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SOCKET, Mesh, SIDECAR_WAIT, SOCKET_ENV, TaskInfo,
-    current, fenced,
+    BoundController, Controller, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SOCKET, Mesh, SIDECAR_WAIT,
+    SOCKET_ENV, TaskInfo, current, fenced, run_all,
 };
 pub use error::{Error, Result};
 pub use fence::{FENCE_MARGIN, Fence, Fenced, fenced_error, is_fenced};

@@ -43,7 +43,7 @@ impl Coordinator {
     fn synced(&self, mesh: &Mesh) -> bool {
         self.namespaces_synced
             && mesh.policy.is_some()
-            && mesh.primary.is_some()
+            && !mesh.primaries.is_empty()
             && mesh
                 .types()
                 .all(|g| self.watches.get(&g.key()).is_some_and(|w| w.synced))

@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
-use opmesh_proto::v1::{Hello, ManagerMessage, Welcome, manager_message::Msg};
+use opmesh_proto::v1::{ControllerTypes, Hello, ManagerMessage, Welcome, manager_message::Msg};
 
 use super::{Connected, Contact, Coordinator, Expiring, Pending, Session};
 use crate::{
     error::Refusal,
-    gvk::Gvk,
+    gvk::{Gvk, controller_keys},
     id::{Holder, MeshId, PodId, SessionId},
     policy::Labels,
 };
@@ -38,39 +38,30 @@ impl Coordinator {
                 mesh: id.to_string(),
                 reason: e.to_string(),
             })?;
-        let primary = hello
-            .primary
-            .as_ref()
-            .map(Gvk::from)
-            .ok_or_else(|| Refusal::Malformed("hello.primary is missing".into()))?;
         // The mesh, not the runtime, decides which types it routes.
-        let owns: Vec<String> = hello.owns.iter().map(|g| Gvk::from(g).key()).collect();
-        if let Some(reason) = policy.declared().undeclared(&primary.key(), &owns) {
+        let controllers =
+            ControllerTypes::declared(&hello.controllers, hello.primary.as_ref(), &hello.owns);
+        if let Some(reason) = policy.declared().undeclared(&controller_keys(&controllers)) {
             return Err(Refusal::UndeclaredTypes {
                 mesh: id.to_string(),
                 reason,
             });
         }
-        if let Some(existing) = &mesh.primary
-            && existing.key() != primary.key()
-        {
-            return Err(Refusal::PrimaryMismatch {
-                mesh: id.to_string(),
-                declared: primary.key(),
-                existing: existing.key(),
-            });
-        }
         // Types this mesh declares for the first time: another mesh may
         // already watch them, so their cached objects are indexed below.
         let mut declared = Vec::new();
-        if mesh.primary.is_none() {
-            declared.push(primary.key());
-        }
-        mesh.primary = Some(primary);
-        for g in &hello.owns {
-            let g = Gvk::from(g);
-            if mesh.owns.insert(g.key(), g.clone()).is_none() {
+        for c in &controllers {
+            let g = c.primary.as_ref().map(Gvk::from).ok_or_else(|| {
+                Refusal::Malformed("a controller of the hello names no primary type".into())
+            })?;
+            if mesh.primaries.insert(g.key(), g.clone()).is_none() {
                 declared.push(g.key());
+            }
+            for g in &c.owns {
+                let g = Gvk::from(g);
+                if mesh.owns.insert(g.key(), g.clone()).is_none() {
+                    declared.push(g.key());
+                }
             }
         }
         let wanted: Vec<Gvk> = mesh.types().cloned().collect();

@@ -253,21 +253,41 @@ fn the_mesh_decides_which_types_a_runtime_may_declare() {
     let widget = opmesh_proto::gvk_key("example.com", "v1", "Widget");
     let cm = opmesh_proto::gvk_key("", "v1", "ConfigMap");
     let secret = opmesh_proto::gvk_key("", "v1", "Secret");
-    assert_eq!(
-        p.declared().undeclared(&widget, std::slice::from_ref(&cm)),
-        None
-    );
-    assert_eq!(p.declared().undeclared(&widget, &[]), None);
-    let why = p
-        .declared()
-        .undeclared(&widget, &[cm.clone(), secret.clone()])
-        .unwrap();
+    let one = |primary: &str, owns: &[&String]| {
+        vec![(
+            primary.to_string(),
+            owns.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )]
+    };
+    let d = p.declared();
+    assert_eq!(d.undeclared(&one(&widget, &[&cm])), None);
+    assert_eq!(d.undeclared(&one(&widget, &[])), None);
+    let why = d.undeclared(&one(&widget, &[&cm, &secret])).unwrap();
     assert!(
         why.contains(&secret) && !why.contains(&format!("{secret},")),
         "{why}"
     );
-    let why = p.declared().undeclared(&secret, &[]).unwrap();
+    let why = d.undeclared(&one(&secret, &[])).unwrap();
     assert!(why.contains("primary"), "{why}");
+    // A mesh of two controllers: a runtime must run both.
+    let mut two = spec(&[("v1", 100)], vec![]);
+    two.controllers.push(crate::crd::ControllerSpec {
+        primary: crate::crd::TypeRef {
+            api_version: "example.com/v1".into(),
+            kind: "Gadget".into(),
+        },
+        owns: vec![],
+    });
+    let p2 = Policy::compile(&two).unwrap();
+    let gadget = opmesh_proto::gvk_key("example.com", "v1", "Gadget");
+    let why = p2.declared().undeclared(&one(&widget, &[&cm])).unwrap();
+    assert!(
+        why.contains(&gadget) && why.contains("does not run"),
+        "{why}"
+    );
+    let mut both = one(&widget, &[&cm]);
+    both.extend(one(&gadget, &[]));
+    assert_eq!(p2.declared().undeclared(&both), None);
     let mut none = spec(&[("v1", 100)], vec![]);
     none.controllers.clear();
     assert!(matches!(

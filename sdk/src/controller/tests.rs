@@ -139,7 +139,7 @@ async fn a_cancelled_reconcile_is_reported_done_only_after_it_stopped() {
     let object = serde_json::to_vec(&ConfigMap::default()).unwrap();
     let task = Task {
         id: 1,
-        key: "ns/a".into(),
+        key: opmesh_proto::mesh_key("", "v1", "ConfigMap", Some("ns"), "a"),
         object,
         subset: "v1".into(),
         runtime_id: "ns/op-0".into(),

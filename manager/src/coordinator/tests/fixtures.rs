@@ -93,7 +93,14 @@ pub(super) fn namespace(n: usize) -> String {
 }
 
 pub(super) fn key(n: usize, o: usize) -> String {
-    format!("team-{n}/app-{o}")
+    let g = gvk();
+    opmesh_proto::mesh_key(
+        &g.group,
+        &g.version,
+        &g.kind,
+        Some(&namespace(n)),
+        &format!("app-{o}"),
+    )
 }
 
 pub(super) fn object(n: usize, o: usize) -> Arc<DynamicObject> {
