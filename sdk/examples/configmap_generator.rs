@@ -1,4 +1,6 @@
-//! An example operator built with the opmesh SDK: `ConfigMapGenerator`.
+//! An example operator built with the opmesh SDK: `ConfigMapGenerator`,
+//! and with `--bundles` a second controller, `ConfigMapBundle`, behind the
+//! same sidecar.
 //!
 //! Each `ConfigMapGenerator` owns a ConfigMap named `<name>-generated` holding
 //! its `spec.data`. The operator writes `status.handledBy` (subset/pod),
@@ -14,9 +16,13 @@
 //! The same binary runs as every version; `--version` (`OPMESH_EXAMPLE_VERSION`)
 //! only labels what it writes.
 //!
+//! A `ConfigMapBundle` owns one ConfigMap per name in `spec.names`
+//! (`<bundle>-<name>`) and writes `status.handledBy` and
+//! `status.observedGeneration` the same way, with the same records.
+//!
 //! ```text
-//! configmap_generator crd            # print the CRD
-//! configmap_generator run --version v2 --records /tmp/v2.jsonl
+//! configmap_generator crd            # print the CRD (--bundle: ConfigMapBundle's)
+//! configmap_generator run --version v2 --records /tmp/v2.jsonl [--bundles]
 //! ```
 
 use std::{
@@ -87,6 +93,36 @@ pub struct ConfigMapGeneratorStatus {
     pub written_by: Option<String>,
 }
 
+/// Owns one ConfigMap per name: `<bundle>-<name>`.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[kube(
+    group = "example.opmesh.io",
+    version = "v1",
+    kind = "ConfigMapBundle",
+    namespaced,
+    status = "ConfigMapBundleStatus",
+    shortname = "cmb",
+    printcolumn = r#"{"name":"Handled By","type":"string","jsonPath":".status.handledBy"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapBundleSpec {
+    /// One ConfigMap for each.
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+/// What the operator observed of a bundle.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapBundleStatus {
+    /// `subset/pod` of the replica that reconciled last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_by: Option<String>,
+    /// The generation reconciled last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
 /// The ConfigMap annotation naming the reconcile that wrote it.
 const WRITTEN_BY: &str = "example.opmesh.io/written-by";
 
@@ -100,7 +136,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print the ConfigMapGenerator CRD as YAML.
-    Crd,
+    Crd {
+        /// The ConfigMapBundle CRD instead.
+        #[arg(long)]
+        bundle: bool,
+    },
     /// Run the operator against the sidecar at $OPMESH_RUNTIME_SOCKET.
     Run {
         /// The operator version this process reports.
@@ -117,6 +157,9 @@ enum Command {
         /// API write. For measuring the mesh's own cost.
         #[arg(long, env = "OPMESH_EXAMPLE_DRY_RUN")]
         dry_run: bool,
+        /// Also run the ConfigMapBundle controller, on the same sidecar.
+        #[arg(long, env = "OPMESH_EXAMPLE_BUNDLES")]
+        bundles: bool,
     },
 }
 
@@ -201,33 +244,55 @@ fn now_us() -> u128 {
 async fn reconcile(obj: Arc<ConfigMapGenerator>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let task = opmesh_sdk::current().ok_or(Error::NoTask)?;
     let generation = obj.metadata.generation.unwrap_or_default();
-    let n = ctx.started.fetch_add(1, Ordering::Relaxed);
-    let mut record = Recorder {
-        ctx: ctx.clone(),
-        id: format!("{}-{n}", std::process::id()),
-        key: task.key.clone(),
-        runtime: task.runtime_id.clone(),
-        subset: task.subset.clone(),
-        generation,
-        start_us: now_us(),
-        outcome: None,
-    };
-    record.ctx.append(&Line::Start {
-        id: &record.id,
-        key: &record.key,
-        runtime: &record.runtime,
-        pid: std::process::id(),
-        subset: &record.subset,
-        version: &ctx.version,
-        generation,
-        start_us: record.start_us,
-    });
+    let mut record = Recorder::start(&ctx, &task, generation);
     let result = apply(&obj, &ctx, &task, &record.id, generation).await;
-    record.outcome = Some(match &result {
-        Ok(_) => "ok".to_string(),
-        Err(e) => format!("error: {e}"),
-    });
+    record.finish(&result);
     result
+}
+
+async fn reconcile_bundle(obj: Arc<ConfigMapBundle>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let task = opmesh_sdk::current().ok_or(Error::NoTask)?;
+    let generation = obj.metadata.generation.unwrap_or_default();
+    let mut record = Recorder::start(&ctx, &task, generation);
+    let result = apply_bundle(&obj, &ctx, &task, &record.id, generation).await;
+    record.finish(&result);
+    result
+}
+
+impl Recorder {
+    /// Records the start of a reconcile of `task`.
+    fn start(ctx: &Arc<Ctx>, task: &opmesh_sdk::TaskInfo, generation: i64) -> Self {
+        let n = ctx.started.fetch_add(1, Ordering::Relaxed);
+        let record = Recorder {
+            ctx: ctx.clone(),
+            id: format!("{}-{n}", std::process::id()),
+            key: task.key.clone(),
+            runtime: task.runtime_id.clone(),
+            subset: task.subset.clone(),
+            generation,
+            start_us: now_us(),
+            outcome: None,
+        };
+        record.ctx.append(&Line::Start {
+            id: &record.id,
+            key: &record.key,
+            runtime: &record.runtime,
+            pid: std::process::id(),
+            subset: &record.subset,
+            version: &ctx.version,
+            generation,
+            start_us: record.start_us,
+        });
+        record
+    }
+
+    /// Notes how the reconcile ended; the record is written when dropped.
+    fn finish<T>(&mut self, result: &Result<T, Error>) {
+        self.outcome = Some(match result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("error: {e}"),
+        });
+    }
 }
 
 impl Ctx {
@@ -396,6 +461,81 @@ async fn apply(
     })
 }
 
+async fn apply_bundle(
+    obj: &ConfigMapBundle,
+    ctx: &Ctx,
+    task: &opmesh_sdk::TaskInfo,
+    id: &str,
+    generation: i64,
+) -> Result<Action, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let pod = task.runtime_id.rsplit('/').next().unwrap_or_default();
+    let want = ConfigMapBundleStatus {
+        handled_by: Some(format!("{}/{pod}", task.subset)),
+        observed_generation: Some(generation),
+    };
+    if ctx.dry_run {
+        return Ok(Action::await_change());
+    }
+    let client = opmesh_sdk::fenced(&ctx.client);
+    let uid = obj.metadata.uid.as_deref();
+    for member in &obj.spec.names {
+        let cm_name = format!("{name}-{member}");
+        let current: Option<ConfigMap> = ctx.cache.get(Some(&ns), &cm_name).await?;
+        let owned = current.is_some_and(|cm| {
+            cm.metadata
+                .owner_references
+                .unwrap_or_default()
+                .iter()
+                .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+        });
+        if owned {
+            continue;
+        }
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(cm_name.clone()),
+                namespace: Some(ns.clone()),
+                owner_references: Some(obj.controller_owner_ref(&()).into_iter().collect()),
+                annotations: Some(BTreeMap::from([(WRITTEN_BY.to_string(), id.to_string())])),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([("member".to_string(), member.clone())])),
+            ..Default::default()
+        };
+        ctx.append(&Line::Writing {
+            id,
+            key: &task.key,
+            target: "configmap",
+        });
+        let r = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+            .patch(
+                &cm_name,
+                &PatchParams::apply("configmap-bundle").force(),
+                &Patch::Apply(&cm),
+            )
+            .await;
+        ctx.wrote(id, &task.key, "configmap", r)?;
+    }
+    if obj.status.as_ref() != Some(&want) {
+        ctx.append(&Line::Writing {
+            id,
+            key: &task.key,
+            target: "status",
+        });
+        let r = Api::<ConfigMapBundle>::namespaced(client, &ns)
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "status": want })),
+            )
+            .await;
+        ctx.wrote(id, &task.key, "status", r)?;
+    }
+    Ok(Action::await_change())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -405,14 +545,19 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     match Cli::parse().command {
-        Command::Crd => {
+        Command::Crd { bundle: false } => {
             print!("{}", serde_norway::to_string(&ConfigMapGenerator::crd())?);
+            Ok(())
+        }
+        Command::Crd { bundle: true } => {
+            print!("{}", serde_norway::to_string(&ConfigMapBundle::crd())?);
             Ok(())
         }
         Command::Run {
             version,
             records,
             dry_run,
+            bundles,
         } => {
             let mesh = Mesh::connect().await?;
             let ctx = Arc::new(Ctx {
@@ -424,10 +569,18 @@ async fn main() -> anyhow::Result<()> {
                 attempts: Mutex::default(),
                 started: AtomicU64::new(0),
             });
-            Controller::<ConfigMapGenerator>::new(&mesh)
+            let generators = Controller::<ConfigMapGenerator>::new(&mesh)
                 .owns::<ConfigMap>()
-                .run(reconcile, opmesh_sdk::default_error_policy, ctx)
-                .await?;
+                .bind(reconcile, opmesh_sdk::default_error_policy, ctx.clone());
+            let mut controllers = vec![generators];
+            if bundles {
+                controllers.push(
+                    Controller::<ConfigMapBundle>::new(&mesh)
+                        .owns::<ConfigMap>()
+                        .bind(reconcile_bundle, opmesh_sdk::default_error_policy, ctx),
+                );
+            }
+            opmesh_sdk::run_all(controllers).await?;
             Ok(())
         }
     }

@@ -98,6 +98,15 @@ pub fn generator_resource() -> ApiResource {
     )
 }
 
+/// The example operator's second kind, `ConfigMapBundle` (its `--bundles`
+/// controller).
+pub fn bundle_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("example.opmesh.io", "v1", "ConfigMapBundle"),
+        "configmapbundles",
+    )
+}
+
 /// Creates an operator Pod with `labels`, running as ServiceAccount
 /// `operator`, which may read the example operator's types in all
 /// namespaces as its install would allow (the manager sends a runtime only
@@ -109,11 +118,15 @@ pub async fn create_operator_pod(
     labels: &[(&str, &str)],
 ) -> anyhow::Result<k8s_openapi::api::core::v1::Pod> {
     let created = cluster::create_pod(client, namespace, pod, labels, "operator").await?;
-    let plural = generator_resource().plural;
+    let (generators, bundles) = (generator_resource().plural, bundle_resource().plural);
     cluster::grant_cluster(
         client,
         "opmesh-tests:example-operator-read",
-        &[("example.opmesh.io", &plural), ("", "configmaps")],
+        &[
+            ("example.opmesh.io", &generators),
+            ("example.opmesh.io", &bundles),
+            ("", "configmaps"),
+        ],
         &["get", "list", "watch"],
         namespace,
         "operator",
@@ -154,17 +167,21 @@ impl Binaries {
         )
     }
 
-    /// Installs the example operator's CRD (from `configmap_generator crd`).
+    /// Installs the example operator's CRDs (from `configmap_generator crd`
+    /// and `crd --bundle`).
     pub async fn install_example_crd(&self, cp: &ControlPlane) -> anyhow::Result<()> {
-        let out = Command::new(&self.operator).arg("crd").output()?;
-        if !out.status.success() {
-            bail!(
-                "{} crd failed: {}",
-                self.operator.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
+        for args in [&["crd"][..], &["crd", "--bundle"]] {
+            let out = Command::new(&self.operator).args(args).output()?;
+            if !out.status.success() {
+                bail!(
+                    "{} {args:?} failed: {}",
+                    self.operator.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            cp.install_crd_yaml(&String::from_utf8(out.stdout)?).await?;
         }
-        cp.install_crd_yaml(&String::from_utf8(out.stdout)?).await
+        Ok(())
     }
 }
 
@@ -481,6 +498,19 @@ pub fn example_controllers() -> serde_json::Value {
         "primary": {"apiVersion": "example.opmesh.io/v1", "kind": "ConfigMapGenerator"},
         "owns": [{"apiVersion": "v1", "kind": "ConfigMap"}],
     }])
+}
+
+/// `spec.controllers` for the example operator run with `--bundles`:
+/// ConfigMapGenerators and ConfigMapBundles, both owning ConfigMaps.
+pub fn example_controllers_with_bundles() -> serde_json::Value {
+    let mut all = example_controllers();
+    if let Some(list) = all.as_array_mut() {
+        list.push(serde_json::json!({
+            "primary": {"apiVersion": "example.opmesh.io/v1", "kind": "ConfigMapBundle"},
+            "owns": [{"apiVersion": "v1", "kind": "ConfigMap"}],
+        }));
+    }
+    all
 }
 
 /// Applies an OperatorMesh (server-side apply) from a JSON spec.
