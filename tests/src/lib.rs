@@ -5,6 +5,7 @@
 //! - [`cluster`]: helpers for namespaces, Pods, bound tokens and token reviews.
 //! - [`mesh`]: the manager, sidecars and example operator as real processes.
 //! - [`tls`]: the session port's CA and serving certificates.
+//! - [`session`]: a raw session client, for hellos no runtime would send.
 //! - [`proxy`]: a loopback TCP proxy that cuts, blackholes, delays and
 //!   stalls connections.
 //! - [`history`]: checks reconcile records for overlaps, stale writes and
@@ -23,6 +24,7 @@ pub mod landed;
 pub mod mesh;
 pub mod oracle;
 pub mod proxy;
+pub mod session;
 pub mod tls;
 pub mod world;
 

@@ -422,3 +422,51 @@ fn api_resource(api_version: &str, kind: &str, plural: &str) -> kube::api::ApiRe
         plural: plural.into(),
     }
 }
+
+#[tokio::test]
+async fn a_hello_declaring_secrets_for_a_mesh_of_configmaps_is_refused() -> anyhow::Result<()> {
+    use opmesh_proto::v1::GroupVersionKind;
+    use opmesh_tests::session;
+
+    let w = World::new("secrets").await?;
+    let mut spec = w.mesh_spec(
+        json!({"weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1"],
+    );
+    spec["controllers"] = json!([{"primary": {"apiVersion": "v1", "kind": "ConfigMap"}}]);
+    apply_mesh(&w.client, &w.ns, "mesh", spec).await?;
+    let labels = [("app", "cmg"), ("version", "v1")];
+    let pod = create_operator_pod(&w.client, &w.ns, "greedy-0", &labels).await?;
+    let token = cluster::pod_token(&w.client, &pod, &[opmesh_proto::env::TOKEN_AUDIENCE]).await?;
+    let core = |kind: &str, plural: &str| GroupVersionKind {
+        version: "v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+        namespaced: true,
+        ..Default::default()
+    };
+    let mut hello = session::hello(&w, "greedy-0", &token);
+    hello.primary = Some(core("ConfigMap", "configmaps"));
+    hello.owns = vec![core("Secret", "secrets")];
+    let mut c = session::client(&w).await?;
+    // The mesh may not have been compiled yet: wait until the answer is
+    // about the types.
+    let (code, message) = eventually("the hello to be refused for its types", TIMEOUT, || {
+        let (mut c, hello) = (c.clone(), hello.clone());
+        async move {
+            let answer = session::send(&mut c, hello).await;
+            Ok(answer.1.contains("Secret").then_some(answer))
+        }
+    })
+    .await?;
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    assert!(
+        message.contains("owned types the mesh does not route for /v1/ConfigMap: /v1/Secret"),
+        "{message}"
+    );
+    // The same runtime declaring only ConfigMaps is admitted.
+    hello.owns.clear();
+    let (code, message) = session::send(&mut c, hello).await;
+    assert_eq!(code, tonic::Code::Ok, "{message}");
+    Ok(())
+}

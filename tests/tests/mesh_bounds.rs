@@ -7,68 +7,15 @@ use kube::{
     Api,
     api::{DynamicObject, Patch, PatchParams},
 };
-use opmesh_proto::v1::{
-    GroupVersionKind, HeldKey, Hello, RuntimeMessage, mesh_service_client::MeshServiceClient,
-    runtime_message::Msg,
-};
+use opmesh_proto::v1::HeldKey;
 use opmesh_tests::{
     eventually,
     mesh::{Replica, create_generator, generator_resource},
-    tls::MeshTls,
+    session::{client, hello, send},
     world::{TIMEOUT, World},
 };
 use serde_json::json;
-use tonic::{
-    Code,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
-};
-
-/// A client of the manager's session port, trusting the harness's CA.
-async fn client(w: &World) -> anyhow::Result<MeshServiceClient<Channel>> {
-    let ca = &MeshTls::shared(w.cp.dir()).ca_pem;
-    let channel = Endpoint::from_shared(w.manager.addr().to_string())?
-        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))?
-        .connect()
-        .await?;
-    Ok(MeshServiceClient::new(channel))
-}
-
-/// Sends `hello` and returns the manager's answer: the status it was
-/// refused with, or OK.
-async fn send(client: &mut MeshServiceClient<Channel>, hello: Hello) -> (Code, String) {
-    let first = RuntimeMessage {
-        msg: Some(Msg::Hello(hello)),
-    };
-    // The stream stays open (the sender is held) until the answer.
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let _ = tx.send(first).await;
-    let answer = client
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await;
-    drop(tx);
-    match answer {
-        Ok(_) => (Code::Ok, String::new()),
-        Err(s) => (s.code(), s.message().to_string()),
-    }
-}
-
-fn hello(w: &World, pod: &str, token: &str) -> Hello {
-    Hello {
-        mesh_namespace: w.ns.clone(),
-        mesh_name: "mesh".into(),
-        pod_namespace: w.ns.clone(),
-        pod_name: pod.into(),
-        primary: Some(GroupVersionKind {
-            group: "example.opmesh.io".into(),
-            version: "v1".into(),
-            kind: "ConfigMapGenerator".into(),
-            plural: "configmapgenerators".into(),
-            namespaced: true,
-        }),
-        auth_token: token.into(),
-        ..Default::default()
-    }
-}
+use tonic::Code;
 
 /// `(count, count within 1 s)` of a runtime's lease renewals so far.
 fn renewals(r: &Replica) -> (u64, u64) {
