@@ -53,6 +53,20 @@ pub struct Config {
     /// place nothing. Runtimes retry with backoff.
     #[arg(long, env = "OPMESH_MAX_HELLOS_PER_SECOND", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_hellos_per_second: u64,
+    /// Serve the sidecar-injection webhook (`POST /mutate-pods`, TLS with
+    /// the session port's certificate) on this address. Unset: no webhook.
+    #[arg(long, env = "OPMESH_WEBHOOK_LISTEN", requires = "tls_cert_file")]
+    pub webhook_listen: Option<SocketAddr>,
+    /// The runtime image the webhook injects.
+    #[arg(long, env = "OPMESH_RUNTIME_IMAGE", default_value = concat!("opmesh-runtime:", env!("CARGO_PKG_VERSION")))]
+    pub runtime_image: String,
+    /// The manager address injected runtimes dial.
+    #[arg(
+        long,
+        env = "OPMESH_INJECTED_MANAGER_ADDR",
+        default_value = "https://opmesh-manager.opmesh-system.svc:9440"
+    )]
+    pub injected_manager_addr: String,
     /// Serve sessions without TLS. For development only: anyone on the
     /// network path can then read the objects and forge the manager.
     #[arg(

@@ -41,6 +41,7 @@ mod driver;
 mod error;
 mod gvk;
 mod id;
+mod inject;
 mod leader;
 mod limits;
 mod mesh;
@@ -51,6 +52,7 @@ mod status;
 mod task;
 mod tls;
 mod watch;
+mod webhook;
 
 use std::{future::Future, sync::Arc};
 
@@ -144,6 +146,7 @@ pub async fn run(
         client.clone(),
         !config.insecure_allow_unauthenticated_runtimes,
     );
+    let client_for_webhook = client.clone();
     let service = MeshServiceServer::new(server::MeshServer::new(
         tx,
         client,
@@ -165,6 +168,26 @@ pub async fn run(
         .add_service(service);
     let stopped = async move {
         let _ = stop_rx.await;
+    };
+    // The webhook, on a port of its own, with the same certificate.
+    let _webhook = match (&config.webhook_listen, &certificate) {
+        (Some(addr), Some(cert)) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on --webhook-listen {addr}: {e}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "sidecar-injection webhook listening");
+            let settings = inject::Injection {
+                image: config.runtime_image.clone(),
+                manager_addr: config.injected_manager_addr.clone(),
+            };
+            let serving = webhook::serve(listener, cert.clone(), client_for_webhook, settings);
+            Some(Task::spawn(async move {
+                if let Err(e) = serving.await {
+                    tracing::error!(error = %format!("{e:#}"), "the webhook stopped");
+                }
+            }))
+        }
+        _ => None,
     };
     let mut _reload = None;
     let mut server: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match &certificate {

@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use regex::Regex;
 
 mod routing;
-mod selector;
+pub(crate) mod selector;
 
 pub(crate) use routing::ReplicaRing;
 pub(crate) use selector::Labels;

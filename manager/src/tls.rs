@@ -101,12 +101,21 @@ impl Certificate {
     /// A TLS acceptor that serves whichever pair is in force, offering
     /// HTTP/2 only (gRPC).
     pub(crate) fn acceptor(self: &Arc<Self>) -> anyhow::Result<TlsAcceptor> {
+        self.acceptor_for(&[b"h2"])
+    }
+
+    /// A TLS acceptor that serves whichever pair is in force, offering the
+    /// ALPN `protocols`.
+    pub(crate) fn acceptor_for(
+        self: &Arc<Self>,
+        protocols: &[&[u8]],
+    ) -> anyhow::Result<TlsAcceptor> {
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
             .context("TLS protocol versions")?
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
 }

@@ -108,9 +108,8 @@ pub fn bundle_resource() -> ApiResource {
 }
 
 /// Creates an operator Pod with `labels`, running as ServiceAccount
-/// `operator`, which may read the example operator's types in all
-/// namespaces as its install would allow (the manager sends a runtime only
-/// what its own identity could read).
+/// `operator`, which may read the example operator's types (see
+/// [`grant_example_reads`]).
 pub async fn create_operator_pod(
     client: &Client,
     namespace: &str,
@@ -118,6 +117,14 @@ pub async fn create_operator_pod(
     labels: &[(&str, &str)],
 ) -> anyhow::Result<k8s_openapi::api::core::v1::Pod> {
     let created = cluster::create_pod(client, namespace, pod, labels, "operator").await?;
+    grant_example_reads(client, namespace).await?;
+    Ok(created)
+}
+
+/// Lets ServiceAccount `operator` of `namespace` read the example
+/// operator's types in all namespaces, as its install would: the manager
+/// sends a runtime only what its own identity could read.
+pub async fn grant_example_reads(client: &Client, namespace: &str) -> anyhow::Result<()> {
     let (generators, bundles) = (generator_resource().plural, bundle_resource().plural);
     cluster::grant_cluster(
         client,
@@ -131,8 +138,7 @@ pub async fn create_operator_pod(
         namespace,
         "operator",
     )
-    .await?;
-    Ok(created)
+    .await
 }
 
 // === impl Binaries ===
