@@ -46,6 +46,9 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
     cp.install_crd_yaml(&committed).await?;
 
     let mut objects = apply_file(&client, &deploy.join("manager/manager.yaml")).await?;
+    // The injection webhook's configuration is valid too. (Nothing here
+    // carries its label: its service is not reachable in this cluster.)
+    apply_file(&client, &deploy.join("manager/webhook.yaml")).await?;
     objects.extend(
         apply_file(
             &client,
