@@ -53,9 +53,27 @@ pub struct Config {
     /// place nothing. Runtimes retry with backoff.
     #[arg(long, env = "OPMESH_MAX_HELLOS_PER_SECOND", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_hellos_per_second: u64,
+    /// Make and renew the session port's certificate in this Secret
+    /// (`NAMESPACE/NAME`, type kubernetes.io/tls, with its own CA), instead
+    /// of reading files; the CA bundle is published as ConfigMap
+    /// `opmesh-ca` in every mesh's namespace.
+    #[arg(long, env = "OPMESH_TLS_SECRET", conflicts_with = "tls_cert_file", value_parser = parse_secret)]
+    pub tls_secret: Option<(String, String)>,
+    /// The names (DNS names or IP addresses) a made certificate is for.
+    #[arg(
+        long,
+        env = "OPMESH_TLS_DNS_NAMES",
+        value_delimiter = ',',
+        default_value = "opmesh-manager.opmesh-system.svc,opmesh-manager.opmesh-system.svc.cluster.local"
+    )]
+    pub tls_dns_names: Vec<String>,
+    /// How long a made serving certificate is valid, in seconds; it is
+    /// renewed once two thirds have passed.
+    #[arg(long, env = "OPMESH_TLS_CERT_VALIDITY_SECONDS", default_value_t = 90 * 24 * 3600, value_parser = clap::value_parser!(u64).range(30..))]
+    pub tls_cert_validity_seconds: u64,
     /// Serve the sidecar-injection webhook (`POST /mutate-pods`, TLS with
     /// the session port's certificate) on this address. Unset: no webhook.
-    #[arg(long, env = "OPMESH_WEBHOOK_LISTEN", requires = "tls_cert_file")]
+    #[arg(long, env = "OPMESH_WEBHOOK_LISTEN")]
     pub webhook_listen: Option<SocketAddr>,
     /// The runtime image the webhook injects.
     #[arg(long, env = "OPMESH_RUNTIME_IMAGE", default_value = concat!("opmesh-runtime:", env!("CARGO_PKG_VERSION")))]
@@ -75,6 +93,15 @@ pub struct Config {
         conflicts_with = "tls_cert_file"
     )]
     pub insecure_plaintext: bool,
+}
+
+fn parse_secret(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err(format!("expected NAMESPACE/NAME of a Secret, got {s:?}")),
+    }
 }
 
 // === impl Config ===

@@ -87,8 +87,28 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // TLS first: a manager that would serve plaintext by mistake never
     // starts.
-    let certificate = match (&config.tls_cert_file, &config.tls_key_file) {
-        (Some(cert), Some(key)) => Some(tls::Certificate::load(cert, key)?),
+    let mut managed = None;
+    let certificate = match (
+        &config.tls_cert_file,
+        &config.tls_key_file,
+        &config.tls_secret,
+    ) {
+        (Some(cert), Some(key), _) => Some(tls::Certificate::load(cert, key)?),
+        (_, _, Some((namespace, name))) => {
+            let m = tls::Managed::new(
+                client.clone(),
+                namespace,
+                name,
+                config.tls_dns_names.clone(),
+                std::time::Duration::from_secs(config.tls_cert_validity_seconds),
+            );
+            let issued = m.ensure().await?;
+            managed = Some(m);
+            Some(Arc::new(tls::Certificate::from_pem(
+                &issued.cert,
+                &issued.key,
+            )?))
+        }
         _ if config.insecure_plaintext => {
             tracing::warn!(
                 "--insecure-plaintext: sessions are not encrypted; anyone on the network path \
@@ -98,8 +118,9 @@ pub async fn run(
         }
         _ => anyhow::bail!(
             "no TLS certificate for the session port: pass --tls-cert-file and --tls-key-file \
-             (e.g. tls.crt and tls.key of a mounted kubernetes.io/tls Secret), or \
-             --insecure-plaintext for development only"
+             (e.g. tls.crt and tls.key of a mounted kubernetes.io/tls Secret), or --tls-secret \
+             NAMESPACE/NAME for one the manager makes and renews, or --insecure-plaintext for \
+             development only"
         ),
     };
     let (tx, rx) = mpsc::channel(INPUTS);
@@ -153,7 +174,7 @@ pub async fn run(
         config.lease_ttl(),
         authority.clone(),
         admission,
-        published,
+        published.clone(),
         limits::Limits::new(
             usize::try_from(config.max_sessions).unwrap_or(usize::MAX),
             config.max_hellos_per_second,
@@ -170,6 +191,11 @@ pub async fn run(
         let _ = stop_rx.await;
     };
     // The webhook, on a port of its own, with the same certificate.
+    if config.webhook_listen.is_some() && certificate.is_none() {
+        anyhow::bail!(
+            "--webhook-listen needs a TLS certificate: the apiserver calls webhooks over TLS only"
+        );
+    }
     let _webhook = match (&config.webhook_listen, &certificate) {
         (Some(addr), Some(cert)) => {
             let listener = TcpListener::bind(addr)
@@ -187,6 +213,10 @@ pub async fn run(
                 }
             }))
         }
+        _ => None,
+    };
+    let _managed = match (managed, &certificate) {
+        (Some(m), Some(cert)) => Some(Task::spawn(m.run(cert.clone(), published.clone()))),
         _ => None,
     };
     let mut _reload = None;

@@ -24,23 +24,28 @@ use rustls::{
     sign::CertifiedKey,
 };
 use tokio::net::{TcpListener, TcpStream};
+
+mod managed;
+
+pub(crate) use managed::Managed;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 
 /// How often the files are checked for a new pair.
-const RELOAD_EVERY: Duration = Duration::from_secs(2);
+pub(crate) const RELOAD_EVERY: Duration = Duration::from_secs(2);
 /// How long a client may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections handshaken but not yet taken by the server.
 const ACCEPTED: usize = 64;
 
-/// The serving certificate in force, reloaded from its files.
+/// The serving certificate in force, reloaded from its files (or, when the
+/// manager makes its own, from its Secret: see `managed`).
 #[derive(Debug)]
 pub(crate) struct Certificate {
-    cert_file: PathBuf,
-    key_file: PathBuf,
+    /// The files, when it comes from files.
+    files: Option<(PathBuf, PathBuf)>,
     provider: Arc<CryptoProvider>,
-    /// The files' contents last loaded, to notice a change.
+    /// The pair last loaded, to notice a change.
     loaded: std::sync::Mutex<(Vec<u8>, Vec<u8>)>,
     current: ArcSwap<CertifiedKey>,
 }
@@ -51,47 +56,66 @@ impl Certificate {
     /// Loads the pair from `cert_file` and `key_file`; fails with what to
     /// fix if they do not load.
     pub(crate) fn load(cert_file: &Path, key_file: &Path) -> anyhow::Result<Arc<Self>> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let (cert, key) = read_pair(cert_file, key_file)?;
-        let certified = certified(&provider, &cert, &key)
+        let mut loaded = Self::from_pem(&cert, &key)
             .with_context(|| format!("--tls-cert-file {}", cert_file.display()))?;
-        Ok(Arc::new(Self {
-            cert_file: cert_file.to_path_buf(),
-            key_file: key_file.to_path_buf(),
-            provider,
-            loaded: std::sync::Mutex::new((cert, key)),
-            current: ArcSwap::from_pointee(certified),
-        }))
+        loaded.files = Some((cert_file.to_path_buf(), key_file.to_path_buf()));
+        Ok(Arc::new(loaded))
     }
 
-    /// Re-reads the files; returns true when a new pair is now in force.
-    pub(crate) fn reload(&self) -> anyhow::Result<bool> {
-        let (cert, key) = read_pair(&self.cert_file, &self.key_file)?;
+    /// The pair `cert` and `key` (PEM), with no files behind it.
+    pub(crate) fn from_pem(cert: &[u8], key: &[u8]) -> anyhow::Result<Self> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certified = certified(&provider, cert, key)?;
+        Ok(Self {
+            files: None,
+            provider,
+            loaded: std::sync::Mutex::new((cert.to_vec(), key.to_vec())),
+            current: ArcSwap::from_pointee(certified),
+        })
+    }
+
+    /// Serves `cert` and `key` (PEM) to new connections from now on, if
+    /// they differ from the pair in force and load; returns true if so.
+    pub(crate) fn install(&self, cert: &[u8], key: &[u8]) -> anyhow::Result<bool> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if loaded.0 == cert && loaded.1 == key {
             return Ok(false);
         }
-        let certified = certified(&self.provider, &cert, &key)?;
+        let certified = certified(&self.provider, cert, key)?;
         self.current.store(Arc::new(certified));
-        *loaded = (cert, key);
+        *loaded = (cert.to_vec(), key.to_vec());
         Ok(true)
+    }
+
+    /// Re-reads the files, if any; returns true when a new pair is now in
+    /// force.
+    pub(crate) fn reload(&self) -> anyhow::Result<bool> {
+        let Some((cert_file, key_file)) = &self.files else {
+            return Ok(false);
+        };
+        let (cert, key) = read_pair(cert_file, key_file)?;
+        self.install(&cert, &key)
     }
 
     /// Checks the files every few seconds for as long as it runs.
     pub(crate) async fn watch(self: Arc<Self>) {
+        let Some((cert_file, _)) = self.files.clone() else {
+            return;
+        };
         let mut failing = false;
         loop {
             tokio::time::sleep(RELOAD_EVERY).await;
             match self.reload() {
                 Ok(true) => {
                     failing = false;
-                    tracing::info!(cert = %self.cert_file.display(), "serving a new TLS certificate to new connections");
+                    tracing::info!(cert = %cert_file.display(), "serving a new TLS certificate to new connections");
                 }
                 Ok(false) => failing = false,
                 // Once per failure, not every few seconds.
                 Err(e) if !failing => {
                     failing = true;
-                    tracing::warn!(cert = %self.cert_file.display(), error = %format!("{e:#}"), "cannot load the new TLS certificate; still serving the previous one");
+                    tracing::warn!(cert = %cert_file.display(), error = %format!("{e:#}"), "cannot load the new TLS certificate; still serving the previous one");
                 }
                 Err(_) => {}
             }

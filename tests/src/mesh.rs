@@ -593,7 +593,7 @@ fn process_env(cp: &ControlPlane, extra: &[(&str, &str)]) -> Vec<(String, String
         cp.kubeconfig().display().to_string(),
     )];
     // Managers serve TLS and runtimes trust its CA, unless `extra` says
-    // otherwise.
+    // otherwise (an empty value unsets a variable).
     v.extend(crate::tls::MeshTls::shared(cp.dir()).env());
     if std::env::var_os("RUST_LOG").is_none() {
         v.push(("RUST_LOG".into(), "info".into()));
@@ -603,7 +603,14 @@ fn process_env(cp: &ControlPlane, extra: &[(&str, &str)]) -> Vec<(String, String
             .iter()
             .map(|(k, val)| (k.to_string(), val.to_string())),
     );
-    v
+    // A later entry replaces an earlier one; an empty one removes it.
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    for (k, val) in v {
+        last.insert(k, val);
+    }
+    last.into_iter()
+        .filter(|(_, val)| !val.is_empty())
+        .collect()
 }
 
 /// A minimal HTTP/1.0 GET against 127.0.0.1:`port`, returning status and body.

@@ -49,6 +49,7 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
     // The injection webhook's configuration is valid too. (Nothing here
     // carries its label: its service is not reachable in this cluster.)
     apply_file(&client, &deploy.join("manager/webhook.yaml")).await?;
+    apply_file(&client, &deploy.join("tls/self-managed.yaml")).await?;
     objects.extend(
         apply_file(
             &client,

@@ -242,3 +242,99 @@ async fn rotating_the_certificate_under_open_sessions_loses_no_key_and_no_update
     assert!(overlaps.is_empty(), "{overlaps:#?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_manager_makes_and_renews_its_own_certificate() -> anyhow::Result<()> {
+    let cp = opmesh_tests::ControlPlane::shared().await?;
+    let client = cp.client().await?;
+    let secret_ns = opmesh_tests::cluster::create_namespace(&client, "tls-own", &[]).await?;
+    let secret = format!("{secret_ns}/opmesh-manager-tls");
+    // No certificate files: the manager makes its own, valid 30 s, so it
+    // renews it after 20 s.
+    let mut w = World::with_manager_env(
+        "tls-own",
+        &[
+            (TLS_CERT_FILE, ""),
+            (TLS_KEY_FILE, ""),
+            ("OPMESH_TLS_SECRET", &secret),
+            ("OPMESH_TLS_DNS_NAMES", "127.0.0.1,localhost"),
+            ("OPMESH_TLS_CERT_VALIDITY_SECONDS", "30"),
+        ],
+    )
+    .await?;
+    w.apply_mesh(
+        json!({"weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1"],
+    )
+    .await?;
+
+    // Runtimes trust the CA it publishes in the mesh's namespace.
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(w.client.clone(), &w.ns);
+    let ca = eventually("the CA bundle to be published", TIMEOUT, || async {
+        Ok(cms
+            .get_opt("opmesh-ca")
+            .await?
+            .and_then(|c| c.data?.get("ca.crt").cloned()))
+    })
+    .await?;
+    let ca_file = w.dir.path().join("published-ca.crt");
+    std::fs::write(&ca_file, &ca)?;
+    let ca_file = ca_file.display().to_string();
+    w.replica_with_env("v1-0", "v1", &[(env::CA_FILE, &ca_file)])
+        .await?;
+    w.all_ready().await?;
+    let ns = w.object_namespace("tls-own-data", &[]).await?;
+    create_generator(&w.client, &ns, "app", json!({"data": {"n": "0"}})).await?;
+    w.wait_handled(std::slice::from_ref(&ns), 1).await?;
+
+    // The serving certificate is renewed in its Secret and served.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(w.client.clone(), &secret_ns);
+    let cert = |s: k8s_openapi::api::core::v1::Secret| {
+        s.data
+            .and_then(|d| d.get("tls.crt").cloned())
+            .map(|b| b.0)
+            .unwrap_or_default()
+    };
+    let first = cert(secrets.get("opmesh-manager-tls").await?);
+    let joined = joins(&w, "v1-0");
+    eventually(
+        "the certificate to be renewed and served",
+        TIMEOUT,
+        || async {
+            w.manager.process().check_running()?;
+            let now = cert(secrets.get("opmesh-manager-tls").await?);
+            let served = w
+                .manager
+                .process()
+                .log_tail(5000)
+                .contains("serving a new TLS certificate");
+            Ok((now != first && served).then_some(()))
+        },
+    )
+    .await?;
+    // The open session went on; a new runtime with the same bundle joins
+    // on the new certificate; the mesh keeps reconciling.
+    assert_eq!(
+        joins(&w, "v1-0"),
+        joined,
+        "the session broke at the renewal"
+    );
+    w.replica_with_env("v1-1", "v1", &[(env::CA_FILE, &ca_file)])
+        .await?;
+    w.all_ready().await?;
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(w.client.clone(), &ns, &generator_resource());
+    api.patch(
+        "app",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"data": {"n": "1"}}})),
+    )
+    .await?;
+    eventually("the change to be reconciled", TIMEOUT, || async {
+        let o = api.get("app").await?;
+        Ok((o.data["status"]["observedGeneration"] == 2).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
