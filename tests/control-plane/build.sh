@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and etcd from the Go module proxy at the versions
-# pinned in go.mod next to this script, and caches them outside the repo.
+# Builds kube-apiserver, kube-controller-manager and etcd from the Go module
+# proxy at the versions pinned in go.mod next to this script, and caches them
+# outside the repo.
 #
 #   tests/control-plane/build.sh            build (or reuse) and print the bin dir
 #   tests/control-plane/build.sh --print-dir print the bin dir without building
@@ -22,7 +23,7 @@ fi
 
 cache_root=${OPMESH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/opmesh}
 # Bump when the way the binaries are built changes, so old caches are not reused.
-recipe=2
+recipe=3
 dir="$cache_root/control-plane/k8s-$k8s_version-etcd-$etcd_version-r$recipe"
 
 if [[ "${1:-}" == "--print-dir" ]]; then
@@ -30,7 +31,7 @@ if [[ "${1:-}" == "--print-dir" ]]; then
   exit 0
 fi
 
-if [[ -x "$dir/kube-apiserver" && -x "$dir/etcd" && -f "$dir/.complete" ]]; then
+if [[ -x "$dir/kube-apiserver" && -x "$dir/kube-controller-manager" && -x "$dir/etcd" && -f "$dir/.complete" ]]; then
   echo "$dir"
   exit 0
 fi
@@ -57,7 +58,7 @@ mkdir -p "$dir"
 tmp=$(mktemp -d "$dir/.build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
-echo "building kube-apiserver $k8s_version and etcd $etcd_version with $go_version (cold builds take a while)..." >&2
+echo "building kube-apiserver and kube-controller-manager $k8s_version and etcd $etcd_version with $go_version (cold builds take a while)..." >&2
 start=$(date +%s)
 (
   cd "$here"
@@ -68,9 +69,10 @@ start=$(date +%s)
   v=k8s.io/component-base/version
   k8s_ldflags="-s -w -X $v.gitVersion=$k8s_version -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean -X $v.buildDate=1970-01-01T00:00:00Z"
   go build -trimpath -ldflags "$k8s_ldflags" -o "$tmp/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+  go build -trimpath -ldflags "$k8s_ldflags" -o "$tmp/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager
   go build -trimpath -ldflags "-s -w" -o "$tmp/etcd" go.etcd.io/etcd/server/v3
 )
-mv "$tmp/kube-apiserver" "$tmp/etcd" "$dir/"
+mv "$tmp/kube-apiserver" "$tmp/kube-controller-manager" "$tmp/etcd" "$dir/"
 printf 'kubernetes %s\netcd %s\ngo %s\n' "$k8s_version" "$etcd_version" "$go_version" >"$dir/.complete"
 echo "built in $(( $(date +%s) - start ))s" >&2
 echo "$dir"

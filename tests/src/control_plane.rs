@@ -50,16 +50,21 @@ pub struct Options {
     /// A directory of CRD manifests to install before returning; each CRD is
     /// waited on until it is Established.
     pub crds_dir: Option<PathBuf>,
+    /// Also run kube-controller-manager, so Deployments make ReplicaSets
+    /// and Pods (no scheduler or kubelet runs them), namespaces finish
+    /// deleting and owned objects are garbage-collected.
+    pub controller_manager: bool,
 }
 
-/// A running etcd and kube-apiserver. Dropping it stops both and removes
-/// their temporary directory.
+/// A running etcd and kube-apiserver (and kube-controller-manager, if asked
+/// for). Dropping it stops them and removes their temporary directory.
 pub struct ControlPlane {
     dir: tempfile::TempDir,
     kubeconfig: PathBuf,
     server: String,
     etcd: Process,
     apiserver: Process,
+    controller_manager: Option<Process>,
 }
 
 static SHARED: OnceCell<ControlPlane> = OnceCell::const_new();
@@ -71,6 +76,7 @@ impl Default for Options {
         Self {
             feature_gates: Vec::new(),
             crds_dir: Some(repo_root().join("deploy/crds")),
+            controller_manager: false,
         }
     }
 }
@@ -84,6 +90,13 @@ impl ControlPlane {
         SHARED
             .get_or_try_init(|| Self::start(Options::default()))
             .await
+    }
+
+    /// The shared control plane, started with `options` if this is its
+    /// first use (a test binary that needs more than the default calls this
+    /// before anything else).
+    pub async fn shared_with(options: Options) -> anyhow::Result<&'static ControlPlane> {
+        SHARED.get_or_try_init(|| Self::start(options)).await
     }
 
     /// Builds (or reuses) the binaries, then starts etcd and kube-apiserver on
@@ -171,14 +184,40 @@ impl ControlPlane {
         let kubeconfig = root.join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(&server, &pki))?;
 
-        let cp = Self {
+        let mut cp = Self {
             dir,
             kubeconfig,
             server,
             etcd,
             apiserver,
+            controller_manager: None,
         };
         cp.wait_ready().await?;
+        if options.controller_manager {
+            let args = vec![
+                format!("--kubeconfig={}", cp.kubeconfig.display()),
+                format!("--authentication-kubeconfig={}", cp.kubeconfig.display()),
+                format!("--authorization-kubeconfig={}", cp.kubeconfig.display()),
+                format!(
+                    "--service-account-private-key-file={}",
+                    pki.service_account_key_file.display()
+                ),
+                format!("--root-ca-file={}", pki.ca_file.display()),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={}", free_port()?),
+                // Every namespace would get a kube-root-ca.crt ConfigMap,
+                // which tests that count ConfigMaps would see.
+                "--controllers=*,-root-ca-cert-publisher".into(),
+            ];
+            cp.controller_manager = Some(Process::spawn(
+                "kube-controller-manager",
+                &bin_dir.join("kube-controller-manager"),
+                &args,
+                &root,
+                Some(&root),
+            )?);
+        }
         if let Some(crds) = &options.crds_dir {
             cp.install_crds(crds).await?;
         }
@@ -230,23 +269,32 @@ impl ControlPlane {
     /// Fails, with the tail of its log, if etcd or kube-apiserver has exited.
     pub fn check_running(&self) -> anyhow::Result<()> {
         self.etcd.check_running()?;
-        self.apiserver.check_running()
+        self.apiserver.check_running()?;
+        match &self.controller_manager {
+            Some(p) => p.check_running(),
+            None => Ok(()),
+        }
     }
 
     /// The last lines of both logs, for a failure message.
     pub fn logs_tail(&self, lines: usize) -> String {
-        [&self.etcd, &self.apiserver]
-            .iter()
-            .map(|p| {
-                format!(
-                    "--- {} ({}) ---\n{}",
-                    p.name(),
-                    p.log_path().display(),
-                    p.log_tail(lines)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        [
+            Some(&self.etcd),
+            Some(&self.apiserver),
+            self.controller_manager.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "--- {} ({}) ---\n{}",
+                p.name(),
+                p.log_path().display(),
+                p.log_tail(lines)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
     }
 
     /// A guard that prints the tail of the control plane's logs if the test
@@ -359,6 +407,9 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        if let Some(p) = &self.controller_manager {
+            p.stop(Duration::from_secs(15));
+        }
         self.apiserver.stop(Duration::from_secs(15));
         self.etcd.stop(Duration::from_secs(15));
     }

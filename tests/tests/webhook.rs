@@ -1,5 +1,6 @@
 //! The sidecar-injection webhook on the real apiserver, which calls the
-//! manager over TLS on loopback: labelled pods get the runtime, others are
+//! manager over TLS on loopback: labelled pods (also those a Deployment
+//! makes through its ReplicaSet) get the runtime, others are
 //! untouched, a pod two meshes select is refused, injecting twice changes
 //! nothing, and with the webhook down a labelled pod is refused rather than
 //! started without its sidecar.
@@ -12,7 +13,8 @@ use k8s_openapi::{
         admissionregistration::v1::{
             MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
         },
-        core::v1::{Container, Pod, PodSpec},
+        apps::v1::{Deployment, DeploymentSpec},
+        core::v1::{Container, Pod, PodSpec, PodTemplateSpec},
     },
     apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta},
 };
@@ -22,7 +24,8 @@ use kube::{
 };
 use opmesh_proto::env;
 use opmesh_tests::{
-    control_plane::{Process, free_port},
+    ControlPlane,
+    control_plane::{Options, Process, free_port},
     eventually,
     mesh::{apply_mesh, create_generator, grant_example_reads, handled_by},
     tls::MeshTls,
@@ -69,6 +72,13 @@ fn runtime_of(p: &Pod) -> Option<Container> {
 
 #[tokio::test]
 async fn labelled_operator_pods_get_the_runtime_and_nothing_else_changes() -> anyhow::Result<()> {
+    // With a controller-manager, so a Deployment's pods are made as in a
+    // cluster: by its ReplicaSet, through the webhook.
+    ControlPlane::shared_with(Options {
+        controller_manager: true,
+        ..Options::default()
+    })
+    .await?;
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
     let w = World::with_manager_env("webhook", &[("OPMESH_WEBHOOK_LISTEN", &listen)]).await?;
@@ -185,6 +195,61 @@ async fn labelled_operator_pods_get_the_runtime_and_nothing_else_changes() -> an
         .flatten()
         .find_map(|s| s.service_account_token?.audience);
     assert_eq!(audience.as_deref(), Some(env::TOKEN_AUDIENCE));
+
+    // The pods a labelled operator Deployment makes, through its
+    // ReplicaSet, come back injected.
+    let deployments: Api<Deployment> = Api::namespaced(w.client.clone(), &w.ns);
+    let template_labels: BTreeMap<String, String> = [
+        ("app", "cmg"),
+        ("version", "v1"),
+        ("deployment", "operator"),
+        (MESH_LABEL, "mesh"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let deployment = Deployment {
+        metadata: ObjectMeta {
+            name: Some("operator".into()),
+            ..Default::default()
+        },
+        spec: Some(DeploymentSpec {
+            replicas: Some(2),
+            selector: LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    "deployment".to_string(),
+                    "operator".to_string(),
+                )])),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(template_labels),
+                    ..Default::default()
+                }),
+                spec: pod("template", &[], None).spec,
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await?;
+    let made = eventually("the Deployment's pods to be made", TIMEOUT, || async {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels("deployment=operator"))
+            .await?;
+        Ok((list.items.len() == 2).then_some(list.items))
+    })
+    .await?;
+    for p in &made {
+        assert!(
+            runtime_of(p).is_some(),
+            "{} was made without the runtime",
+            p.metadata.name.clone().unwrap_or_default()
+        );
+    }
 
     // The injected spec runs: the runtime and the operator, started with
     // exactly the injected environment (the kubelet's part done by hand:
