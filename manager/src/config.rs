@@ -75,6 +75,10 @@ pub struct Config {
     /// the session port's certificate) on this address. Unset: no webhook.
     #[arg(long, env = "OPMESH_WEBHOOK_LISTEN")]
     pub webhook_listen: Option<SocketAddr>,
+    /// With `--tls-secret`: the MutatingWebhookConfiguration whose
+    /// `caBundle`s the manager keeps set to its CA.
+    #[arg(long, env = "OPMESH_WEBHOOK_CONFIGURATION")]
+    pub webhook_configuration: Option<String>,
     /// The runtime image the webhook injects.
     #[arg(long, env = "OPMESH_RUNTIME_IMAGE", default_value = concat!("opmesh-runtime:", env!("CARGO_PKG_VERSION")))]
     pub runtime_image: String,

@@ -101,7 +101,8 @@ pub async fn run(
                 name,
                 config.tls_dns_names.clone(),
                 std::time::Duration::from_secs(config.tls_cert_validity_seconds),
-            );
+            )
+            .with_webhook(config.webhook_configuration.clone());
             let issued = m.ensure().await?;
             managed = Some(m);
             Some(Arc::new(tls::Certificate::from_pem(

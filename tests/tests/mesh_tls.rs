@@ -249,6 +249,27 @@ async fn a_manager_makes_and_renews_its_own_certificate() -> anyhow::Result<()> 
     let client = cp.client().await?;
     let secret_ns = opmesh_tests::cluster::create_namespace(&client, "tls-own", &[]).await?;
     let secret = format!("{secret_ns}/opmesh-manager-tls");
+    // A webhook configuration whose caBundle the manager is to keep: it
+    // selects no pod.
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let webhook_name = format!("opmesh-{secret_ns}");
+    let webhooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    webhooks
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": webhook_name},
+                "webhooks": [{
+                    "name": "inject.opmesh.io",
+                    "clientConfig": {"url": "https://127.0.0.1:9/mutate-pods"},
+                    "objectSelector": {"matchExpressions": [{"key": "opmesh.io/nothing", "operator": "Exists"}]},
+                    "failurePolicy": "Ignore",
+                    "sideEffects": "None",
+                    "admissionReviewVersions": ["v1"],
+                }],
+            }))?,
+        )
+        .await?;
     // No certificate files: the manager makes its own, valid 30 s, so it
     // renews it after 20 s.
     let mut w = World::with_manager_env(
@@ -259,6 +280,7 @@ async fn a_manager_makes_and_renews_its_own_certificate() -> anyhow::Result<()> 
             ("OPMESH_TLS_SECRET", &secret),
             ("OPMESH_TLS_DNS_NAMES", "127.0.0.1,localhost"),
             ("OPMESH_TLS_CERT_VALIDITY_SECONDS", "30"),
+            ("OPMESH_WEBHOOK_CONFIGURATION", &webhook_name),
         ],
     )
     .await?;
@@ -275,6 +297,17 @@ async fn a_manager_makes_and_renews_its_own_certificate() -> anyhow::Result<()> 
             .get_opt("opmesh-ca")
             .await?
             .and_then(|c| c.data?.get("ca.crt").cloned()))
+    })
+    .await?;
+    // The webhook trusts the same CA.
+    eventually("the webhook's caBundle to be the CA", TIMEOUT, || async {
+        let config = webhooks.get(&webhook_name).await?;
+        let bundle = config
+            .webhooks
+            .unwrap_or_default()
+            .first()
+            .and_then(|w| w.client_config.ca_bundle.clone());
+        Ok((bundle.map(|b| b.0) == Some(ca.clone().into_bytes())).then_some(()))
     })
     .await?;
     let ca_file = w.dir.path().join("published-ca.crt");
@@ -336,5 +369,6 @@ async fn a_manager_makes_and_renews_its_own_certificate() -> anyhow::Result<()> 
         Ok((o.data["status"]["observedGeneration"] == 2).then_some(()))
     })
     .await?;
+    webhooks.delete(&webhook_name, &Default::default()).await?;
     Ok(())
 }

@@ -49,6 +49,8 @@ pub(crate) struct Managed {
     name: String,
     dns_names: Vec<String>,
     validity: Duration,
+    /// The MutatingWebhookConfiguration whose `caBundle`s to keep current.
+    webhook: Option<String>,
 }
 
 /// A serving pair and the CA bundle, PEM.
@@ -81,7 +83,15 @@ impl Managed {
             name: name.to_string(),
             dns_names,
             validity,
+            webhook: None,
         }
+    }
+
+    /// Also keeps the `caBundle` of every webhook in MutatingWebhook-
+    /// Configuration `name` current with the CA.
+    pub(crate) fn with_webhook(mut self, name: Option<String>) -> Self {
+        self.webhook = name;
+        self
     }
 
     /// What the Secret holds, after making or renewing what is missing or
@@ -210,6 +220,9 @@ impl Managed {
                     }
                     self.publish(&issued.ca, &published, &mut published_to)
                         .await;
+                    if let Err(e) = self.webhook_trusts(&issued.ca).await {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot keep the webhook's caBundle current");
+                    }
                 }
                 Err(e) if !failing => {
                     failing = true;
@@ -219,6 +232,45 @@ impl Managed {
             }
             tokio::time::sleep(super::RELOAD_EVERY).await;
         }
+    }
+
+    /// Sets `ca` as the `caBundle` of each webhook of the configured
+    /// MutatingWebhookConfiguration that has another.
+    async fn webhook_trusts(&self, ca: &[u8]) -> anyhow::Result<()> {
+        use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+        let Some(name) = &self.webhook else {
+            return Ok(());
+        };
+        let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        let Some(config) = api.get_opt(name).await? else {
+            return Ok(());
+        };
+        let stale: Vec<serde_json::Value> = config
+            .webhooks
+            .unwrap_or_default()
+            .iter()
+            .filter(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()) != Some(ca))
+            .map(|w| {
+                serde_json::json!({
+                    "name": w.name,
+                    "clientConfig": {"caBundle": ByteString(ca.to_vec())},
+                })
+            })
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Strategic(serde_json::json!({ "webhooks": stale })),
+        )
+        .await
+        .with_context(|| {
+            format!("the manager needs get and patch on mutatingwebhookconfigurations {name}")
+        })?;
+        tracing::info!(webhook = %name, "set the webhook's caBundle to the manager's CA");
+        Ok(())
     }
 
     /// Writes ConfigMap `opmesh-ca` with `ca` into every namespace whose
