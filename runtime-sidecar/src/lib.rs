@@ -168,11 +168,9 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn the_socket_file_goes_with_its_runtime_but_not_a_newer_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("runtime.sock");
-        let config = Config::try_parse_from([
+    /// A runtime's settings with its socket at `path`.
+    fn with_socket(path: &std::path::Path) -> Config {
+        Config::try_parse_from([
             "opmesh-runtime",
             "--mesh",
             "ops/mesh",
@@ -183,7 +181,14 @@ mod tests {
             "--socket",
             path.to_str().unwrap(),
         ])
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_socket_file_goes_with_its_runtime_but_not_a_newer_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runtime.sock");
+        let config = with_socket(&path);
         let (_l, file) = bind_socket(&config).unwrap();
         drop(file);
         assert!(!path.exists(), "the socket file was left behind");
@@ -206,18 +211,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("new/runtime.sock");
-        let config = Config::try_parse_from([
-            "opmesh-runtime",
-            "--mesh",
-            "ops/mesh",
-            "--pod-namespace",
-            "ops",
-            "--pod-name",
-            "op-0",
-            "--socket",
-            path.to_str().unwrap(),
-        ])
-        .unwrap();
+        let config = with_socket(&path);
         let (_l, _file) = bind_socket(&config).unwrap();
         let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);

@@ -7,7 +7,10 @@ use crate::{
     ControlPlane, cluster,
     control_plane::free_port,
     eventually,
-    mesh::{Binaries, Manager, Record, Replica, ReplicaOptions, apply_mesh, handled_by},
+    mesh::{
+        Binaries, Manager, Record, Replica, ReplicaOptions, apply_mesh, generator_resource,
+        handled_by,
+    },
 };
 use kube::Client;
 use serde_json::json;
@@ -290,6 +293,93 @@ impl World {
             },
         )
         .await
+    }
+
+    /// Changes generator `namespace/name`'s data and waits until a replica
+    /// reconciled the change; returns its `status.handledBy`.
+    pub async fn change_and_wait(&self, namespace: &str, name: &str) -> anyhow::Result<String> {
+        let api: kube::Api<kube::api::DynamicObject> =
+            kube::Api::namespaced_with(self.client.clone(), namespace, &generator_resource());
+        let changed = api
+            .patch(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(
+                    json!({"spec": {"data": {"changed": crate::history::now_us().to_string()}}}),
+                ),
+            )
+            .await?;
+        let generation = changed.metadata.generation.unwrap_or_default();
+        eventually(
+            &format!("{namespace}/{name} generation {generation} to be reconciled"),
+            TIMEOUT,
+            || async {
+                let o = api.get(name).await?;
+                let status = &o.data["status"];
+                Ok((status["observedGeneration"] == generation)
+                    .then(|| status["handledBy"].as_str().map(str::to_string))
+                    .flatten())
+            },
+        )
+        .await
+    }
+
+    /// Changes every generator in `namespace` once more (with no reconcile
+    /// delay), waits until every replica's records show each last
+    /// generation reconciled successfully, and fails if any two reconciles
+    /// of a key overlapped. Returns each key's last generation and the
+    /// records.
+    pub async fn settle_and_check(
+        &self,
+        namespace: &str,
+    ) -> anyhow::Result<(Vec<(String, i64)>, Vec<Record>)> {
+        let api: kube::Api<kube::api::DynamicObject> =
+            kube::Api::namespaced_with(self.client.clone(), namespace, &generator_resource());
+        let patch = json!({"spec": {"data": {"n": "final"}, "reconcileMs": 0}});
+        let mut finals = Vec::new();
+        for o in api.list(&Default::default()).await? {
+            let name = o.metadata.name.unwrap_or_default();
+            let changed = api
+                .patch(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await?;
+            finals.push((
+                format!("{namespace}/{name}"),
+                changed.metadata.generation.unwrap_or_default(),
+            ));
+        }
+        let paths: Vec<std::path::PathBuf> =
+            self.replicas.iter().map(|r| r.records.clone()).collect();
+        let read = || {
+            let paths: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
+            crate::history::read(
+                &paths,
+                &crate::history::Deaths::default(),
+                crate::history::now_us(),
+            )
+        };
+        eventually(
+            "every last generation to be reconciled",
+            TIMEOUT,
+            || async {
+                let rs = read();
+                Ok(finals
+                    .iter()
+                    .all(|(k, g)| {
+                        rs.iter()
+                            .any(|r| &r.key == k && r.generation == *g && r.outcome == "ok")
+                    })
+                    .then_some(()))
+            },
+        )
+        .await?;
+        let records = read();
+        let overlaps = crate::history::overlaps(&records);
+        anyhow::ensure!(overlaps.is_empty(), "reconciles overlapped: {overlaps:#?}");
+        Ok((finals, records))
     }
 
     /// Every record of every replica.

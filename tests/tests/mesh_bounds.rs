@@ -3,14 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use kube::{
-    Api,
-    api::{DynamicObject, Patch, PatchParams},
-};
 use opmesh_proto::v1::HeldKey;
 use opmesh_tests::{
     eventually,
-    mesh::{Replica, create_generator, generator_resource},
+    mesh::{Replica, create_generator},
     session::{client, hello, send},
     world::{TIMEOUT, World},
 };
@@ -164,19 +160,7 @@ async fn a_burst_of_hellos_leaves_the_real_runtimes_on_time() -> anyhow::Result<
     );
 
     // And the mesh still works.
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(w.client.clone(), &ns, &generator_resource());
-    api.patch(
-        "app-0",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"data": {"n": "1"}}})),
-    )
-    .await?;
-    eventually("the change to be reconciled", TIMEOUT, || async {
-        let o = api.get("app-0").await?;
-        Ok((o.data["status"]["observedGeneration"] == 2).then_some(()))
-    })
-    .await?;
+    w.change_and_wait(&ns, "app-0").await?;
     Ok(())
 }
 

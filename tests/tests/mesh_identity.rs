@@ -11,10 +11,7 @@ use kube::{
 use opmesh_proto::env;
 use opmesh_tests::{
     cluster, eventually,
-    mesh::{
-        Replica, ReplicaOptions, create_generator, create_operator_pod, generator_resource,
-        mesh_resource,
-    },
+    mesh::{Replica, ReplicaOptions, create_generator, create_operator_pod, mesh_resource},
     world::{TIMEOUT, World},
 };
 use serde_json::json;
@@ -236,21 +233,7 @@ async fn a_runtime_is_admitted_only_as_the_pod_its_token_is_bound_to() -> anyhow
         "the impostor ended v1-0's session"
     );
     assert!(w.replicas[0].ready());
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(w.client.clone(), &ns, &generator_resource());
-    api.patch(
-        "app",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"data": {"n": "1"}}})),
-    )
-    .await?;
-    eventually("v1-0 to reconcile the change", TIMEOUT, || async {
-        let o = api.get("app").await?;
-        Ok((o.data["status"]["observedGeneration"] == 2
-            && o.data["status"]["handledBy"] == "v1/v1-0")
-            .then_some(()))
-    })
-    .await?;
+    assert_eq!(w.change_and_wait(&ns, "app").await?, "v1/v1-0");
 
     // Once the mesh lists its namespace, the pod of the other namespace is
     // admitted at its next attempt.

@@ -346,55 +346,8 @@ async fn a_rolling_replacement_loses_no_update_and_no_key_waits_a_ttl() -> anyho
     let _ = writer.await;
 
     // Every object changes once more; the new pods reconcile each last
-    // generation.
-    for i in 0..N {
-        let patch = json!({"spec": {"data": {"n": "final"}, "reconcileMs": 0}});
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(w.client.clone(), &ns, &generator_resource());
-        api.patch(
-            &format!("app-{i}"),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
-    }
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(w.client.clone(), &ns, &generator_resource());
-    let finals: Vec<(String, i64)> = api
-        .list(&Default::default())
-        .await?
-        .into_iter()
-        .map(|o| {
-            (
-                format!("{ns}/{}", o.metadata.name.unwrap_or_default()),
-                o.metadata.generation.unwrap_or_default(),
-            )
-        })
-        .collect();
-    let paths: Vec<std::path::PathBuf> = w.replicas.iter().map(|r| r.records.clone()).collect();
-    let read = || {
-        let paths: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
-        history::read(&paths, &Deaths::default(), now_us())
-    };
-    eventually(
-        "every last generation to be reconciled",
-        TIMEOUT,
-        || async {
-            let rs = read();
-            Ok(finals
-                .iter()
-                .all(|(k, g)| {
-                    rs.iter()
-                        .any(|r| &r.key == k && r.generation == *g && r.outcome == "ok")
-                })
-                .then_some(()))
-        },
-    )
-    .await?;
-
-    let rs = read();
-    let overlaps = history::overlaps(&rs);
-    assert!(overlaps.is_empty(), "{overlaps:#?}");
+    // generation, one owner at a time.
+    let (finals, rs) = w.settle_and_check(&ns).await?;
     // No key waited for a lease: each key an old pod had when its operator
     // was told to stop, another pod reconciled within a TTL of that.
     for (pod, at) in &stopped {

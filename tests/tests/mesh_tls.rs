@@ -12,7 +12,6 @@ use opmesh_proto::env;
 use opmesh_tests::{
     control_plane::Process,
     eventually,
-    history::{self, Deaths, now_us},
     mesh::{create_generator, generator_resource},
     tls::{MeshTls, TLS_CERT_FILE, TLS_KEY_FILE},
     world::{TIMEOUT, World},
@@ -197,49 +196,8 @@ async fn rotating_the_certificate_under_open_sessions_loses_no_key_and_no_update
 
     // Every object's last change is reconciled (no update lost), by one
     // owner at a time.
-    for i in 0..N {
-        let patch = json!({"spec": {"data": {"n": "final"}, "reconcileMs": 0}});
-        api.patch(
-            &format!("app-{i}"),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
-    }
-    let finals: Vec<(String, i64)> = api
-        .list(&Default::default())
-        .await?
-        .into_iter()
-        .map(|o| {
-            (
-                format!("{ns}/{}", o.metadata.name.unwrap_or_default()),
-                o.metadata.generation.unwrap_or_default(),
-            )
-        })
-        .collect();
+    let (finals, _) = w.settle_and_check(&ns).await?;
     assert_eq!(finals.len(), N);
-    let paths: Vec<std::path::PathBuf> = w.replicas.iter().map(|r| r.records.clone()).collect();
-    let read = || {
-        let paths: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
-        history::read(&paths, &Deaths::default(), now_us())
-    };
-    eventually(
-        "every last generation to be reconciled",
-        TIMEOUT,
-        || async {
-            let rs = read();
-            Ok(finals
-                .iter()
-                .all(|(k, g)| {
-                    rs.iter()
-                        .any(|r| &r.key == k && r.generation == *g && r.outcome == "ok")
-                })
-                .then_some(()))
-        },
-    )
-    .await?;
-    let overlaps = history::overlaps(&read());
-    assert!(overlaps.is_empty(), "{overlaps:#?}");
     Ok(())
 }
 
@@ -356,19 +314,7 @@ async fn a_manager_makes_and_renews_its_own_certificate() -> anyhow::Result<()> 
     w.replica_with_env("v1-1", "v1", &[(env::CA_FILE, &ca_file)])
         .await?;
     w.all_ready().await?;
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(w.client.clone(), &ns, &generator_resource());
-    api.patch(
-        "app",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"data": {"n": "1"}}})),
-    )
-    .await?;
-    eventually("the change to be reconciled", TIMEOUT, || async {
-        let o = api.get("app").await?;
-        Ok((o.data["status"]["observedGeneration"] == 2).then_some(()))
-    })
-    .await?;
+    w.change_and_wait(&ns, "app").await?;
     webhooks.delete(&webhook_name, &Default::default()).await?;
     Ok(())
 }
