@@ -8,6 +8,7 @@
 //! - [`session`]: a raw session client, for hellos no runtime would send.
 //! - [`proxy`]: a loopback TCP proxy that cuts, blackholes, delays and
 //!   stalls connections.
+//! - [`injected`]: runs a webhook-injected pod's runtime and operator.
 //! - [`history`]: checks reconcile records for overlaps, stale writes and
 //!   contested handoffs.
 //! - [`landed`]: watches in which order the example operator's writes land.
@@ -20,6 +21,7 @@
 pub mod cluster;
 pub mod control_plane;
 pub mod history;
+pub mod injected;
 pub mod landed;
 pub mod mesh;
 pub mod oracle;

@@ -25,8 +25,9 @@ use kube::{
 use opmesh_proto::env;
 use opmesh_tests::{
     ControlPlane,
-    control_plane::{Options, Process, free_port},
+    control_plane::{Options, free_port},
     eventually,
+    injected::{run_injected, runtime_of},
     mesh::{apply_mesh, create_generator, grant_example_reads, handled_by},
     tls::MeshTls,
     world::{TIMEOUT, World},
@@ -58,16 +59,6 @@ fn pod(name: &str, labels: &[(&str, &str)], spec: Option<PodSpec>) -> Pod {
         })),
         ..Default::default()
     }
-}
-
-fn runtime_of(p: &Pod) -> Option<Container> {
-    p.spec
-        .as_ref()?
-        .init_containers
-        .iter()
-        .flatten()
-        .find(|c| c.name == "opmesh-runtime")
-        .cloned()
 }
 
 #[tokio::test]
@@ -252,77 +243,24 @@ async fn labelled_operator_pods_get_the_runtime_and_nothing_else_changes() -> an
     }
 
     // The injected spec runs: the runtime and the operator, started with
-    // exactly the injected environment (the kubelet's part done by hand:
-    // the downward API, the volumes as local directories, the in-cluster
-    // manager address as the test's), reconcile an object end to end.
+    // exactly the injected environment, reconcile an object end to end.
     let pod_name = injected.metadata.name.clone().unwrap_or_default();
-    let volumes = w.dir.path().join("volumes");
-    let (socket_dir, identity_dir) = (volumes.join("opmesh"), volumes.join("identity"));
-    std::fs::create_dir_all(identity_dir.join("ca"))?;
-    let token =
-        opmesh_tests::cluster::pod_token(&w.client, &injected, &[env::TOKEN_AUDIENCE]).await?;
-    std::fs::write(identity_dir.join("token"), token)?;
-    std::fs::write(
-        identity_dir.join("ca/ca.crt"),
-        &MeshTls::shared(w.cp.dir()).ca_pem,
-    )?;
     grant_example_reads(&w.client, &w.ns).await?;
-    let local = |c: &Container| -> Vec<(String, String)> {
-        let mut vars: Vec<(String, String)> = c
-            .env
-            .iter()
-            .flatten()
-            .map(|e| {
-                let v = match e.value_from.as_ref().and_then(|f| f.field_ref.as_ref()) {
-                    Some(f) if f.field_path == "metadata.name" => pod_name.clone(),
-                    Some(f) if f.field_path == "metadata.namespace" => w.ns.clone(),
-                    _ => e.value.clone().unwrap_or_default(),
-                };
-                let v = v
-                    .replace(
-                        "/var/run/secrets/opmesh.io",
-                        &identity_dir.display().to_string(),
-                    )
-                    .replace("/var/run/opmesh", &socket_dir.display().to_string());
-                (e.name.clone(), v)
-            })
-            .collect();
-        for (k, v) in vars.iter_mut() {
-            match k.as_str() {
-                env::MANAGER_ADDR => *v = w.manager.addr().to_string(),
-                env::HEALTH_ADDR => *v = "127.0.0.1:0".into(),
-                _ => {}
-            }
-        }
-        vars.push(("KUBECONFIG".into(), w.cp.kubeconfig().display().to_string()));
-        vars
-    };
-    let sidecar = Process::spawn_with_env(
-        "injected-runtime",
-        &w.bins.runtime,
-        &[],
-        &local(&runtime),
+    let records = w.dir.path().join("injected.jsonl").display().to_string();
+    let running = run_injected(
+        w.cp,
+        &w.bins,
         w.dir.path(),
-        None,
-    )?;
-    let mut operator_env = local(operator);
-    operator_env.push((
-        "OPMESH_EXAMPLE_RECORDS".into(),
-        w.dir.path().join("injected.jsonl").display().to_string(),
-    ));
-    let operator_process = Process::spawn_with_env(
-        "injected-operator",
-        &w.bins.operator,
-        &["run".into()],
-        &operator_env,
-        w.dir.path(),
-        None,
-    )?;
+        &injected,
+        w.manager.addr(),
+        &[("OPMESH_EXAMPLE_RECORDS", &records)],
+    )
+    .await?;
     let data = w.object_namespace("webhook-data", &[]).await?;
     create_generator(&w.client, &data, "app", json!({"data": {"n": "0"}})).await?;
     let handled = eventually("the injected replica to reconcile", TIMEOUT, || async {
-        sidecar.check_running()?;
-        operator_process.check_running()?;
+        running.runtime.check_running()?;
+        running.operator.check_running()?;
         let all = handled_by(&w.client, std::slice::from_ref(&data)).await?;
         Ok(all.values().next().cloned().flatten())
     })
