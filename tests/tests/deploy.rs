@@ -1,12 +1,20 @@
 //! The manifests in `deploy/`: the apiserver accepts them with strict field
 //! validation, they set only settings the binaries know, and their RBAC is
-//! enough — the manager and the example operator, each running as its own
-//! ServiceAccount, reconcile objects end to end.
+//! enough — the manager and the example operator (its runtime injected by
+//! the manager's webhook), each running as its own ServiceAccount,
+//! reconcile objects end to end.
 
 use std::{collections::BTreeMap, path::Path, process::Command};
 
 use anyhow::Context as _;
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+use k8s_openapi::{
+    ByteString,
+    api::{
+        admissionregistration::v1::MutatingWebhookConfiguration, apps::v1::Deployment,
+        core::v1::Pod,
+    },
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
 use kube::{
     Api, Client, ResourceExt as _,
     api::{DynamicObject, GroupVersionKind, Patch, PatchParams},
@@ -16,11 +24,10 @@ use opmesh_proto::env;
 use opmesh_tests::{
     ControlPlane, cluster,
     control_plane::{free_port, repo_root},
-    eventually,
-    mesh::{
-        Binaries, Manager, Replica, ReplicaOptions, create_generator, handled_by, mesh_resource,
-    },
+    eventually, injected,
+    mesh::{Binaries, Manager, create_generator, handled_by, mesh_resource},
     oracle::exact,
+    tls::MeshTls,
 };
 use serde::Deserialize as _;
 use serde_json::json;
@@ -46,9 +53,30 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
     cp.install_crd_yaml(&committed).await?;
 
     let mut objects = apply_file(&client, &deploy.join("manager/manager.yaml")).await?;
-    // The injection webhook's configuration is valid too. (Nothing here
-    // carries its label: its service is not reachable in this cluster.)
-    apply_file(&client, &deploy.join("manager/webhook.yaml")).await?;
+    // The injection webhook's configuration, pointed at this test's manager
+    // on loopback instead of its Service (nothing routes Services here), and
+    // kept to this namespace.
+    let webhook = apply_file(&client, &deploy.join("manager/webhook.yaml")).await?;
+    let webhook_port = free_port()?;
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let mut config = configs.get(&webhook[0].name_any()).await?;
+    for w in config.webhooks.iter_mut().flatten() {
+        w.client_config.service = None;
+        w.client_config.url = Some(format!("https://127.0.0.1:{webhook_port}/mutate-pods"));
+        w.client_config.ca_bundle = Some(ByteString(
+            MeshTls::shared(cp.dir()).ca_pem.clone().into_bytes(),
+        ));
+        w.namespace_selector = Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_string(),
+                "configmap-generator".to_string(),
+            )])),
+            ..Default::default()
+        });
+    }
+    configs
+        .replace(&config.name_any(), &Default::default(), &config)
+        .await?;
     apply_file(&client, &deploy.join("tls/self-managed.yaml")).await?;
     objects.extend(
         apply_file(
@@ -117,18 +145,6 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
     // Pods as the Deployments would create them (nothing runs them here;
     // the processes below stand in for their containers).
     let manager_pod = pod_from(&client, &deployments["opmesh-manager"], "opmesh-manager-0").await?;
-    let v1_pod = pod_from(
-        &client,
-        &deployments["configmap-generator-v1"],
-        "configmap-generator-v1-0",
-    )
-    .await?;
-    let v2_pod = pod_from(
-        &client,
-        &deployments["configmap-generator-v2"],
-        "configmap-generator-v2-0",
-    )
-    .await?;
 
     let dir = tempfile::Builder::new()
         .prefix("opmesh-deploy-")
@@ -163,6 +179,7 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
         &[
             "run".into(),
             format!("--listen=127.0.0.1:{port}"),
+            format!("--webhook-listen=127.0.0.1:{webhook_port}"),
             "--mesh-namespace=configmap-generator".into(),
             "--leader-election".into(),
             "--lease-namespace=opmesh-system".into(),
@@ -171,24 +188,46 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
         &[("KUBECONFIG", &manager_kubeconfig)],
     )
     .await?;
+    // The operator pods as their Deployments would make them, through the
+    // webhook: each comes back with the runtime, whose settings are all
+    // ones the runtime reads, and runs as injected.
+    let runtime_help = Command::new(&bins.runtime).arg("--help").output()?;
+    let runtime_help = String::from_utf8_lossy(&runtime_help.stdout).to_string();
     let mut replicas = Vec::new();
-    for (pod, version) in [(v1_pod, "v1"), (v2_pod, "v2")] {
-        let name = pod.name_any();
-        let kubeconfig = as_pod(pod).await?;
+    for (deployment, name) in [
+        ("configmap-generator-v1", "configmap-generator-v1-0"),
+        ("configmap-generator-v2", "configmap-generator-v2-0"),
+    ] {
+        let pod = injected::create_injected(
+            &client,
+            "configmap-generator",
+            &pod_of(&deployments[deployment], name)?,
+        )
+        .await?;
+        let runtime = injected::runtime_of(&pod).context("injected")?;
+        for var in env::REQUIRED {
+            assert!(
+                runtime.env.iter().flatten().any(|v| v.name == var),
+                "{name}: the injected runtime lacks {var}"
+            );
+        }
+        for var in runtime.env.iter().flatten() {
+            assert!(
+                runtime_help.contains(&format!("env: {}=", var.name)),
+                "{name}: the injected {} is not a setting of the runtime",
+                var.name
+            );
+        }
+        let kubeconfig = as_pod(pod.clone()).await?;
         replicas.push(
-            Replica::start_processes(&ReplicaOptions {
+            injected::run_injected(
                 cp,
-                bins: &bins,
-                dir: dir.path(),
-                manager: manager.addr(),
-                mesh: "configmap-generator/configmap-generator",
-                namespace: "configmap-generator",
-                pod: &name,
-                labels: &[],
-                version,
-                extra_env: &[("KUBECONFIG", &kubeconfig)],
-                operator_env: &[],
-            })
+                &bins,
+                dir.path(),
+                &pod,
+                manager.addr(),
+                &[("KUBECONFIG", &kubeconfig)],
+            )
             .await?,
         );
     }
@@ -205,7 +244,8 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
     let handled = eventually("every object to be handled", TIMEOUT, || async {
         manager.process().check_running()?;
         for r in &replicas {
-            r.check_running()?;
+            r.runtime.check_running()?;
+            r.operator.check_running()?;
         }
         let all = handled_by(&client, &namespaces).await?;
         Ok((all.len() == namespaces.len() && all.values().all(Option::is_some)).then_some(all))
@@ -303,7 +343,8 @@ async fn apply_file(client: &Client, path: &Path) -> anyhow::Result<Vec<DynamicO
 }
 
 /// Creates the Pod `name` a Deployment would create from its template.
-async fn pod_from(client: &Client, d: &Deployment, name: &str) -> anyhow::Result<Pod> {
+/// A Pod as Deployment `d` would make it, named `name`.
+fn pod_of(d: &Deployment, name: &str) -> anyhow::Result<Pod> {
     let ns = d.namespace().context("deployment namespace")?;
     let template = d.spec.as_ref().context("deployment spec")?.template.clone();
     let mut pod = Pod {
@@ -312,7 +353,14 @@ async fn pod_from(client: &Client, d: &Deployment, name: &str) -> anyhow::Result
         ..Default::default()
     };
     pod.metadata.name = Some(name.to_string());
-    pod.metadata.namespace = Some(ns.clone());
+    pod.metadata.namespace = Some(ns);
+    Ok(pod)
+}
+
+/// Creates a Pod as Deployment `d` would make it, named `name`.
+async fn pod_from(client: &Client, d: &Deployment, name: &str) -> anyhow::Result<Pod> {
+    let pod = pod_of(d, name)?;
+    let ns = pod.namespace().unwrap_or_default();
     Ok(Api::<Pod>::namespaced(client.clone(), &ns)
         .create(&Default::default(), &pod)
         .await?)
