@@ -23,7 +23,7 @@ use kube::{
 use opmesh_proto::env;
 use opmesh_tests::{
     ControlPlane, cluster,
-    control_plane::{free_port, repo_root},
+    control_plane::{Options, free_port, repo_root},
     eventually, injected,
     mesh::{Binaries, Manager, create_generator, handled_by, mesh_resource},
     oracle::exact,
@@ -36,7 +36,13 @@ const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 
 #[tokio::test]
 async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> anyhow::Result<()> {
-    let cp = ControlPlane::shared().await?;
+    // With a controller-manager: the manager's read grants are an
+    // aggregated ClusterRole, which its aggregation controller fills.
+    let cp = ControlPlane::shared_with(Options {
+        controller_manager: true,
+        ..Options::default()
+    })
+    .await?;
     let bins = Binaries::locate()?;
     let client = cp.client().await?;
     let deploy = repo_root().join("deploy");
@@ -85,6 +91,27 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
         )
         .await?,
     );
+
+    // The example's read grant is folded into the manager's aggregated
+    // ClusterRole.
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(client.clone());
+    eventually(
+        "the manager's aggregated ClusterRole to grant the example's types",
+        TIMEOUT,
+        || async {
+            let role = roles.get("opmesh-manager-reads").await?;
+            let resources: Vec<String> = role
+                .rules
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(|r| r.resources.unwrap_or_default())
+                .collect();
+            Ok((resources.iter().any(|r| r == "configmapgenerators")
+                && resources.iter().any(|r| r == "configmaps"))
+            .then_some(()))
+        },
+    )
+    .await?;
 
     // Every environment variable a container sets is one its binary reads.
     let deployments: BTreeMap<String, Deployment> = objects
