@@ -38,7 +38,7 @@ const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
 /// The most keys a hello may report as held.
-const MAX_HELD: usize = 100_000;
+const MAX_HELD: usize = opmesh_proto::MAX_HELD_KEYS;
 /// The most owned types a hello may declare.
 const MAX_OWNS: usize = 64;
 /// The longest key a hello may report (`namespace/name`).

@@ -38,6 +38,10 @@ impl v1::GroupVersionKind {
     }
 }
 
+/// The most keys a hello may report as held. A runtime holding more reports
+/// only this many; the others it lets go, and they wait out its lease.
+pub const MAX_HELD_KEYS: usize = 100_000;
+
 /// The key of a primary object of type `kind` (`group`, `version`):
 /// `namespace/name@Kind.version.group`, `name@...` for a cluster-scoped
 /// object, and `Kind.version` for the core group. The part before `@` is the

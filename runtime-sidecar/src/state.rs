@@ -404,7 +404,14 @@ impl Runtime {
     /// Keys to report in a hello; none once the lease has run out.
     pub(crate) fn held_keys(&self) -> Vec<String> {
         self.expire_lease();
-        self.session().held.iter().cloned().collect()
+        // The manager refuses a longer list; keys not reported are let go
+        // (see `welcomed`) and wait out the lease there.
+        self.session()
+            .held
+            .iter()
+            .take(opmesh_proto::MAX_HELD_KEYS)
+            .cloned()
+            .collect()
     }
 
     /// Stops starting reconciles, for a graceful shutdown.
@@ -465,4 +472,32 @@ impl Runtime {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain data behind these locks stays consistent even after a panic.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_runtime_reports_no_more_held_keys_than_a_hello_may_carry() {
+        let rt = Runtime::for_test(&[]);
+        {
+            let mut s = rt.session();
+            s.lease_until = Some(Instant::now() + std::time::Duration::from_secs(3600));
+            s.held = (0..opmesh_proto::MAX_HELD_KEYS + 10)
+                .map(|i| format!("ns/k{i}@ConfigMap.v1"))
+                .collect();
+        }
+        let reported = rt.held_keys();
+        assert_eq!(reported.len(), opmesh_proto::MAX_HELD_KEYS);
+        // Those not reported are let go once welcomed.
+        let welcome = Welcome {
+            runtime_id: "ops/op-0".into(),
+            subset: "v1".into(),
+            lease_ttl_ms: 3_600_000,
+        };
+        rt.welcomed(&welcome, Instant::now(), &reported);
+        assert_eq!(rt.session().unsynced.len(), opmesh_proto::MAX_HELD_KEYS);
+        assert!(rt.session().held.is_empty());
+    }
 }
