@@ -295,6 +295,22 @@ impl World {
         .await
     }
 
+    /// Creates generators `app-0` to `app-{n-1}` in `namespace` and waits
+    /// until each has been handled.
+    pub async fn apps(&self, namespace: &str, n: usize) -> anyhow::Result<()> {
+        for i in 0..n {
+            crate::mesh::create_generator(
+                &self.client,
+                namespace,
+                &format!("app-{i}"),
+                json!({"data": {"n": "0"}}),
+            )
+            .await?;
+        }
+        self.wait_handled(&[namespace.to_string()], n).await?;
+        Ok(())
+    }
+
     /// Changes generator `namespace/name`'s data and waits until a replica
     /// reconciled the change; returns its `status.handledBy`.
     pub async fn change_and_wait(&self, namespace: &str, name: &str) -> anyhow::Result<String> {

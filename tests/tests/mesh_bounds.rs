@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use opmesh_proto::v1::HeldKey;
 use opmesh_tests::{
     eventually,
-    mesh::{Replica, create_generator},
+    mesh::Replica,
     session::{client, hello, send},
     world::{TIMEOUT, World},
 };
@@ -58,16 +58,7 @@ async fn a_burst_of_hellos_leaves_the_real_runtimes_on_time() -> anyhow::Result<
     w.replica("v1-1", "v1").await?;
     w.all_ready().await?;
     let ns = w.object_namespace("bounds-data", &[]).await?;
-    for i in 0..6 {
-        create_generator(
-            &w.client,
-            &ns,
-            &format!("app-{i}"),
-            json!({"data": {"n": "0"}}),
-        )
-        .await?;
-    }
-    w.wait_handled(std::slice::from_ref(&ns), 6).await?;
+    w.apps(&ns, 6).await?;
     let joined = w
         .manager
         .process()

@@ -293,16 +293,7 @@ async fn a_rolling_replacement_loses_no_update_and_no_key_waits_a_ttl() -> anyho
     w.all_ready().await?;
     let ns = w.object_namespace("rolling-data", &[]).await?;
     const N: usize = 20;
-    for i in 0..N {
-        create_generator(
-            &w.client,
-            &ns,
-            &format!("app-{i}"),
-            json!({"data": {"n": "0"}}),
-        )
-        .await?;
-    }
-    w.wait_handled(std::slice::from_ref(&ns), N).await?;
+    w.apps(&ns, N).await?;
 
     // Objects keep changing through the whole rollout, with reconciles
     // that take a while.

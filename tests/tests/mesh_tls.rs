@@ -129,16 +129,7 @@ async fn rotating_the_certificate_under_open_sessions_loses_no_key_and_no_update
     w.all_ready().await?;
     let ns = w.object_namespace("tls-rotate-data", &[]).await?;
     const N: usize = 12;
-    for i in 0..N {
-        create_generator(
-            &w.client,
-            &ns,
-            &format!("app-{i}"),
-            json!({"data": {"n": "0"}}),
-        )
-        .await?;
-    }
-    w.wait_handled(std::slice::from_ref(&ns), N).await?;
+    w.apps(&ns, N).await?;
     let joined = (joins(&w, "v1-0"), joins(&w, "v1-1"));
 
     // Objects keep changing while the certificate rotates.
