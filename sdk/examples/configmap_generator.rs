@@ -127,7 +127,11 @@ pub struct ConfigMapBundleStatus {
 const WRITTEN_BY: &str = "example.opmesh.io/written-by";
 
 #[derive(Parser)]
-#[command(about = "Example opmesh operator: ConfigMapGenerator")]
+#[command(
+    name = "configmap_generator",
+    version,
+    about = "Example opmesh operator: ConfigMapGenerator"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
