@@ -328,7 +328,8 @@ impl ControlPlane {
         }
     }
 
-    /// Applies every `*.yaml` CRD in `dir` and waits until each is Established.
+    /// Applies every `*.yaml` CRD in `dir` (but its `kustomization.yaml`)
+    /// and waits until each is Established.
     pub async fn install_crds(&self, dir: &Path) -> anyhow::Result<()> {
         let client = self.client().await?;
         let api: Api<CustomResourceDefinition> = Api::all(client);
@@ -339,7 +340,9 @@ impl ControlPlane {
         entries.sort_by_key(|e| e.path());
         for entry in entries {
             let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            if path.extension().and_then(|e| e.to_str()) != Some("yaml")
+                || path.file_name().is_some_and(|n| n == "kustomization.yaml")
+            {
                 continue;
             }
             let text = std::fs::read_to_string(&path)?;
