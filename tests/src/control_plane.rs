@@ -50,9 +50,10 @@ pub struct Options {
     /// A directory of CRD manifests to install before returning; each CRD is
     /// waited on until it is Established.
     pub crds_dir: Option<PathBuf>,
-    /// Also run kube-controller-manager, so Deployments make ReplicaSets
-    /// and Pods (no scheduler or kubelet runs them), namespaces finish
-    /// deleting and owned objects are garbage-collected.
+    /// Also run kube-controller-manager (the default), so Deployments make
+    /// ReplicaSets and Pods (no scheduler or kubelet runs them), namespaces
+    /// finish deleting and owned objects are garbage-collected, as in a
+    /// cluster.
     pub controller_manager: bool,
 }
 
@@ -76,7 +77,7 @@ impl Default for Options {
         Self {
             feature_gates: Vec::new(),
             crds_dir: Some(repo_root().join("deploy/crds")),
-            controller_manager: false,
+            controller_manager: true,
         }
     }
 }

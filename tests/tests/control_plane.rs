@@ -203,3 +203,88 @@ async fn bound_pod_token_passes_token_review_with_pod_name() -> anyhow::Result<(
     assert_ne!(forged.authenticated, Some(true));
     Ok(())
 }
+
+#[tokio::test]
+async fn namespaces_finish_deleting_owned_objects_are_collected_and_deployments_make_pods()
+-> anyhow::Result<()> {
+    let cp = ControlPlane::shared().await?;
+    let _logs = cp.failure_guard();
+    let client = cp.client().await?;
+    let ns = cluster::create_namespace(&client, "lifecycle", &[]).await?;
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+
+    // A dependent goes when its owner does.
+    let owner = configmaps
+        .create(
+            &PostParams::default(),
+            &ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some("owner".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+    let reference = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        api_version: "v1".into(),
+        kind: "ConfigMap".into(),
+        name: owner.name_any(),
+        uid: owner.uid().unwrap_or_default(),
+        ..Default::default()
+    };
+    configmaps
+        .create(
+            &PostParams::default(),
+            &ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some("dependent".into()),
+                    owner_references: Some(vec![reference]),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+    configmaps.delete("owner", &DeleteParams::default()).await?;
+    eventually("the dependent to be garbage-collected", TIMEOUT, || async {
+        Ok(configmaps
+            .get_opt("dependent")
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+
+    // A Deployment's ReplicaSet makes its Pods.
+    let deployment: k8s_openapi::api::apps::v1::Deployment =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {
+                    "metadata": {"labels": {"app": "web"}},
+                    "spec": {"containers": [{"name": "web", "image": "web:1"}]}
+                }
+            }
+        }))?;
+    Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &deployment)
+        .await?;
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns);
+    eventually("the Deployment's two pods", TIMEOUT, || async {
+        let list = pods.list(&Default::default()).await?;
+        Ok((list.items.len() == 2).then_some(()))
+    })
+    .await?;
+
+    // A deleted namespace is emptied and then gone, not left Terminating.
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    eventually("the namespace to finish deleting", TIMEOUT, || async {
+        Ok(namespaces.get_opt(&ns).await?.is_none().then_some(()))
+    })
+    .await?;
+    Ok(())
+}

@@ -25,7 +25,7 @@ use kube::{
 use opmesh_proto::env;
 use opmesh_tests::{
     ControlPlane,
-    control_plane::{Options, free_port},
+    control_plane::free_port,
     eventually,
     injected::{run_injected, runtime_of},
     mesh::{apply_mesh, create_generator, grant_example_reads, handled_by},
@@ -63,13 +63,9 @@ fn pod(name: &str, labels: &[(&str, &str)], spec: Option<PodSpec>) -> Pod {
 
 #[tokio::test]
 async fn labelled_operator_pods_get_the_runtime_and_nothing_else_changes() -> anyhow::Result<()> {
-    // With a controller-manager, so a Deployment's pods are made as in a
-    // cluster: by its ReplicaSet, through the webhook.
-    ControlPlane::shared_with(Options {
-        controller_manager: true,
-        ..Options::default()
-    })
-    .await?;
+    // The controller-manager makes a Deployment's pods as in a cluster: by
+    // its ReplicaSet, through the webhook.
+    ControlPlane::shared().await?;
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
     let w = World::with_manager_env("webhook", &[("OPMESH_WEBHOOK_LISTEN", &listen)]).await?;
