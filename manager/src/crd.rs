@@ -252,9 +252,16 @@ pub struct SubsetStatus {
     pub observed_share: Option<String>,
 }
 
-/// The CRD manifest as YAML, as committed under `deploy/crds/`.
+/// The CRD manifest as YAML, as committed under `deploy/crds/` and in the
+/// Helm chart's `crds/`. It carries the label every installed object of
+/// opmesh has, since Helm does not template CRDs.
 pub fn crd_yaml() -> Result<String, serde_norway::Error> {
-    serde_norway::to_string(&OperatorMesh::crd())
+    let mut crd = OperatorMesh::crd();
+    crd.metadata.labels = Some(BTreeMap::from([(
+        "app.kubernetes.io/part-of".to_string(),
+        "opmesh".to_string(),
+    )]));
+    serde_norway::to_string(&crd)
 }
 
 #[cfg(test)]
@@ -263,12 +270,23 @@ mod tests {
 
     #[test]
     fn committed_crd_matches_the_rust_types() {
-        let committed = include_str!("../../deploy/crds/opmesh.io_operatormeshes.yaml");
         let generated = crd_yaml().unwrap();
-        assert!(
-            committed == generated,
-            "deploy/crds/opmesh.io_operatormeshes.yaml is stale; regenerate it with \
-             `cargo run -p opmesh-manager -- crd > deploy/crds/opmesh.io_operatormeshes.yaml`"
-        );
+        for (path, committed) in [
+            (
+                "deploy/crds/opmesh.io_operatormeshes.yaml",
+                include_str!("../../deploy/crds/opmesh.io_operatormeshes.yaml"),
+            ),
+            (
+                "deploy/helm/opmesh/crds/opmesh.io_operatormeshes.yaml",
+                include_str!("../../deploy/helm/opmesh/crds/opmesh.io_operatormeshes.yaml"),
+            ),
+        ] {
+            assert!(
+                committed == generated,
+                "{path} is stale; regenerate both copies with `cargo run -p opmesh-manager -- crd \
+                 | tee deploy/crds/opmesh.io_operatormeshes.yaml \
+                 > deploy/helm/opmesh/crds/opmesh.io_operatormeshes.yaml`"
+            );
+        }
     }
 }

@@ -9,6 +9,8 @@
 //! - [`proxy`]: a loopback TCP proxy that cuts, blackholes, delays and
 //!   stalls connections.
 //! - [`injected`]: runs a webhook-injected pod's runtime and operator.
+//! - [`manifests`]: renders the Helm chart and kustomize overlays and applies
+//!   them with strict validation.
 //! - [`history`]: checks reconcile records for overlaps, stale writes and
 //!   contested handoffs.
 //! - [`landed`]: watches in which order the example operator's writes land.
@@ -23,6 +25,7 @@ pub mod control_plane;
 pub mod history;
 pub mod injected;
 pub mod landed;
+pub mod manifests;
 pub mod mesh;
 pub mod oracle;
 pub mod proxy;

@@ -1,5 +1,5 @@
-//! The manifests in `deploy/`: the apiserver accepts them with strict field
-//! validation, they set only settings the binaries know, and their RBAC is
+//! The manifests in `deploy/` (the kustomize install and the example
+//! operator): the apiserver accepts them with strict field validation, they set only settings the binaries know, and their RBAC is
 //! enough — the manager and the example operator (its runtime injected by
 //! the manager's webhook), each running as its own ServiceAccount,
 //! reconcile objects end to end.
@@ -15,34 +15,25 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
-use kube::{
-    Api, Client, ResourceExt as _,
-    api::{DynamicObject, GroupVersionKind, Patch, PatchParams},
-    discovery::{Scope, pinned_kind},
-};
+use kube::{Api, Client, ResourceExt as _, api::DynamicObject};
 use opmesh_proto::env;
 use opmesh_tests::{
     ControlPlane, cluster,
-    control_plane::{Options, free_port, repo_root},
-    eventually, injected,
+    control_plane::{free_port, repo_root},
+    eventually, injected, manifests,
     mesh::{Binaries, Manager, create_generator, handled_by, mesh_resource},
     oracle::exact,
     tls::MeshTls,
 };
-use serde::Deserialize as _;
 use serde_json::json;
 
 const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 
 #[tokio::test]
 async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> anyhow::Result<()> {
-    // With a controller-manager: the manager's read grants are an
-    // aggregated ClusterRole, which its aggregation controller fills.
-    let cp = ControlPlane::shared_with(Options {
-        controller_manager: true,
-        ..Options::default()
-    })
-    .await?;
+    // The controller-manager's aggregation controller fills the manager's
+    // aggregated read ClusterRole.
+    let cp = ControlPlane::shared().await?;
     let bins = Binaries::locate()?;
     let client = cp.client().await?;
     let deploy = repo_root().join("deploy");
@@ -58,14 +49,31 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
     );
     cp.install_crd_yaml(&committed).await?;
 
-    let mut objects = apply_file(&client, &deploy.join("manager/manager.yaml")).await?;
+    // The install as a user applies it: the kustomize overlay in which the
+    // manager makes its own certificate.
+    let overlay = "overlays/self-managed";
+    let mut objects = manifests::apply(
+        &client,
+        &manifests::kustomize(overlay)?,
+        &format!("kubectl kustomize {overlay}"),
+        false,
+    )
+    .await?;
     // The injection webhook's configuration, pointed at this test's manager
     // on loopback instead of its Service (nothing routes Services here), and
     // kept to this namespace.
-    let webhook = apply_file(&client, &deploy.join("manager/webhook.yaml")).await?;
+    let webhook = objects
+        .iter()
+        .find(|o| {
+            o.types
+                .as_ref()
+                .is_some_and(|t| t.kind == "MutatingWebhookConfiguration")
+        })
+        .context("the install has no webhook configuration")?
+        .name_any();
     let webhook_port = free_port()?;
     let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let mut config = configs.get(&webhook[0].name_any()).await?;
+    let mut config = configs.get(&webhook).await?;
     for w in config.webhooks.iter_mut().flatten() {
         w.client_config.service = None;
         w.client_config.url = Some(format!("https://127.0.0.1:{webhook_port}/mutate-pods"));
@@ -83,11 +91,13 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
     configs
         .replace(&config.name_any(), &Default::default(), &config)
         .await?;
-    apply_file(&client, &deploy.join("tls/self-managed.yaml")).await?;
+    let example = deploy.join("examples/configmap-generator/operator.yaml");
     objects.extend(
-        apply_file(
+        manifests::apply(
             &client,
-            &deploy.join("examples/configmap-generator/operator.yaml"),
+            &manifests::documents(&std::fs::read_to_string(&example)?)?,
+            &example.display().to_string(),
+            false,
         )
         .await?,
     );
@@ -320,56 +330,6 @@ async fn the_manifests_run_the_example_operator_as_their_service_accounts() -> a
     Ok(())
 }
 
-/// Server-side applies every document of a YAML file with strict field
-/// validation, in order; returns them as applied.
-async fn apply_file(client: &Client, path: &Path) -> anyhow::Result<Vec<DynamicObject>> {
-    let text = std::fs::read_to_string(path)?;
-    let mut applied = Vec::new();
-    for doc in serde_norway::Deserializer::from_str(&text) {
-        let value = serde_json::to_value(serde_norway::Value::deserialize(doc)?)?;
-        if value.is_null() {
-            continue;
-        }
-        let obj: DynamicObject = serde_json::from_value(value)?;
-        let types = obj
-            .types
-            .clone()
-            .context("a document without apiVersion/kind")?;
-        let gvk = GroupVersionKind::try_from(&types)?;
-        let (ar, caps) = pinned_kind(client, &gvk).await?;
-        let api: Api<DynamicObject> = match (caps.scope, obj.namespace()) {
-            (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), &ns, &ar),
-            (Scope::Namespaced, None) => anyhow::bail!(
-                "{}: {} {} has no namespace",
-                path.display(),
-                types.kind,
-                obj.name_any()
-            ),
-            (Scope::Cluster, _) => Api::all_with(client.clone(), &ar),
-        };
-        let pp = PatchParams::apply("opmesh-deploy-test")
-            .force()
-            .validation_strict();
-        let out = api
-            .patch(&obj.name_any(), &pp, &Patch::Apply(&obj))
-            .await
-            .with_context(|| {
-                format!(
-                    "{}: applying {} {}",
-                    path.display(),
-                    types.kind,
-                    obj.name_any()
-                )
-            })?;
-        applied.push(DynamicObject {
-            types: Some(types),
-            ..out
-        });
-    }
-    Ok(applied)
-}
-
-/// Creates the Pod `name` a Deployment would create from its template.
 /// A Pod as Deployment `d` would make it, named `name`.
 fn pod_of(d: &Deployment, name: &str) -> anyhow::Result<Pod> {
     let ns = d.namespace().context("deployment namespace")?;

@@ -99,7 +99,7 @@ impl Managed {
     pub(crate) async fn ensure(&self) -> anyhow::Result<Issued> {
         let grant = || {
             format!(
-                "the manager needs get, create and update on Secret {} (deploy/tls/self-managed.yaml)",
+                "the manager needs get, create and update on Secret {} (the chart with tls.mode=self-managed, or deploy/kustomize/overlays/self-managed/tls.yaml)",
                 self.secret
             )
         };
