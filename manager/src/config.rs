@@ -89,6 +89,15 @@ pub struct Config {
         default_value = "https://opmesh-manager.opmesh-system.svc:9440"
     )]
     pub injected_manager_addr: String,
+    /// Serve the admin API (HTTPS with the session port's certificate;
+    /// callers authenticate with their Kubernetes token and are authorized
+    /// by their RBAC on operatormeshes) on this address. Unset: none.
+    #[arg(long, env = "OPMESH_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Serve /healthz, /readyz and /metrics (plain HTTP) on this address.
+    /// Unset: none.
+    #[arg(long, env = "OPMESH_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Serve sessions without TLS. For development only: anyone on the
     /// network path can then read the objects and forge the manager.
     #[arg(

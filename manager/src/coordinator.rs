@@ -44,6 +44,7 @@ use crate::{
     gvk::Gvk,
     id::{Holder, MeshId, PodId},
     mesh::Mesh,
+    metrics::Metrics,
     policy::Labels,
     watch::{NamespaceLabels, ObjName, WatchEvent},
 };
@@ -128,8 +129,9 @@ struct Session {
     contact: Contact,
     /// Revoked keys not yet released, in the order the revokes were sent.
     revoked: std::collections::VecDeque<(Instant, String)>,
-    /// The keys of `revoked` still waiting for a `Released`.
-    unreleased: std::collections::HashSet<String>,
+    /// The keys of `revoked` still waiting for a `Released`, and when each
+    /// was revoked.
+    unreleased: HashMap<String, Instant>,
 }
 
 /// Keys of a session that ended without a goodbye: held until its lease
@@ -156,7 +158,8 @@ pub(crate) struct Coordinator {
     sessions: HashMap<PodId, Session>,
     store: Store,
     watches: HashMap<String, WatchState>,
-    namespaces: HashMap<String, Labels>,
+    /// Every namespace's labels (shared with the published snapshot).
+    namespaces: Arc<HashMap<String, Labels>>,
     namespaces_synced: bool,
     /// The Namespace watch's last error, until it lists or delivers again.
     namespaces_error: Option<String>,
@@ -175,6 +178,8 @@ pub(crate) struct Coordinator {
     dirty: bool,
     /// What the status should say about particular pods.
     notes: Notes,
+    /// Counters and the handoff histogram.
+    metrics: Arc<Metrics>,
 }
 
 // === impl Coordinator ===
@@ -191,7 +196,7 @@ impl Coordinator {
             sessions: HashMap::new(),
             store: HashMap::new(),
             watches: HashMap::new(),
-            namespaces: HashMap::new(),
+            namespaces: Arc::default(),
             namespaces_synced: false,
             namespaces_error: None,
             next_session: 1,
@@ -203,7 +208,14 @@ impl Coordinator {
             effects: Vec::new(),
             dirty: true,
             notes: Notes::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts into `metrics` instead of metrics of its own.
+    pub(crate) fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Applies `input` at time `now`, queues what runtimes must hear, and

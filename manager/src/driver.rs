@@ -36,6 +36,8 @@ pub(crate) struct Driver {
     pub(crate) published: Arc<Published>,
     /// Whether this manager may still lead.
     pub(crate) authority: Arc<Authority>,
+    /// What the coordinator counts.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 // === impl Driver ===
@@ -45,7 +47,8 @@ impl Driver {
     /// its own clock) or the task is stopped; every session is closed then.
     /// `tx` is the sender of `inputs`, for the watches the driver starts.
     pub(crate) async fn run(self, tx: mpsc::Sender<Input>, mut inputs: mpsc::Receiver<Input>) {
-        let mut coordinator = Coordinator::new(self.lease_ttl, Instant::now());
+        let mut coordinator =
+            Coordinator::new(self.lease_ttl, Instant::now()).with_metrics(self.metrics.clone());
         // The watches live as long as this task.
         let mut watches = vec![
             forward(

@@ -14,6 +14,9 @@
 //!   starts the watches it asks for, publishes its snapshots.
 //! - `watch` — watchers as streams; they know nothing of their reader.
 //! - `server` — the gRPC edge: admission and session pumps.
+//! - `admin` — the admin API ([`api`]), and `health` — `/healthz`,
+//!   `/readyz` and `/metrics` (`metrics`); both read the published
+//!   snapshot.
 //! - `snapshot` — the typed view the coordinator publishes (`arc-swap`), read
 //!   by the status writer (`status`) and, next, the admin API, webhook and
 //!   rollout controller.
@@ -30,7 +33,9 @@
 
 #![warn(unreachable_pub)]
 
+mod admin;
 mod admission;
+pub mod api;
 pub mod config;
 mod coordinator;
 // The schema derive copies the spec types into a private module, which the
@@ -40,11 +45,13 @@ pub mod crd;
 mod driver;
 mod error;
 mod gvk;
+mod health;
 mod id;
 mod inject;
 mod leader;
 mod limits;
 mod mesh;
+mod metrics;
 mod policy;
 mod server;
 mod snapshot;
@@ -135,13 +142,15 @@ pub async fn run(
     // The coordinator starts once this manager leads and stops when it no
     // longer does; sessions are refused outside that window.
     let published = Arc::new(Published::new());
+    let metrics = Arc::new(metrics::Metrics::default());
     let mut coordinator = {
-        let (client, config, tx, authority, published) = (
+        let (client, config, tx, authority, published, metrics) = (
             client.clone(),
             config.clone(),
             tx.clone(),
             authority.clone(),
             published.clone(),
+            metrics.clone(),
         );
         tokio::spawn(async move {
             authority.wait_leading().await;
@@ -153,6 +162,7 @@ pub async fn run(
                 lease_ttl: config.lease_ttl(),
                 published,
                 authority,
+                metrics,
             };
             driver.run(tx, rx).await;
         })
@@ -169,6 +179,7 @@ pub async fn run(
         !config.insecure_allow_unauthenticated_runtimes,
     );
     let client_for_webhook = client.clone();
+    let client_for_admin = client.clone();
     let service = MeshServiceServer::new(server::MeshServer::new(
         tx,
         client,
@@ -215,6 +226,56 @@ pub async fn run(
             }))
         }
         _ => None,
+    };
+    // The admin API, on a port of its own, with the same certificate.
+    if config.admin_listen.is_some() && certificate.is_none() {
+        anyhow::bail!(
+            "--admin-listen needs a TLS certificate: callers send their Kubernetes tokens to it"
+        );
+    }
+    let _admin = match (&config.admin_listen, &certificate) {
+        (Some(addr), Some(cert)) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on --admin-listen {addr}: {e}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "admin API listening");
+            let admin = Arc::new(admin::Admin {
+                client: client_for_admin.clone(),
+                published: published.clone(),
+                authority: authority.clone(),
+                lease: config
+                    .leader_election
+                    .then(|| (config.lease_namespace.clone(), config.lease_name.clone())),
+                auth: admin::Auth::new(client_for_admin),
+            });
+            let serving = admin::serve(listener, cert.clone(), admin);
+            Some(Task::spawn(async move {
+                if let Err(e) = serving.await {
+                    tracing::error!(error = %format!("{e:#}"), "the admin API stopped");
+                }
+            }))
+        }
+        _ => None,
+    };
+    let _health = match &config.health_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on --health-listen {addr}: {e}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "health and metrics listening");
+            let health = Arc::new(health::Health {
+                published: published.clone(),
+                authority: authority.clone(),
+                metrics: metrics.clone(),
+                lease_ttl: config.lease_ttl(),
+            });
+            Some(Task::spawn(async move {
+                if let Err(e) = health::serve(listener, health).await {
+                    tracing::error!(error = %format!("{e:#}"), "the health endpoint stopped");
+                }
+            }))
+        }
+        None => None,
     };
     let _managed = match (managed, &certificate) {
         (Some(m), Some(cert)) => Some(Task::spawn(m.run(cert.clone(), published.clone()))),

@@ -28,8 +28,9 @@ pub(crate) struct Mesh {
     pub(crate) generation: Option<i64>,
     /// The last valid policy, in force.
     pub(crate) policy: Option<Arc<Policy>>,
-    /// The policy's exact split of the namespaces that exist.
-    pub(crate) apportionment: Apportionment,
+    /// The policy's exact split of the namespaces that exist (shared with
+    /// the published snapshot).
+    pub(crate) apportionment: Arc<Apportionment>,
     /// Why the latest spec is invalid, if it is.
     pub(crate) invalid: Option<String>,
     /// The primary types, by key, as the runtimes declare them.
@@ -58,7 +59,7 @@ impl Mesh {
         Self {
             generation: None,
             policy: None,
-            apportionment: Apportionment::default(),
+            apportionment: Arc::default(),
             invalid: None,
             primaries: BTreeMap::new(),
             owns: BTreeMap::new(),

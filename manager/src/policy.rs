@@ -137,6 +137,66 @@ pub(crate) enum MembershipError {
     NoSubset(Labels),
 }
 
+/// The rule that places a key, as [`Policy::explain`] finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// A cluster-scoped object: `spec.routing.clusterScoped`'s subset, if
+    /// set.
+    ClusterScoped(Option<usize>),
+    /// Its namespace is in `spec.routing.exclude`.
+    Excluded,
+    /// Its namespace does not match `spec.namespaceSelector`.
+    NotSelected,
+    /// `spec.routing.pins[index]` matches its namespace.
+    Pinned {
+        /// The pin's index.
+        index: usize,
+        /// Its subset.
+        subset: usize,
+    },
+    /// The exact split gave its namespace to `subset`.
+    Apportioned {
+        /// The subset.
+        subset: usize,
+    },
+    /// The exact split has not seen its namespace yet.
+    NotApportioned,
+    /// The weight hash of `hashed` (the namespace, or the object's
+    /// `namespace/name`) falls in `subset`'s range.
+    Hashed {
+        /// What was hashed.
+        hashed: String,
+        /// Its weight hash.
+        hash: u64,
+        /// The subset whose range holds it.
+        subset: usize,
+    },
+}
+
+// === impl Apportionment ===
+
+impl Apportionment {
+    /// The namespaces the split divides.
+    pub(crate) fn namespaces(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+}
+
+// === impl Placement ===
+
+impl Placement {
+    /// The subset the key goes to, if any.
+    pub(crate) fn subset(&self) -> Option<usize> {
+        match self {
+            Self::ClusterScoped(s) => *s,
+            Self::Excluded | Self::NotSelected | Self::NotApportioned => None,
+            Self::Pinned { subset, .. }
+            | Self::Apportioned { subset }
+            | Self::Hashed { subset, .. } => Some(*subset),
+        }
+    }
+}
+
 // === impl Declared ===
 
 impl Declared {
@@ -351,17 +411,26 @@ impl Policy {
 
     /// The subset a pin sends namespace `ns` to, if any.
     fn pinned(&self, ns: &str, ns_labels: &Labels) -> Option<usize> {
-        self.pins
-            .iter()
-            .find(|pin| {
-                pin.namespaces.contains(ns)
-                    || pin
-                        .selector
-                        .as_ref()
-                        .is_some_and(|sel| selector::matches(sel, ns_labels))
-                    || pin.regex.as_ref().is_some_and(|re| re.is_match(ns))
-            })
-            .map(|pin| pin.subset)
+        self.pin_index(ns, ns_labels).map(|i| self.pins[i].subset)
+    }
+
+    /// The first pin that matches namespace `ns`, by its index in
+    /// `spec.routing.pins`.
+    fn pin_index(&self, ns: &str, ns_labels: &Labels) -> Option<usize> {
+        self.pins.iter().position(|pin| {
+            pin.namespaces.contains(ns)
+                || pin
+                    .selector
+                    .as_ref()
+                    .is_some_and(|sel| selector::matches(sel, ns_labels))
+                || pin.regex.as_ref().is_some_and(|re| re.is_match(ns))
+        })
+    }
+
+    /// Subset `i`'s share of the weight hash space, as `(start, end)` in
+    /// units of 2⁶⁴ (end exclusive), for explaining a hashed key.
+    pub(crate) fn hash_range(&self, i: usize) -> (u128, u128) {
+        self.ranges.range(i)
     }
 
     /// The exact split of `namespaces` (the namespaces that hold the mesh's
@@ -406,23 +475,50 @@ impl Policy {
         ns_labels: &Labels,
         exact: &Apportionment,
     ) -> Option<usize> {
+        self.explain(key, ns_labels, exact).subset()
+    }
+
+    /// Why [`Policy::route`] sends `key` where it does: the rule that
+    /// decides, and the subset.
+    pub(crate) fn explain(
+        &self,
+        key: &str,
+        ns_labels: &Labels,
+        exact: &Apportionment,
+    ) -> Placement {
         let Some((ns, _)) = key.split_once('/') else {
-            return self.cluster_scoped;
+            return Placement::ClusterScoped(self.cluster_scoped);
         };
-        if !self.covers_namespace(ns, ns_labels) {
-            return None;
+        if !ns.is_empty() && self.exclude.contains(ns) {
+            return Placement::Excluded;
         }
-        if let Some(subset) = self.pinned(ns, ns_labels) {
-            return Some(subset);
+        if !self.covers_namespace(ns, ns_labels) {
+            return Placement::NotSelected;
+        }
+        if let Some(index) = self.pin_index(ns, ns_labels) {
+            return Placement::Pinned {
+                index,
+                subset: self.pins[index].subset,
+            };
         }
         match (self.split, self.granularity) {
-            (Split::Exact, _) => exact.0.get(ns).copied(),
-            (Split::Hash, Granularity::Namespace) => Some(self.ranges.subset_of(weight_hash(ns))),
-            // The object, not its type: an object's controllers agree.
-            (Split::Hash, Granularity::Object) => Some(
-                self.ranges
-                    .subset_of(weight_hash(opmesh_proto::parse_key(key).0)),
-            ),
+            (Split::Exact, _) => match exact.0.get(ns) {
+                Some(&subset) => Placement::Apportioned { subset },
+                None => Placement::NotApportioned,
+            },
+            (Split::Hash, granularity) => {
+                let hashed = match granularity {
+                    Granularity::Namespace => ns,
+                    // The object, not its type: an object's controllers agree.
+                    Granularity::Object => opmesh_proto::parse_key(key).0,
+                };
+                let hash = weight_hash(hashed);
+                Placement::Hashed {
+                    hashed: hashed.to_string(),
+                    hash,
+                    subset: self.ranges.subset_of(hash),
+                }
+            }
         }
     }
 

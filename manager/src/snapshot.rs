@@ -6,14 +6,18 @@
 //! current snapshot without locks through `arc-swap` and learn of a new one
 //! through a `watch` channel; they never call into the coordinator.
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Instant,
+};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::{
     id::{Holder, MeshId},
-    policy::Declared,
+    policy::{Apportionment, Declared, Labels, Policy},
 };
 
 /// Everything the coordinator knows that others may read.
@@ -21,6 +25,9 @@ use crate::{
 pub(crate) struct Snapshot {
     /// Every mesh the manager handles.
     pub(crate) meshes: BTreeMap<MeshId, MeshView>,
+    /// True once the coordinator routes: namespaces listed, and any lease
+    /// an earlier manager granted run out.
+    pub(crate) synced: bool,
 }
 
 /// One mesh.
@@ -49,6 +56,40 @@ pub(crate) struct MeshView {
     pub(crate) watch_errors: Vec<(String, String)>,
     /// What is wrong with particular pods.
     pub(crate) notes: Vec<PodNote>,
+    /// What the coordinator routes with, for explaining and planning.
+    pub(crate) routing: Option<RoutingView>,
+}
+
+/// The policy in force and the inputs it routes with, shared with the
+/// coordinator (cheap to publish: the coordinator copies them only when it
+/// changes them while a reader holds them).
+#[derive(Clone, Debug)]
+pub(crate) struct RoutingView {
+    /// The compiled policy.
+    pub(crate) policy: Arc<Policy>,
+    /// Its exact split of the namespaces that exist.
+    pub(crate) apportionment: Arc<Apportionment>,
+    /// Every namespace's labels.
+    pub(crate) namespaces: Arc<HashMap<String, Labels>>,
+}
+
+impl PartialEq for RoutingView {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.policy, &other.policy)
+            && Arc::ptr_eq(&self.apportionment, &other.apportionment)
+            && Arc::ptr_eq(&self.namespaces, &other.namespaces)
+    }
+}
+
+// === impl RoutingView ===
+
+impl RoutingView {
+    /// The labels of the namespace of `key`.
+    pub(crate) fn labels_of(&self, key: &str) -> &Labels {
+        static EMPTY: Labels = Labels::new();
+        let ns = key.split_once('/').map(|(ns, _)| ns).unwrap_or("");
+        self.namespaces.get(ns).unwrap_or(&EMPTY)
+    }
 }
 
 /// Something wrong with one pod, for the mesh's `Degraded` condition.
@@ -89,6 +130,8 @@ pub(crate) struct ReplicaView {
     pub(crate) holder: Holder,
     /// True when everything queued for it has been sent.
     pub(crate) ready: bool,
+    /// Messages queued for it and not yet sent.
+    pub(crate) pending: usize,
     /// Keys it owns (not counting keys being revoked).
     pub(crate) owned_keys: u64,
     /// When it was last heard from.

@@ -14,7 +14,7 @@ use k8s_openapi::api::{
         TokenReviewStatus,
     },
     core::v1::{Container, Namespace, Pod, PodSpec, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject},
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -178,6 +178,94 @@ pub async fn grant_cluster(
         .await
         .with_context(|| format!("applying clusterrolebinding {binding_name}"))?;
     Ok(())
+}
+
+/// Lets ServiceAccount `namespace/service_account` `verbs` the resources
+/// `(group, plural)` in `namespace` only, through Role `role` and a
+/// binding of the same name.
+pub async fn grant_namespace(
+    client: &Client,
+    namespace: &str,
+    role: &str,
+    resources: &[(&str, &str)],
+    verbs: &[&str],
+    service_account: &str,
+) -> anyhow::Result<()> {
+    ensure_service_account(client, namespace, service_account).await?;
+    let strings = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let r = Role {
+        metadata: ObjectMeta {
+            name: Some(role.to_string()),
+            namespace: Some(namespace.to_string()),
+            ..Default::default()
+        },
+        rules: Some(
+            resources
+                .iter()
+                .map(|(group, plural)| PolicyRule {
+                    api_groups: strings(&[group]),
+                    resources: strings(&[plural]),
+                    verbs: verbs.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    };
+    let binding = RoleBinding {
+        metadata: ObjectMeta {
+            name: Some(role.to_string()),
+            namespace: Some(namespace.to_string()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: role.to_string(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: service_account.to_string(),
+            namespace: Some(namespace.to_string()),
+            ..Default::default()
+        }]),
+    };
+    let apply = PatchParams::apply("opmesh-tests").force();
+    Api::<Role>::namespaced(client.clone(), namespace)
+        .patch(role, &apply, &Patch::Apply(&r))
+        .await
+        .with_context(|| format!("applying role {namespace}/{role}"))?;
+    Api::<RoleBinding>::namespaced(client.clone(), namespace)
+        .patch(role, &apply, &Patch::Apply(&binding))
+        .await
+        .with_context(|| format!("applying rolebinding {namespace}/{role}"))?;
+    Ok(())
+}
+
+/// A token of ServiceAccount `namespace/name` for the apiserver's own
+/// audience, as `kubectl create token` makes, valid for an hour.
+pub async fn service_account_token(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<String> {
+    ensure_service_account(client, namespace, name).await?;
+    let request = TokenRequest {
+        metadata: ObjectMeta::default(),
+        spec: Some(TokenRequestSpec {
+            audiences: None,
+            bound_object_ref: None,
+            expiration_seconds: Some(3600),
+        }),
+        status: None,
+    };
+    let issued = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .with_context(|| format!("requesting a token for {namespace}/{name}"))?;
+    issued
+        .status
+        .and_then(|s| s.token)
+        .context("TokenRequest returned no token")
 }
 
 /// Requests a token for the Pod's ServiceAccount that is bound to the Pod

@@ -23,6 +23,9 @@ impl Coordinator {
             WatchEvent::Failed(e) => Some(e.clone()),
             _ => None,
         };
+        if failed.is_some() {
+            self.metrics.watch_restarts.inc();
+        }
         if let Some(w) = self.watches.get_mut(gvk) {
             w.error = failed;
         }
@@ -54,6 +57,7 @@ impl Coordinator {
     }
 
     fn object_changed(&mut self, gvk: &str, obj: Arc<DynamicObject>, deleted: bool) {
+        self.metrics.routed_events.inc();
         let (namespace, name) = name_of(obj.as_ref());
         let store = self.store.entry(gvk.to_string()).or_default();
         if deleted {
@@ -156,15 +160,15 @@ impl Coordinator {
             WatchEvent::Failed(_) => None,
             WatchEvent::Apply(o) => {
                 let ((_, name), labels) = o.as_ref();
-                let old = self.namespaces.insert(name.clone(), labels.clone());
+                let old = Arc::make_mut(&mut self.namespaces).insert(name.clone(), labels.clone());
                 (old.as_ref() != Some(labels)).then(|| name.clone())
             }
             WatchEvent::Delete(o) => {
-                self.namespaces.remove(&o.0.1);
+                Arc::make_mut(&mut self.namespaces).remove(&o.0.1);
                 None
             }
             WatchEvent::Relisted(present) => {
-                self.namespaces
+                Arc::make_mut(&mut self.namespaces)
                     .retain(|ns, _| present.contains(&(String::new(), ns.clone())));
                 if !std::mem::replace(&mut self.namespaces_synced, true) {
                     self.reapportion_everywhere();

@@ -67,8 +67,8 @@ impl Coordinator {
         let Some(mesh) = self.meshes.get_mut(id) else {
             return;
         };
-        if mesh.apportionment != apportionment {
-            mesh.apportionment = apportionment;
+        if *mesh.apportionment != apportionment {
+            mesh.apportionment = std::sync::Arc::new(apportionment);
             self.place_all(id);
         }
     }
@@ -192,7 +192,7 @@ impl Coordinator {
             let now = self.now;
             if let Some(s) = self.session_of(&holder) {
                 for k in &keys {
-                    if s.unreleased.insert(k.clone()) {
+                    if s.unreleased.insert(k.clone(), now).is_none() {
                         s.revoked.push_back((now, k.clone()));
                     }
                 }

@@ -177,11 +177,17 @@ impl Coordinator {
     }
 
     pub(super) fn released(&mut self, holder: &Holder, keys: Vec<String>) {
+        let (now, metrics) = (self.now, self.metrics.clone());
         let Some(session) = self.session_of(holder) else {
             return;
         };
         for key in &keys {
-            session.unreleased.remove(key);
+            if let Some(at) = session.unreleased.remove(key) {
+                metrics.handoffs.inc();
+                metrics
+                    .handoff_duration
+                    .observe(now.saturating_duration_since(at).as_secs_f64());
+            }
         }
         let id = session.mesh.clone();
         self.dirty = true;
@@ -233,7 +239,7 @@ impl Coordinator {
             // Drop answered revokes from the front; the oldest left is due
             // first.
             while let Some((_, k)) = s.revoked.front() {
-                if s.unreleased.contains(k) {
+                if s.unreleased.contains_key(k) {
                     break;
                 }
                 s.revoked.pop_front();
@@ -258,6 +264,7 @@ impl Coordinator {
             if let Some(mesh) = self.meshes.get_mut(&e.mesh) {
                 let freed = mesh.own.free(&e.holder);
                 if !freed.is_empty() {
+                    self.metrics.lease_expiries.inc();
                     tracing::info!(mesh = %e.mesh, holder = %e.holder, keys = freed.len(), "lease expired; reassigning");
                 }
             }

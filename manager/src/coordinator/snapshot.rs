@@ -6,7 +6,7 @@ use super::Coordinator;
 use crate::{
     id::{Holder, MeshId},
     mesh::{Held, Mesh},
-    snapshot::{KeyView, MeshView, ReplicaView, Snapshot, SubsetView},
+    snapshot::{KeyView, MeshView, ReplicaView, RoutingView, Snapshot, SubsetView},
 };
 
 // === impl Coordinator ===
@@ -20,6 +20,7 @@ impl Coordinator {
                 .iter()
                 .map(|(id, mesh)| (id.clone(), self.mesh_view(id, mesh)))
                 .collect(),
+            synced: self.started && self.namespaces_synced,
         }
     }
 
@@ -65,6 +66,7 @@ impl Coordinator {
                         ReplicaView {
                             holder: s.holder.clone(),
                             ready: s.pending.is_empty(),
+                            pending: s.pending.len(),
                             owned_keys: owned.get(&s.holder).copied().unwrap_or(0),
                             last_contact,
                             lease_until: last_contact + self.lease_ttl,
@@ -110,6 +112,11 @@ impl Coordinator {
             unowned,
             watch_errors,
             notes: self.notes.for_mesh(id),
+            routing: mesh.policy.as_ref().map(|policy| RoutingView {
+                policy: policy.clone(),
+                apportionment: mesh.apportionment.clone(),
+                namespaces: self.namespaces.clone(),
+            }),
         }
     }
 }

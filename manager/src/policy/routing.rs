@@ -123,7 +123,6 @@ impl WeightRanges {
     }
 
     /// Subset `i`'s range as `(start, end)`, end exclusive.
-    #[cfg(test)]
     pub(crate) fn range(&self, i: usize) -> (u128, u128) {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         (start, self.ends[i])
