@@ -106,6 +106,7 @@ async fn the_chart_takes_its_registry_tag_namespace_and_monitoring_as_values() -
             "image.registry=registry.example.com/platform",
             "image.tag=1.2.3-rc.1",
             "monitoring.podMonitor.enabled=true",
+            "monitoring.serviceMonitor.enabled=true",
             "manager.replicas=3",
         ],
     )?;
@@ -160,6 +161,7 @@ async fn the_chart_takes_its_registry_tag_namespace_and_monitoring_as_values() -
         }
     }
     assert!(objects.iter().any(|o| o["kind"] == "PodMonitor"));
+    assert!(objects.iter().any(|o| o["kind"] == "ServiceMonitor"));
     apply(&client, &objects, "helm template (platform values)", true).await?;
 
     // Values the schema does not know, or outside it, are refused by name.
