@@ -20,7 +20,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
@@ -29,10 +29,13 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::{
-    api::{self, ActionResult, PlanRequest, WeightsRequest},
-    crd::{OperatorMesh, OperatorMeshSpec, WeightSpec},
-    id::MeshId,
+    api::{
+        self, ActionResult, DrainRequest, PinRequest, PlanRequest, UnpinRequest, WeightsRequest,
+    },
+    crd::{ObjectPinSpec, OperatorMesh, OperatorMeshSpec, WeightSpec},
+    id::{MeshId, PodId},
     leader::Authority,
+    mesh::DRAIN_ANNOTATION,
     snapshot::Published,
     tls,
 };
@@ -105,6 +108,9 @@ enum Route {
     Plan(MeshId),
     Weights(MeshId),
     Pause(MeshId, bool),
+    Pin(MeshId),
+    Unpin(MeshId),
+    Drain(MeshId),
 }
 
 // === impl Route ===
@@ -131,6 +137,9 @@ impl Route {
             ["namespaces", ns, "meshes", name, "resume"] if post => {
                 Self::Pause(mesh(ns, name), false)
             }
+            ["namespaces", ns, "meshes", name, "pin"] if post => Self::Pin(mesh(ns, name)),
+            ["namespaces", ns, "meshes", name, "unpin"] if post => Self::Unpin(mesh(ns, name)),
+            ["namespaces", ns, "meshes", name, "drain"] if post => Self::Drain(mesh(ns, name)),
             _ => return None,
         })
     }
@@ -153,7 +162,13 @@ impl Route {
                 subresource: None,
             },
             Self::Mesh(id) | Self::Keys(id) | Self::Explain(id) | Self::Plan(id) => on("get", id),
-            Self::Weights(id) | Self::Pause(id, _) => on("patch", id),
+            Self::Weights(id) | Self::Pause(id, _) | Self::Pin(id) | Self::Unpin(id) => {
+                on("patch", id)
+            }
+            Self::Drain(id) => Access {
+                subresource: Some("drain"),
+                ..on("patch", id)
+            },
         }
     }
 }
@@ -283,6 +298,19 @@ impl Admin {
                     generation,
                 })
             }
+            Route::Pin(id) => {
+                let request: PinRequest = parse(body)?;
+                self.pin(&id, &request.object, Some(&request.subset), who)
+                    .await?
+            }
+            Route::Unpin(id) => {
+                let request: UnpinRequest = parse(body)?;
+                self.pin(&id, &request.object, None, who).await?
+            }
+            Route::Drain(id) => {
+                let request: DrainRequest = parse(body)?;
+                self.drain(&id, &request, who).await?
+            }
             Route::Pause(id, paused) => {
                 let word = if paused { "paused" } else { "resumed" };
                 let patch = serde_json::json!({
@@ -298,6 +326,183 @@ impl Admin {
                 })
             }
         })
+    }
+
+    /// Adds, replaces or (with `subset` None) removes the pin of `object`.
+    async fn pin(
+        &self,
+        id: &MeshId,
+        object: &str,
+        subset: Option<&str>,
+        who: &str,
+    ) -> Result<Answer, (StatusCode, String)> {
+        if object.is_empty() || object.starts_with('/') || object.ends_with('/') {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{object:?} is not an object: use namespace/name, or name if cluster-scoped"
+                ),
+            ));
+        }
+        let mesh = self.mesh(id).await?;
+        let mut spec = mesh.spec.clone();
+        let before = spec.routing.object_pins.len();
+        spec.routing.object_pins.retain(|p| p.object != object);
+        if let Some(subset) = subset {
+            spec.routing.object_pins.push(ObjectPinSpec {
+                object: object.to_string(),
+                subset: subset.to_string(),
+            });
+        } else if spec.routing.object_pins.len() == before {
+            return Err((
+                StatusCode::NOT_FOUND,
+                format!("{object} is not pinned in {id}"),
+            ));
+        }
+        views::compile(&spec)?;
+        let what = match subset {
+            Some(s) => format!("pinned {object} to {s}"),
+            None => format!("unpinned {object}"),
+        };
+        let patch = serde_json::json!({
+            "metadata": {
+                "resourceVersion": mesh.metadata.resource_version,
+                "annotations": {"opmesh.io/last-admin-action": format!("{who} {what}")},
+            },
+            "spec": {"routing": {"objectPins": spec.routing.object_pins}}
+        });
+        let generation = self.patch(id, &patch).await?;
+        Ok(ok(&ActionResult {
+            message: format!("{id}: {what}"),
+            generation,
+        }))
+    }
+
+    /// Starts or (with `undo`) stops draining a replica.
+    async fn drain(
+        &self,
+        id: &MeshId,
+        request: &DrainRequest,
+        who: &str,
+    ) -> Result<Answer, (StatusCode, String)> {
+        let (pod_ns, pod_name) = request
+            .pod
+            .split_once('/')
+            .unwrap_or((id.namespace.as_str(), request.pod.as_str()));
+        let pod_id = PodId::new(pod_ns, pod_name);
+        let mesh = self.mesh(id).await?;
+        let mut drain = crate::mesh::parse_drain(
+            mesh.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(DRAIN_ANNOTATION))
+                .map(String::as_str),
+        );
+        let snapshot = self.published.load();
+        let view = snapshot.meshes.get(id);
+        if request.undo {
+            if drain.remove(&pod_id).is_none() {
+                return Err((
+                    StatusCode::NOT_FOUND,
+                    format!("{pod_id} is not being drained in {id}"),
+                ));
+            }
+        } else {
+            let Some(view) = view else {
+                return Err((
+                    StatusCode::NOT_FOUND,
+                    format!("this manager handles no OperatorMesh {id}"),
+                ));
+            };
+            let Some(subset) = view
+                .subsets
+                .iter()
+                .find(|s| s.replicas.iter().any(|r| r.holder.pod == pod_id))
+            else {
+                return Err((
+                    StatusCode::NOT_FOUND,
+                    format!("{pod_id} is not a connected runtime of {id}"),
+                ));
+            };
+            let others = subset
+                .replicas
+                .iter()
+                .filter(|r| {
+                    r.holder.pod != pod_id && !r.draining && !drain.contains_key(&r.holder.pod)
+                })
+                .count();
+            if others == 0 && subset.routed_keys > 0 {
+                return Err((
+                    StatusCode::CONFLICT,
+                    format!(
+                        "{pod_id} is the last replica of subset {} that is not drained, and the                          policy routes {} keys to it: they would have nowhere to go. Start                          another replica of {}, or move its weight away first",
+                        subset.name, subset.routed_keys, subset.name
+                    ),
+                ));
+            }
+            let pod = Api::<Pod>::namespaced(self.client.clone(), pod_ns)
+                .get_opt(pod_name)
+                .await
+                .map_err(|e| {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("cannot read pod {pod_id}: {e}"),
+                    )
+                })?
+                .ok_or((StatusCode::NOT_FOUND, format!("no pod {pod_id}")))?;
+            drain.insert(pod_id.clone(), pod.metadata.uid.unwrap_or_default());
+        }
+        // Entries for replicas that are gone are dropped, so a later pod of
+        // the same name starts clean (the UID would keep it undrained
+        // anyway).
+        if let Some(view) = view {
+            let live: std::collections::HashSet<&PodId> = view
+                .subsets
+                .iter()
+                .flat_map(|s| s.replicas.iter().map(|r| &r.holder.pod))
+                .collect();
+            drain.retain(|p, _| live.contains(p));
+        }
+        let value: BTreeMap<String, String> = drain
+            .iter()
+            .map(|(p, uid)| (p.to_string(), uid.clone()))
+            .collect();
+        let what = if request.undo {
+            format!("stopped draining {pod_id}")
+        } else {
+            format!("draining {pod_id}")
+        };
+        let patch = serde_json::json!({
+            "metadata": {
+                "resourceVersion": mesh.metadata.resource_version,
+                "annotations": {
+                    DRAIN_ANNOTATION: if value.is_empty() {
+                        serde_json::Value::Null
+                    } else {
+                        serde_json::Value::String(serde_json::to_string(&value).unwrap_or_default())
+                    },
+                    "opmesh.io/last-admin-action": format!("{who} {what}"),
+                },
+            },
+        });
+        let generation = self.patch(id, &patch).await?;
+        Ok(ok(&ActionResult {
+            message: format!("{id}: {what}"),
+            generation,
+        }))
+    }
+
+    /// The mesh as stored.
+    async fn mesh(&self, id: &MeshId) -> Result<OperatorMesh, (StatusCode, String)> {
+        let api: Api<OperatorMesh> = Api::namespaced(self.client.clone(), &id.namespace);
+        match api.get_opt(&id.name).await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err((StatusCode::NOT_FOUND, format!("no OperatorMesh {id}"))),
+            Err(e) => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot read OperatorMesh {id}: {e}"),
+            )),
+        }
     }
 
     /// The mesh's spec as stored.
@@ -326,6 +531,10 @@ impl Admin {
         };
         match api.patch(&id.name, &params, &Patch::Merge(patch)).await {
             Ok(m) => Ok(m.metadata.generation),
+            Err(kube::Error::Api(e)) if e.code == 409 => Err((
+                StatusCode::CONFLICT,
+                format!("{id} changed while this was being decided; try again"),
+            )),
             Err(kube::Error::Api(e)) if e.code == 422 => Err((
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!("the apiserver refused the change: {}", e.message),
@@ -401,6 +610,7 @@ fn error(code: StatusCode, message: String) -> Answer {
         StatusCode::BAD_REQUEST => "BadRequest",
         StatusCode::UNPROCESSABLE_ENTITY => "Invalid",
         StatusCode::PAYLOAD_TOO_LARGE => "RequestEntityTooLarge",
+        StatusCode::CONFLICT => "Conflict",
         _ => "ServiceUnavailable",
     };
     let status = api::Status {

@@ -12,6 +12,8 @@
 //! | `POST …/{name}/plan` ([`PlanRequest`]) | `get` | [`Plan`] |
 //! | `POST …/{name}/weights` ([`WeightsRequest`]) | `patch` | [`ActionResult`] |
 //! | `POST …/{name}/pause`, `POST …/{name}/resume` | `patch` | [`ActionResult`] |
+//! | `POST …/{name}/pin` ([`PinRequest`]), `POST …/{name}/unpin` ([`UnpinRequest`]) | `patch` | [`ActionResult`] |
+//! | `POST …/{name}/drain` ([`DrainRequest`]) | `patch` on `operatormeshes/drain` | [`ActionResult`] |
 //!
 //! Every call needs `Authorization: Bearer <token>`; the verb is checked
 //! against the caller's RBAC on `operatormeshes.opmesh.io`. Errors are a
@@ -96,6 +98,9 @@ pub struct ReplicaStatus {
     pub ready: bool,
     /// Keys it holds, not counting those being revoked.
     pub owned_keys: u64,
+    /// True while it is drained: it gets no keys, and its keys move off.
+    #[serde(default)]
+    pub draining: bool,
     /// Milliseconds since it was last heard from.
     pub last_contact_ms: u64,
     /// Milliseconds until its lease runs out unless renewed.
@@ -199,6 +204,39 @@ pub struct Share {
 pub struct WeightsRequest {
     /// Weight by subset name.
     pub weights: BTreeMap<String, u32>,
+}
+
+/// Pin one object to a subset (`spec.routing.objectPins`), ahead of every
+/// other rule.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PinRequest {
+    /// The object: `namespace/name`, or `name` if cluster-scoped.
+    pub object: String,
+    /// The subset.
+    pub subset: String,
+}
+
+/// Remove an object's pin.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UnpinRequest {
+    /// The object.
+    pub object: String,
+}
+
+/// Drain a replica: move all of its keys to its subset's other replicas
+/// before its pod is deleted. Recorded on the mesh (annotation
+/// `opmesh.io/drain`, with the pod's UID), so a new leader keeps it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainRequest {
+    /// The replica's pod: `name` in the mesh's namespace, or
+    /// `namespace/name`.
+    pub pod: String,
+    /// Stop draining it instead.
+    #[serde(default)]
+    pub undo: bool,
 }
 
 /// What an action changed.

@@ -69,6 +69,8 @@ pub(crate) enum Input {
         hello: Box<Hello>,
         /// Labels of the runtime's real Pod.
         pod_labels: Labels,
+        /// The real Pod's UID.
+        pod_uid: String,
         /// Where the answer goes.
         reply: oneshot::Sender<Result<Connected, Refusal>>,
     },
@@ -124,6 +126,9 @@ type Store = HashMap<String, HashMap<ObjName, Arc<DynamicObject>>>;
 struct Session {
     mesh: MeshId,
     holder: Holder,
+    /// The real Pod's UID: a drain names a pod by it, so a new pod of the
+    /// same name is not drained.
+    uid: String,
     pending: Arc<Pending>,
     needs_sync: bool,
     contact: Contact,
@@ -229,9 +234,10 @@ impl Coordinator {
             Input::Connect {
                 hello,
                 pod_labels,
+                pod_uid,
                 reply,
             } => {
-                let result = self.connect(&hello, &pod_labels);
+                let result = self.connect(&hello, &pod_labels, &pod_uid);
                 // If the session handler is gone, undo the join so no key waits
                 // on a runtime nobody serves. It may hold reported keys under
                 // a lease from before: they wait for that lease like any lost

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("self.routing.pins.all(p, self.subsets.exists(s, s.name == p.subset))").message("every pin must name a subset listed in spec.subsets"),
     validation = Rule::new("self.routing.weights.all(w, self.subsets.exists(s, s.name == w.subset))").message("every weight must name a subset listed in spec.subsets"),
     validation = Rule::new("!has(self.routing.clusterScoped) || self.subsets.exists(s, s.name == self.routing.clusterScoped)").message("routing.clusterScoped must name a subset listed in spec.subsets"),
+    validation = Rule::new("self.routing.objectPins.all(p, self.subsets.exists(s, s.name == p.subset))").message("every object pin must name a subset listed in spec.subsets"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OperatorMeshSpec {
@@ -149,6 +150,11 @@ pub struct RoutingSpec {
     /// `Object` granularity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<Split>,
+    /// Single objects sent to one subset, before any other rule: an
+    /// emergency override for one object (`kubectl opmesh pin`).
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub object_pins: Vec<ObjectPinSpec>,
     /// Namespace pins, evaluated in order; the first match wins.
     #[serde(default)]
     #[schemars(length(max = 64))]
@@ -190,6 +196,18 @@ pub struct PinSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub namespace_regex: Option<String>,
+}
+
+/// Sends one object (all of its controllers' keys) to one subset.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectPinSpec {
+    /// The object: `namespace/name`, or `name` if cluster-scoped.
+    #[schemars(length(min = 1, max = 317))]
+    pub object: String,
+    /// The subset that gets it.
+    #[schemars(length(max = 63))]
+    pub subset: String,
 }
 
 /// One subset's share of the weight split.

@@ -49,6 +49,31 @@ pub(crate) struct Mesh {
     pub(crate) not_before: Instant,
     /// True until `not_before` has passed and the keys were placed.
     pub(crate) waiting: bool,
+    /// Pods to drain, with the UID each had when the drain was asked for
+    /// (empty: whichever pod has the name), from the mesh's
+    /// [`DRAIN_ANNOTATION`].
+    pub(crate) drain: BTreeMap<crate::id::PodId, String>,
+}
+
+/// The `OperatorMesh` annotation that lists the pods to drain, as a JSON
+/// object of `"namespace/name": "pod UID"`. The admin API's drain writes
+/// it; it lives on the mesh so a new leader finds it.
+pub(crate) const DRAIN_ANNOTATION: &str = "opmesh.io/drain";
+
+/// The drains an annotation value asks for; entries that are not
+/// `namespace/name` are ignored, as is a value that is not a JSON object.
+pub(crate) fn parse_drain(value: Option<&str>) -> BTreeMap<crate::id::PodId, String> {
+    let Some(map) = value.and_then(|v| serde_json::from_str::<BTreeMap<String, String>>(v).ok())
+    else {
+        return BTreeMap::new();
+    };
+    map.into_iter()
+        .filter_map(|(pod, uid)| {
+            let (ns, name) = pod.split_once('/')?;
+            (!ns.is_empty() && !name.is_empty() && !name.contains('/'))
+                .then(|| (crate::id::PodId::new(ns, name), uid))
+        })
+        .collect()
 }
 
 // === impl Mesh ===
@@ -67,6 +92,7 @@ impl Mesh {
             own: Ownership::default(),
             reported: HashMap::new(),
             waiting: not_before.is_some(),
+            drain: BTreeMap::new(),
             not_before: not_before.unwrap_or(now),
         }
     }

@@ -88,6 +88,9 @@ pub(crate) struct Policy {
     granularity: Granularity,
     split: Split,
     pins: Vec<Pin>,
+    /// Subsets of single objects (`namespace/name`), checked first: the
+    /// pin's index and its subset.
+    object_pins: HashMap<String, (usize, usize)>,
     ranges: WeightRanges,
     weights: Vec<u64>,
     total: u64,
@@ -147,6 +150,13 @@ pub(crate) enum Placement {
     Excluded,
     /// Its namespace does not match `spec.namespaceSelector`.
     NotSelected,
+    /// `spec.routing.objectPins[index]` names the object.
+    ObjectPinned {
+        /// The pin's index.
+        index: usize,
+        /// Its subset.
+        subset: usize,
+    },
     /// `spec.routing.pins[index]` matches its namespace.
     Pinned {
         /// The pin's index.
@@ -191,6 +201,7 @@ impl Placement {
             Self::ClusterScoped(s) => *s,
             Self::Excluded | Self::NotSelected | Self::NotApportioned => None,
             Self::Pinned { subset, .. }
+            | Self::ObjectPinned { subset, .. }
             | Self::Apportioned { subset }
             | Self::Hashed { subset, .. } => Some(*subset),
         }
@@ -327,6 +338,13 @@ impl Policy {
             });
         }
 
+        let mut object_pins = HashMap::new();
+        for (i, pin) in routing.object_pins.iter().enumerate() {
+            let subset = lookup(format!("spec.routing.objectPins[{i}].subset"), &pin.subset)?;
+            // The last pin of an object wins, as a later edit would.
+            object_pins.insert(pin.object.clone(), (i, subset));
+        }
+
         let mut weights = vec![0u64; spec.subsets.len()];
         for (i, w) in routing.weights.iter().enumerate() {
             let s = lookup(format!("spec.routing.weights[{i}].subset"), &w.subset)?;
@@ -362,6 +380,7 @@ impl Policy {
             granularity: routing.granularity,
             split,
             pins,
+            object_pins,
             ranges,
             weights,
             total,
@@ -486,6 +505,9 @@ impl Policy {
         ns_labels: &Labels,
         exact: &Apportionment,
     ) -> Placement {
+        if let Some(&(index, subset)) = self.object_pins.get(opmesh_proto::parse_key(key).0) {
+            return Placement::ObjectPinned { index, subset };
+        }
         let Some((ns, _)) = key.split_once('/') else {
             return Placement::ClusterScoped(self.cluster_scoped);
         };

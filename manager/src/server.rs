@@ -148,6 +148,7 @@ impl MeshServer {
             .send(Input::Connect {
                 hello: Box::new(hello),
                 pod_labels: pod.labels().clone(),
+                pod_uid: pod.metadata.uid.clone().unwrap_or_default(),
                 reply,
             })
             .await

@@ -132,6 +132,8 @@ pub(crate) struct ReplicaView {
     pub(crate) ready: bool,
     /// Messages queued for it and not yet sent.
     pub(crate) pending: usize,
+    /// True while it is drained: it gets no keys, and its keys move off.
+    pub(crate) draining: bool,
     /// Keys it owns (not counting keys being revoked).
     pub(crate) owned_keys: u64,
     /// When it was last heard from.

@@ -2,7 +2,12 @@
 //! their own ServiceAccount tokens and RBAC, against a real manager,
 //! runtimes and example operator on the real apiserver.
 
-use std::{collections::BTreeSet, path::PathBuf, process::Command, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use kube::{Api, api::DynamicObject};
@@ -326,7 +331,6 @@ async fn explain_plan_and_metrics_agree_with_what_the_mesh_does() -> anyhow::Res
     assert!(text.contains("opmesh_manager_handoff_duration_seconds_count"));
 
     // Golden table, and JSON that parses.
-    let table = a.ok(&admin, &["status", "mesh"])?;
     let v1_keys = 20 - moved.len();
     let expected = format!(
         "MESH   SUBSET   WEIGHT   OBSERVED   KEYS   REPLICAS   MOVING\n\
@@ -337,6 +341,12 @@ async fn explain_plan_and_metrics_agree_with_what_the_mesh_does() -> anyhow::Res
         format!("{:.1}%", moved.len() as f64 * 5.0),
         moved.len(),
     );
+    // The API reads the snapshot the coordinator publishes every 0.5 s.
+    let table = eventually("the status to show the new weights", TIMEOUT, || async {
+        let table = a.ok(&admin, &["status", "mesh"])?;
+        Ok(table.contains("50.0%").then_some(table))
+    })
+    .await?;
     assert_eq!(table, expected);
     let list: MeshList = serde_json::from_str(&a.ok(&admin, &["status", "-o", "json"])?)?;
     assert_eq!(list.items.len(), 1);
@@ -406,5 +416,196 @@ async fn a_standby_is_not_ready_and_names_the_leader() -> anyhow::Result<()> {
         !ok && err.contains("503") && err.contains(&format!("manager-{leader_port}")),
         "{err}"
     );
+    Ok(())
+}
+
+/// Who handles each object: `subset/pod`, from its `status.handledBy`.
+async fn handlers(w: &World, spaces: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    Ok(opmesh_tests::mesh::handled_by(&w.client, spaces)
+        .await?
+        .into_iter()
+        .map(|(k, v)| {
+            let by: Vec<String> = v
+                .unwrap_or_default()
+                .split('/')
+                .take(2)
+                .map(str::to_string)
+                .collect();
+            (k, by.join("/"))
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn pinning_one_object_moves_only_it_and_unpinning_returns_it() -> anyhow::Result<()> {
+    let mut a = Admin::new("admin-pin").await?;
+    a.w.apply_mesh(
+        json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 50}, {"subset": "v2", "weight": 50}]}),
+        &["v1", "v2"],
+    )
+    .await?;
+    a.w.replica("v1-0", "v1").await?;
+    a.w.replica("v2-0", "v2").await?;
+    a.w.all_ready().await?;
+    let spaces = namespaces(&a.w, 6, 2).await?;
+    let before = a.w.wait_handled(&spaces, 12).await?;
+    let admin = a.user("admin", &["get", "list", "patch"]).await?;
+    let (object, from) = before
+        .iter()
+        .find(|(_, s)| *s == "v1")
+        .map(|(k, s)| (k.clone(), s.clone()))
+        .context("no object on v1")?;
+    let handoffs = || async {
+        anyhow::Ok(
+            metric(&a.health("/metrics")?.1, "opmesh_manager_handoffs_total").unwrap_or_default(),
+        )
+    };
+    let start = handoffs().await?;
+
+    let out = a.ok(&admin, &["pin", "mesh", &object, "v2"])?;
+    assert!(out.contains(&format!("pinned {object} to v2")), "{out}");
+    let (ns, name) = object.split_once('/').context("key")?;
+    eventually(
+        "the pinned object to be reconciled by v2",
+        TIMEOUT,
+        || async {
+            let by = a.w.change_and_wait(ns, name).await?;
+            Ok(by.starts_with("v2/").then_some(()))
+        },
+    )
+    .await?;
+    // The API reads the snapshot the coordinator publishes every 0.5 s.
+    let e = eventually("explain to name the object pin", TIMEOUT, || async {
+        let e: Explanation =
+            serde_json::from_str(&a.ok(&admin, &["explain", "mesh", &object, "-o", "json"])?)?;
+        Ok((e.rule == "ObjectPinned").then_some(e))
+    })
+    .await?;
+    assert_eq!(e.subset.as_deref(), Some("v2"));
+    // Only that key moved: one handoff, and every other object is where it
+    // was, as a fresh reconcile of each shows.
+    let others: Vec<&String> = before.keys().filter(|k| **k != object).collect();
+    for key in &others {
+        let (ns, name) = key.split_once('/').context("key")?;
+        let by = a.w.change_and_wait(ns, name).await?;
+        assert!(
+            by.starts_with(&format!("{}/", before[*key])),
+            "{key} moved to {by}"
+        );
+    }
+    assert_eq!(handoffs().await? - start, 1.0);
+
+    // Unpinning returns it, again with one handoff.
+    a.ok(&admin, &["unpin", "mesh", &object])?;
+    eventually("the object to return", TIMEOUT, || async {
+        let by = a.w.change_and_wait(ns, name).await?;
+        Ok(by.starts_with(&format!("{from}/")).then_some(()))
+    })
+    .await?;
+    assert_eq!(handoffs().await? - start, 2.0);
+    let (ok, _, err) = a.plugin(&admin, &["unpin", "mesh", &object])?;
+    assert!(!ok && err.contains("is not pinned"), "{err}");
+    let (ok, _, err) = a.plugin(&admin, &["pin", "mesh", &object, "v9"])?;
+    assert!(!ok && err.contains("422") && err.contains("v9"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_drained_replica_hands_every_key_over_and_leaves_nothing_to_wait_for()
+-> anyhow::Result<()> {
+    let mut a = Admin::new("admin-drain").await?;
+    a.w.apply_mesh(
+        json!({"granularity": "Object", "weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1"],
+    )
+    .await?;
+    a.w.replica("v1-0", "v1").await?;
+    a.w.replica("v1-1", "v1").await?;
+    a.w.all_ready().await?;
+    let spaces = namespaces(&a.w, 3, 6).await?;
+    a.w.wait_handled(&spaces, 18).await?;
+    let before = handlers(&a.w, &spaces).await?;
+    let drained = a.w.replicas[0].pod.clone();
+    assert!(
+        before
+            .values()
+            .any(|by| by.ends_with(&format!("/{drained}"))),
+        "{drained} handles nothing to drain: {before:?}"
+    );
+    let admin = a.user("admin", &["get", "list", "patch"]).await?;
+    // Draining needs patch on the drain subresource itself.
+    let patcher = a.user("patcher", &["get", "patch"]).await?;
+    let (ok, _, err) = a.plugin(&patcher, &["drain", "mesh", &drained])?;
+    assert!(
+        !ok && err.contains("403") && err.contains("operatormeshes/drain"),
+        "{err}"
+    );
+    cluster::grant_namespace(
+        &a.w.client,
+        &a.w.ns,
+        "meshes-drain",
+        &[("opmesh.io", "operatormeshes/drain")],
+        &["patch"],
+        "admin",
+    )
+    .await?;
+    // The last replica of a subset cannot be drained while keys go there.
+    let out = a.ok(&admin, &["drain", "mesh", &drained, "--wait"])?;
+    assert!(out.contains("holds no keys"), "{out}");
+    let (ok, _, err) = a.plugin(&admin, &["drain", "mesh", &a.w.replicas[1].pod])?;
+    assert!(
+        !ok && err.contains("409") && err.contains("last replica"),
+        "{err}"
+    );
+
+    // Every key is now on the other replica, and the recorded history has
+    // no two reconciles of a key at once.
+    let status: MeshList = serde_json::from_str(&a.ok(&admin, &["status", "mesh", "-o", "json"])?)?;
+    let replica = status.items[0].subsets[0]
+        .replicas
+        .iter()
+        .find(|r| r.pod.ends_with(&format!("/{drained}")))
+        .context("the drained replica is still connected")?;
+    assert!(replica.draining);
+    assert_eq!(replica.owned_keys, 0);
+    for ns in &spaces {
+        a.w.settle_and_check(ns).await?;
+    }
+    let after = handlers(&a.w, &spaces).await?;
+    assert!(
+        after
+            .values()
+            .all(|by| !by.ends_with(&format!("/{drained}"))),
+        "{after:?}"
+    );
+
+    // Its pod can go now: nothing waits for its lease.
+    let health_port = a.health_port;
+    let expiries = move || {
+        anyhow::Ok(
+            metric(
+                &get(health_port, "/metrics")?.1,
+                "opmesh_manager_lease_expiries_total",
+            )
+            .unwrap_or_default(),
+        )
+    };
+    let before_kill = expiries()?;
+    let gone = a.w.replicas.remove(0);
+    gone.operator.stop(Duration::from_secs(5));
+    gone.sidecar.stop(Duration::from_secs(5));
+    eventually("the drained replica's session to end", TIMEOUT, || async {
+        let text = a.health("/metrics")?.1;
+        let sessions = text
+            .lines()
+            .find(|l| l.starts_with("opmesh_manager_sessions{") && l.contains("subset=\"v1\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        Ok((sessions == Some(1.0)).then_some(()))
+    })
+    .await?;
+    for ns in &spaces {
+        a.w.settle_and_check(ns).await?;
+    }
+    assert_eq!(expiries()?, before_kill, "a lease ran out with keys in it");
     Ok(())
 }

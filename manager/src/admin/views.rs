@@ -57,6 +57,7 @@ pub(super) fn mesh_status(id: &MeshId, view: &MeshView, now: Instant) -> MeshSta
                         session: r.holder.session.0,
                         ready: r.ready,
                         owned_keys: r.owned_keys,
+                        draining: r.draining,
                         last_contact_ms: ms(now.saturating_duration_since(r.last_contact)),
                         lease_remaining_ms: ms(r.lease_until.saturating_duration_since(now)),
                     })
@@ -217,6 +218,13 @@ fn describe(placement: &Placement, policy: &Policy) -> (String, String) {
         Placement::NotSelected => (
             "NotSelected".into(),
             "its namespace does not match spec.namespaceSelector: no subset sees it".into(),
+        ),
+        Placement::ObjectPinned { index, subset } => (
+            "ObjectPinned".into(),
+            format!(
+                "spec.routing.objectPins[{index}] sends this object to {}",
+                name(subset)
+            ),
         ),
         Placement::Pinned { index, subset } => (
             "Pinned".into(),

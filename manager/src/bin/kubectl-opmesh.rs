@@ -19,8 +19,8 @@ use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::ConfigMap;
 use opmesh_manager::{
     api::{
-        self, ActionResult, Explanation, KeyList, MeshList, Plan, PlanRequest, Status,
-        WeightsRequest,
+        self, ActionResult, DrainRequest, Explanation, KeyList, MeshList, MeshStatus, PinRequest,
+        Plan, PlanRequest, Status, UnpinRequest, WeightsRequest,
     },
     crd::{OperatorMesh, OperatorMeshSpec},
 };
@@ -129,6 +129,37 @@ enum Command {
     Resume {
         /// The mesh.
         mesh: String,
+    },
+    /// Send one object to a subset ahead of every other rule (an emergency
+    /// override); only its keys move.
+    Pin {
+        /// The mesh.
+        mesh: String,
+        /// The object: namespace/name (or name, if cluster-scoped).
+        object: String,
+        /// The subset.
+        subset: String,
+    },
+    /// Remove an object's pin; it returns to where the policy sends it.
+    Unpin {
+        /// The mesh.
+        mesh: String,
+        /// The object.
+        object: String,
+    },
+    /// Move every key off a replica, so its pod can be deleted without its
+    /// keys waiting for a lease to run out.
+    Drain {
+        /// The mesh.
+        mesh: String,
+        /// The replica's pod (name, or namespace/name).
+        pod: String,
+        /// Stop draining it.
+        #[arg(long)]
+        undo: bool,
+        /// Wait until it holds no keys.
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -286,6 +317,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resume { mesh } => {
             let r: ActionResult = client.post(&format!("{base}/{mesh}/resume"), &()).await?;
             action(&mut out, &r, output)?;
+        }
+        Command::Pin {
+            mesh,
+            object,
+            subset,
+        } => {
+            let r: ActionResult = client
+                .post(
+                    &format!("{base}/{mesh}/pin"),
+                    &PinRequest { object, subset },
+                )
+                .await?;
+            action(&mut out, &r, output)?;
+        }
+        Command::Unpin { mesh, object } => {
+            let r: ActionResult = client
+                .post(&format!("{base}/{mesh}/unpin"), &UnpinRequest { object })
+                .await?;
+            action(&mut out, &r, output)?;
+        }
+        Command::Drain {
+            mesh,
+            pod,
+            undo,
+            wait,
+        } => {
+            let r: ActionResult = client
+                .post(
+                    &format!("{base}/{mesh}/drain"),
+                    &DrainRequest {
+                        pod: pod.clone(),
+                        undo,
+                    },
+                )
+                .await?;
+            action(&mut out, &r, output)?;
+            if wait && !undo {
+                let full = if pod.contains('/') {
+                    pod.clone()
+                } else {
+                    format!("{namespace}/{pod}")
+                };
+                loop {
+                    let m: MeshStatus = client.get(&format!("{base}/{mesh}")).await?;
+                    let held: Option<u64> = m
+                        .subsets
+                        .iter()
+                        .flat_map(|s| &s.replicas)
+                        .find(|r| r.pod == full)
+                        .map(|r| r.owned_keys);
+                    if m.moving == 0 && held.unwrap_or(0) == 0 {
+                        writeln!(out, "{full} holds no keys; its pod can be deleted")?;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
         }
     }
     Ok(())
@@ -567,9 +655,10 @@ fn print_status(
                     .iter()
                     .map(|r| {
                         format!(
-                            "{}({})",
+                            "{}({}{})",
                             r.pod.rsplit('/').next().unwrap_or(&r.pod),
-                            r.owned_keys
+                            r.owned_keys,
+                            if r.draining { ",draining" } else { "" }
                         )
                     })
                     .collect();

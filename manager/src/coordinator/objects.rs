@@ -213,6 +213,17 @@ impl Coordinator {
                     .entry(id.clone())
                     .or_insert_with(|| Mesh::new(not_before, now));
                 mesh.generation = om.metadata.generation;
+                mesh.drain = crate::mesh::parse_drain(
+                    om.annotations()
+                        .get(crate::mesh::DRAIN_ANNOTATION)
+                        .map(String::as_str),
+                );
+                // Drains apply under the policy in force, even if the new
+                // spec is refused.
+                self.refresh_draining(&id);
+                let Some(mesh) = self.meshes.get_mut(&id) else {
+                    return;
+                };
                 match Policy::compile(&om.spec) {
                     Ok(p) => {
                         mesh.policy = Some(Arc::new(p));

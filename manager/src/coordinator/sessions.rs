@@ -19,6 +19,7 @@ impl Coordinator {
         &mut self,
         hello: &Hello,
         pod_labels: &Labels,
+        pod_uid: &str,
     ) -> Result<Connected, Refusal> {
         self.dirty = true;
         let id = MeshId::new(&hello.mesh_namespace, &hello.mesh_name);
@@ -104,6 +105,7 @@ impl Coordinator {
             Session {
                 mesh: id.clone(),
                 holder: holder.clone(),
+                uid: pod_uid.to_string(),
                 pending: pending.clone(),
                 needs_sync: true,
                 contact: contact.clone(),
@@ -117,6 +119,7 @@ impl Coordinator {
                 mesh.reported.insert(held.key.clone(), holder.clone());
             }
         }
+        self.refresh_draining(&id);
         tracing::info!(mesh = %id, runtime = %pod, subset = %subset_name, held = hello.held.len(), "runtime joined");
         // Reported keys first: they can stay where they are without waiting.
         for held in &hello.held {
@@ -270,6 +273,35 @@ impl Coordinator {
             }
             self.place_all(&e.mesh);
         }
+    }
+
+    /// Takes the mesh's drained pods (those its drain annotation names, with
+    /// the UID of their live session) off their subsets' rings, so their
+    /// keys move to the other replicas through the usual handoff. Returns
+    /// true if that changed anything, after placing the keys again.
+    pub(super) fn refresh_draining(&mut self, id: &MeshId) -> bool {
+        let Some(mesh) = self.meshes.get(id) else {
+            return false;
+        };
+        let draining: std::collections::BTreeSet<PodId> = mesh
+            .drain
+            .iter()
+            .filter(|(pod, uid)| {
+                self.sessions
+                    .get(*pod)
+                    .is_some_and(|s| s.mesh == *id && (uid.is_empty() || s.uid == **uid))
+            })
+            .map(|(pod, _)| pod.clone())
+            .collect();
+        let Some(mesh) = self.meshes.get_mut(id) else {
+            return false;
+        };
+        if !mesh.own.set_draining(draining) {
+            return false;
+        }
+        self.dirty = true;
+        self.place_all(id);
+        true
     }
 
     /// The session of `holder`, if it is still connected.

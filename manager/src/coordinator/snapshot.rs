@@ -67,6 +67,7 @@ impl Coordinator {
                             holder: s.holder.clone(),
                             ready: s.pending.is_empty(),
                             pending: s.pending.len(),
+                            draining: mesh.own.is_draining(&s.holder.pod),
                             owned_keys: owned.get(&s.holder).copied().unwrap_or(0),
                             last_contact,
                             lease_until: last_contact + self.lease_ttl,

@@ -41,6 +41,8 @@ pub(crate) struct Ownership {
     holders: HashMap<String, Held>,
     /// Live pods per subset index.
     members: BTreeMap<usize, BTreeSet<PodId>>,
+    /// Live pods being drained: members, but off the rings.
+    draining: BTreeSet<PodId>,
     rings: BTreeMap<usize, ReplicaRing>,
 }
 
@@ -85,6 +87,27 @@ impl Ownership {
             self.holders.remove(k);
         }
         freed
+    }
+
+    /// Sets the pods being drained: they stay members (their sessions and
+    /// the keys they hold are untouched) but leave the rings, so no key is
+    /// placed on them and the keys they hold move elsewhere. Returns true if
+    /// the set changed.
+    pub(crate) fn set_draining(&mut self, draining: BTreeSet<PodId>) -> bool {
+        if draining == self.draining {
+            return false;
+        }
+        self.draining = draining;
+        let subsets: Vec<usize> = self.members.keys().copied().collect();
+        for s in subsets {
+            self.rebuild(s);
+        }
+        true
+    }
+
+    /// True if `pod` is being drained.
+    pub(crate) fn is_draining(&self, pod: &PodId) -> bool {
+        self.draining.contains(pod)
     }
 
     /// The pod the ring picks for `key` inside `subset`.
@@ -160,7 +183,13 @@ impl Ownership {
     }
 
     fn rebuild(&mut self, subset: usize) {
-        let ring = ReplicaRing::new(self.members.get(&subset).into_iter().flatten());
+        let ring = ReplicaRing::new(
+            self.members
+                .get(&subset)
+                .into_iter()
+                .flatten()
+                .filter(|p| !self.draining.contains(*p)),
+        );
         self.rings.insert(subset, ring);
     }
 }

@@ -30,6 +30,7 @@ fn spec(weights: &[(&str, u32)], pins: Vec<PinSpec>) -> OperatorMeshSpec {
             .collect(),
         routing: RoutingSpec {
             granularity: Granularity::Object,
+            object_pins: Vec::new(),
             pins,
             weights: weights
                 .iter()
@@ -294,4 +295,46 @@ fn the_mesh_decides_which_types_a_runtime_may_declare() {
         Policy::compile(&none),
         Err(PolicyError::NoControllers)
     ));
+}
+
+#[test]
+fn an_object_pin_wins_over_every_other_rule_for_that_object_only() {
+    let mut by_name = pin("v1");
+    by_name.namespaces = vec!["team-a".into()];
+    let mut s = spec(&[("v1", 100)], vec![by_name]);
+    s.routing.object_pins = vec![
+        crate::crd::ObjectPinSpec {
+            object: "team-a/web".into(),
+            subset: "v2".into(),
+        },
+        crate::crd::ObjectPinSpec {
+            object: "kube-system/dns".into(),
+            subset: "v2".into(),
+        },
+    ];
+    let p = Policy::compile(&s).unwrap();
+    let none = Labels::new();
+    let exact = Apportionment::default();
+    // Every controller's key of the object, whatever its type.
+    for key in ["team-a/web", "team-a/web@Widget.v1.example.com", "team-a/web@ConfigMap.v1"] {
+        assert_eq!(
+            p.explain(key, &none, &exact),
+            Placement::ObjectPinned { index: 0, subset: 1 },
+            "{key}"
+        );
+    }
+    // Its neighbours follow the namespace pin; an excluded namespace's
+    // object can be pinned back in.
+    assert_eq!(
+        p.explain("team-a/api", &none, &exact),
+        Placement::Pinned { index: 0, subset: 0 }
+    );
+    assert_eq!(p.route("kube-system/dns", &none, &exact), Some(1));
+    assert_eq!(p.explain("kube-system/other", &none, &exact), Placement::Excluded);
+
+    s.routing.object_pins[1].subset = "v9".into();
+    assert_eq!(
+        Policy::compile(&s).unwrap_err().to_string(),
+        "spec.routing.objectPins[1].subset names subset \"v9\", which is not in spec.subsets"
+    );
 }

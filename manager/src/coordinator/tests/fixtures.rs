@@ -46,6 +46,7 @@ pub(super) fn spec(v2: u8, pin: bool, paused: bool, by_namespace: bool) -> Opera
                 Granularity::Object
             },
             split: None,
+            object_pins: Vec::new(),
             pins: pin
                 .then(|| PinSpec {
                     subset: "v2".into(),

@@ -273,6 +273,7 @@ impl Sim {
         self.power.reported_on_reconnect += hello.held.len();
         let (reply, mut answer) = oneshot::channel();
         self.step(Input::Connect {
+            pod_uid: String::new(),
             hello: Box::new(hello),
             pod_labels: pod_labels(i),
             reply,
