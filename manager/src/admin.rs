@@ -60,6 +60,8 @@ pub(crate) struct Admin {
     pub(crate) lease: Option<(String, String)>,
     /// Reviews callers.
     pub(crate) auth: Auth,
+    /// How reconciles ended, as runtimes reported.
+    pub(crate) outcomes: Arc<crate::outcomes::Outcomes>,
 }
 
 /// An answer: status and JSON body.
@@ -259,7 +261,9 @@ impl Admin {
                     StatusCode::BAD_REQUEST,
                     "explain needs ?key=namespace/name (or name, if cluster-scoped)".to_string(),
                 ))?;
-                ok(&views::explain(mesh(&id)?, object)?)
+                let mut e = views::explain(mesh(&id)?, object)?;
+                e.outcomes = views::outcomes(self.outcomes.of_object(&id, object));
+                ok(&e)
             }
             Route::Plan(id) => {
                 let request: PlanRequest = parse(body)?;

@@ -150,6 +150,37 @@ pub struct Explanation {
     pub replica: Option<String>,
     /// The object's keys (one per controller type) that a runtime holds.
     pub keys: Vec<KeyStatus>,
+    /// Its last reconciles as runtimes reported them, newest first (at most
+    /// five per key).
+    #[serde(default)]
+    pub outcomes: Vec<Outcome>,
+}
+
+/// How one reconcile ended.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    /// The key reconciled.
+    pub key: String,
+    /// When it finished, in Unix milliseconds.
+    pub finished_unix_ms: i64,
+    /// `success` or `error`.
+    pub result: String,
+    /// The error, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// How long it ran, in milliseconds.
+    pub duration_ms: f64,
+    /// How long the key waited in the queue first, in milliseconds.
+    pub queue_wait_ms: f64,
+    /// The operator version that ran it.
+    pub operator_version: String,
+    /// The primary object's generation it reconciled.
+    pub generation: i64,
+    /// The subset of the runtime that ran it.
+    pub subset: String,
+    /// That runtime's pod.
+    pub replica: String,
 }
 
 /// A change to plan: new weights, or a whole new spec.

@@ -112,6 +112,10 @@ pub(crate) struct Connected {
     pub(crate) pending: Arc<Pending>,
     /// When the runtime was last heard from; the session's reader updates it.
     pub(crate) contact: Contact,
+    /// The runtime's mesh.
+    pub(crate) mesh: MeshId,
+    /// The runtime's subset.
+    pub(crate) subset: String,
 }
 
 /// When a runtime was last heard from. The session's reader writes it on

@@ -52,6 +52,7 @@ mod leader;
 mod limits;
 mod mesh;
 mod metrics;
+mod outcomes;
 mod policy;
 mod server;
 mod snapshot;
@@ -143,6 +144,7 @@ pub async fn run(
     // longer does; sessions are refused outside that window.
     let published = Arc::new(Published::new());
     let metrics = Arc::new(metrics::Metrics::default());
+    let outcomes = Arc::new(outcomes::Outcomes::default());
     let mut coordinator = {
         let (client, config, tx, authority, published, metrics) = (
             client.clone(),
@@ -180,18 +182,21 @@ pub async fn run(
     );
     let client_for_webhook = client.clone();
     let client_for_admin = client.clone();
-    let service = MeshServiceServer::new(server::MeshServer::new(
-        tx,
-        client,
-        config.lease_ttl(),
-        authority.clone(),
-        admission,
-        published.clone(),
-        limits::Limits::new(
-            usize::try_from(config.max_sessions).unwrap_or(usize::MAX),
-            config.max_hellos_per_second,
-        ),
-    ))
+    let service = MeshServiceServer::new(
+        server::MeshServer::new(
+            tx,
+            client,
+            config.lease_ttl(),
+            authority.clone(),
+            admission,
+            published.clone(),
+            limits::Limits::new(
+                usize::try_from(config.max_sessions).unwrap_or(usize::MAX),
+                config.max_hellos_per_second,
+            ),
+        )
+        .with_reports(outcomes.clone(), metrics.clone()),
+    )
     .max_decoding_message_size(server::MAX_MESSAGE);
     tracing::info!(addr = %listener.local_addr()?, tls = certificate.is_some(), "manager listening");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -247,6 +252,7 @@ pub async fn run(
                     .leader_election
                     .then(|| (config.lease_namespace.clone(), config.lease_name.clone())),
                 auth: admin::Auth::new(client_for_admin),
+                outcomes: outcomes.clone(),
             });
             let serving = admin::serve(listener, cert.clone(), admin);
             Some(Task::spawn(async move {

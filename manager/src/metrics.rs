@@ -29,6 +29,14 @@ pub(crate) struct Metrics {
     /// `opmesh_manager_watch_restarts_total`: watch failures, after each of
     /// which the watch starts again.
     pub(crate) watch_restarts: Counter,
+    /// `opmesh_manager_reconciles_total{mesh, subset, result}`, from the
+    /// runtimes' reports.
+    pub(crate) reconciles: Family<Labels, Counter>,
+    /// `opmesh_manager_reconcile_duration_seconds{mesh, subset}`.
+    pub(crate) reconcile_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    /// `opmesh_manager_reports_dropped_total`: outcomes runtimes dropped
+    /// because their buffer was full.
+    pub(crate) reports_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -41,13 +49,48 @@ impl Default for Metrics {
             ]),
             lease_expiries: Counter::default(),
             watch_restarts: Counter::default(),
+            reconciles: Family::default(),
+            reconcile_duration: Family::new_with_constructor(reconcile_buckets),
+            reports_dropped: Counter::default(),
         }
     }
+}
+
+fn reconcile_buckets() -> Histogram {
+    Histogram::new([
+        0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+    ])
 }
 
 // === impl Metrics ===
 
 impl Metrics {
+    /// Counts the outcomes a runtime of `mesh`'s `subset` reported.
+    pub(crate) fn reconciled(
+        &self,
+        mesh: &crate::id::MeshId,
+        subset: &str,
+        reports: &[opmesh_proto::v1::ReconcileReport],
+        dropped: u64,
+    ) {
+        let base = vec![
+            ("mesh".to_string(), mesh.to_string()),
+            ("subset".to_string(), subset.to_string()),
+        ];
+        let mut ok = base.clone();
+        ok.push(("result".into(), "success".into()));
+        let mut failed = base.clone();
+        failed.push(("result".into(), "error".into()));
+        let durations = self.reconcile_duration.get_or_create(&base);
+        for r in reports {
+            self.reconciles
+                .get_or_create(if r.ok { &ok } else { &failed })
+                .inc();
+            durations.observe(r.duration_us as f64 / 1e6);
+        }
+        self.reports_dropped.inc_by(dropped);
+    }
+
     /// The text exposition of every metric, with the gauges read from
     /// `snapshot` and `leading`.
     pub(crate) fn encode(&self, snapshot: &Snapshot, leading: bool) -> String {
@@ -76,6 +119,21 @@ impl Metrics {
             "watch_restarts",
             "Watch failures, after each of which the watch starts again",
             self.watch_restarts.clone(),
+        );
+        registry.register(
+            "reconciles",
+            "Reconciles the runtimes reported, by mesh, subset and result",
+            self.reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "How long reported reconciles ran, by mesh and subset",
+            self.reconcile_duration.clone(),
+        );
+        registry.register(
+            "reports_dropped",
+            "Reconcile outcomes runtimes dropped because their buffer was full",
+            self.reports_dropped.clone(),
         );
         let lead = Gauge::<i64>::default();
         lead.set(i64::from(leading));

@@ -21,6 +21,8 @@ use crate::{
     gvk::controller_keys,
     leader::Authority,
     limits::Limits,
+    metrics::Metrics,
+    outcomes::Outcomes,
     snapshot::Published,
 };
 
@@ -47,6 +49,9 @@ pub(crate) struct MeshServer {
     authority: Arc<Authority>,
     published: Arc<Published>,
     limits: Limits,
+    /// Where runtimes' reconcile reports go.
+    outcomes: Arc<Outcomes>,
+    metrics: Arc<Metrics>,
 }
 
 // === impl MeshServer ===
@@ -73,7 +78,17 @@ impl MeshServer {
             authority,
             published,
             limits,
+            outcomes: Arc::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Keeps runtimes' reconcile reports in `outcomes` and counts them in
+    /// `metrics`.
+    pub(crate) fn with_reports(mut self, outcomes: Arc<Outcomes>, metrics: Arc<Metrics>) -> Self {
+        self.outcomes = outcomes;
+        self.metrics = metrics;
+        self
     }
 
     async fn admit(&self, hello: Hello) -> Result<Connected, Refusal> {
@@ -192,7 +207,10 @@ impl MeshService for MeshServer {
             holder,
             pending,
             contact,
+            mesh,
+            subset,
         } = connected;
+        let (outcomes, metrics) = (self.outcomes.clone(), self.metrics.clone());
 
         // Writer: pending set -> stream. A bounded channel gives backpressure;
         // the pending set coalesces while the runtime is slow.
@@ -287,6 +305,11 @@ impl MeshService for MeshServer {
                             operator_gone = Some(bye.message);
                         }
                         break;
+                    }
+                    Some(In::Reports(r)) => {
+                        tracing::debug!(runtime = %holder.pod, reports = r.reports.len(), "reconcile reports");
+                        outcomes.record(&mesh, &subset, &holder.pod, &r.reports);
+                        metrics.reconciled(&mesh, &subset, &r.reports, r.dropped);
                     }
                     Some(In::Report(_)) | Some(In::Hello(_)) | None => {}
                 }

@@ -52,7 +52,7 @@ pub(crate) async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
             .depth
             .get_or_create(rt.metrics.queue())
             .set(i64::try_from(rt.queue.len()).unwrap_or(i64::MAX));
-        let key = item.key;
+        let (key, waited) = (item.key, item.waited);
         let (owned, _) = rt.owns(&key);
         if !owned {
             // Revoked while queued.
@@ -73,7 +73,7 @@ pub(crate) async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
             continue;
         };
         let _span = tracing::debug_span!("dispatch", key = %key).entered();
-        rt.hand_out(key, object, permit);
+        rt.hand_out(key, object, permit, waited);
     }
 }
 
@@ -92,6 +92,7 @@ mod tests {
     #[test]
     fn the_operator_chooses_its_concurrency_within_the_flag() {
         let reg = |concurrency| Registration {
+            operator_version: String::new(),
             controllers: Vec::new(),
             concurrency,
         };
@@ -120,6 +121,7 @@ mod tests {
             ..Default::default()
         };
         rt.registration.send_replace(Some(Registration {
+            operator_version: String::new(),
             controllers: vec![ControllerTypes {
                 primary: Some(gvk.clone()),
                 owns: Vec::new(),

@@ -4,8 +4,8 @@ use std::{sync::Arc, time::Duration};
 
 use opmesh_proto::v1::{
     CompleteResponse, Completion, ControllerTypes, GetRequest, GetResponse, GroupVersionKind,
-    ListRequest, ListResponse, OwnershipRequest, OwnershipResponse, RegisterRequest,
-    RegisterResponse, ReleaseRequest, ReleaseResponse, Task, TasksRequest,
+    ListRequest, ListResponse, OwnershipRequest, OwnershipResponse, ReconcileReport,
+    RegisterRequest, RegisterResponse, ReleaseRequest, ReleaseResponse, Task, TasksRequest,
     completion::Result as Outcome, runtime_service_server::RuntimeService,
 };
 use tokio::sync::mpsc;
@@ -54,6 +54,7 @@ impl RuntimeService for RuntimeServer {
         let reg = Registration {
             controllers,
             concurrency: req.max_concurrent_reconciles,
+            operator_version: req.operator_version.clone(),
         };
         if let Some(existing) = self.rt.registered()
             && existing.primaries() != reg.primaries()
@@ -118,6 +119,7 @@ impl RuntimeService for RuntimeServer {
             .get_or_create(&m.controller(None))
             .observe(elapsed);
         let still_owned = rt.owns(&key).0;
+        let mut error = None;
         let result = match c.result {
             Some(Outcome::Ok(_)) => {
                 rt.queue.forget(&key);
@@ -132,6 +134,7 @@ impl RuntimeService for RuntimeServer {
             }
             Some(Outcome::Error(msg)) => {
                 tracing::info!(key = %key, error = %msg, "reconcile failed");
+                error = Some(msg.clone());
                 m.reconcile_errors.get_or_create(&m.controller(None)).inc();
                 if c.no_retry {
                     rt.queue.forget(&key);
@@ -155,6 +158,23 @@ impl RuntimeService for RuntimeServer {
         m.reconcile_total
             .get_or_create(&m.controller(Some(result)))
             .inc();
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        rt.report(ReconcileReport {
+            key: key.clone(),
+            ok: result != "error",
+            error: error.unwrap_or_default(),
+            duration_us: micros(done.started.elapsed()),
+            queue_wait_us: micros(done.waited),
+            operator_version: rt
+                .registered()
+                .map(|r| r.operator_version)
+                .unwrap_or_default(),
+            generation: done.generation,
+            finished_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                .unwrap_or_default(),
+        });
         rt.queue.done(&key);
         rt.bump();
         Ok(Response::new(CompleteResponse {}))

@@ -4,7 +4,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use opmesh_proto::v1::{
-    GoodbyeReason, Heartbeat, Hello, ManagerMessage, Released, RuntimeMessage,
+    GoodbyeReason, Heartbeat, Hello, ManagerMessage, ReconcileReports, Released, RuntimeMessage,
     manager_message::Msg, mesh_service_client::MeshServiceClient, runtime_message::Msg as Out,
 };
 use tokio::{
@@ -145,6 +145,10 @@ pub(crate) async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
 
 /// How long a graceful shutdown waits for running reconciles.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often reconcile outcomes go to the manager, and at most how many in
+/// one message.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+const REPORT_BATCH: usize = 1000;
 
 async fn session(
     rt: &Arc<Runtime>,
@@ -249,6 +253,39 @@ async fn session(
                 };
                 if tx.send(hb).await.is_err() {
                     return;
+                }
+            }
+        });
+    }
+
+    // Reconcile outcomes go to the manager in batches, once a second.
+    {
+        let (tx, rt) = (tx.clone(), rt.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(REPORT_EVERY);
+            loop {
+                tick.tick().await;
+                let (reports, dropped) = rt.take_reports();
+                if reports.is_empty() && dropped == 0 {
+                    continue;
+                }
+                tracing::debug!(
+                    reports = reports.len(),
+                    dropped,
+                    "sending reconcile reports"
+                );
+                let mut chunks = reports.chunks(REPORT_BATCH).peekable();
+                let mut dropped = Some(dropped);
+                while chunks.peek().is_some() || dropped.is_some() {
+                    let batch = RuntimeMessage {
+                        msg: Some(Out::Reports(ReconcileReports {
+                            reports: chunks.next().map(<[_]>::to_vec).unwrap_or_default(),
+                            dropped: dropped.take().unwrap_or(0),
+                        })),
+                    };
+                    if tx.send(batch).await.is_err() {
+                        return;
+                    }
                 }
             }
         });

@@ -11,7 +11,8 @@ use std::{
 };
 
 use opmesh_proto::v1::{
-    ControllerTypes, GroupVersionKind, ObjectEvent, Task, Welcome, object_event::Type,
+    ControllerTypes, GroupVersionKind, ObjectEvent, ReconcileReport, Task, Welcome,
+    object_event::Type,
 };
 use tokio::{
     sync::{mpsc, watch},
@@ -37,6 +38,8 @@ pub(crate) struct Registration {
     /// How many reconciles the operator asked for at once (0: no
     /// preference).
     pub(crate) concurrency: u32,
+    /// The operator's version, reported with each outcome.
+    pub(crate) operator_version: String,
 }
 
 impl Registration {
@@ -112,7 +115,14 @@ pub(crate) struct Runtime {
     pub(crate) registration: watch::Sender<Option<Registration>>,
     /// Bumped whenever dispatch conditions or in-flight work change.
     pub(crate) changed: watch::Sender<u64>,
+    /// Reconcile outcomes not yet sent to the manager, and how many were
+    /// dropped because the buffer was full.
+    reports: Mutex<(Vec<ReconcileReport>, u64)>,
 }
+
+/// The most outcomes buffered between two batches; older ones are dropped
+/// (and counted) beyond it.
+const MAX_REPORTS: usize = 10_000;
 
 mod inflight;
 mod operator;
@@ -138,7 +148,24 @@ impl Runtime {
             operator_absent_since: Mutex::new(None),
             registration: watch::channel(None).0,
             changed: watch::channel(0).0,
+            reports: Mutex::default(),
         }
+    }
+
+    /// Buffers one reconcile's outcome for the next batch to the manager.
+    pub(crate) fn report(&self, report: ReconcileReport) {
+        let mut r = lock(&self.reports);
+        if r.0.len() >= MAX_REPORTS {
+            r.0.remove(0);
+            r.1 += 1;
+        }
+        r.0.push(report);
+    }
+
+    /// The buffered outcomes, oldest first, and how many were dropped;
+    /// empties the buffer.
+    pub(crate) fn take_reports(&self) -> (Vec<ReconcileReport>, u64) {
+        std::mem::take(&mut *lock(&self.reports))
     }
 
     /// Locks the cache.

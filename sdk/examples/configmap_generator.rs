@@ -575,6 +575,7 @@ async fn main() -> anyhow::Result<()> {
             });
             let generators = Controller::<ConfigMapGenerator>::new(&mesh)
                 .owns::<ConfigMap>()
+                .operator_version(ctx.version.clone())
                 .bind(reconcile, opmesh_sdk::default_error_policy, ctx.clone());
             let mut controllers = vec![generators];
             if bundles {

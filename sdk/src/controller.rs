@@ -90,8 +90,13 @@ pub struct Controller<K> {
     shutdown: Option<Shutdown>,
     grace: Duration,
     concurrency: u32,
+    version: Option<String>,
     _k: PhantomData<fn() -> K>,
 }
+
+/// The environment variable an operator's version is read from when
+/// [`Controller::operator_version`] is not called.
+pub const OPERATOR_VERSION_ENV: &str = "OPMESH_OPERATOR_VERSION";
 
 /// A future that asks the controller to stop.
 type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -198,6 +203,7 @@ where
             shutdown: None,
             grace: DEFAULT_SHUTDOWN_GRACE,
             concurrency: 0,
+            version: None,
             _k: PhantomData,
         }
     }
@@ -207,6 +213,14 @@ where
     /// without either, one at a time.
     pub fn concurrency(mut self, n: u32) -> Self {
         self.concurrency = n;
+        self
+    }
+
+    /// The operator's version (e.g. its image tag), reported with every
+    /// reconcile's outcome so the mesh can compare a canary with stable.
+    /// Default: `$OPMESH_OPERATOR_VERSION`, else none.
+    pub fn operator_version(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
         self
     }
 
@@ -304,6 +318,7 @@ where
             concurrency: self.concurrency,
             shutdown: self.shutdown,
             grace: self.grace,
+            version: self.version,
             handler,
         }
     }
@@ -327,6 +342,7 @@ pub struct BoundController {
     concurrency: u32,
     shutdown: Option<Shutdown>,
     grace: Duration,
+    version: Option<String>,
     handler: Handler,
 }
 
@@ -380,9 +396,17 @@ pub async fn run_all(controllers: Vec<BoundController>) -> Result<()> {
         tracing::info!(kind = %c.kind, "controller started");
         registration.max_concurrent_reconciles += c.concurrency;
         registration.controllers.push(c.types);
+        if registration.operator_version.is_empty()
+            && let Some(v) = c.version
+        {
+            registration.operator_version = v;
+        }
         if shutdown.is_none() {
             shutdown = c.shutdown;
         }
+    }
+    if registration.operator_version.is_empty() {
+        registration.operator_version = std::env::var(OPERATOR_VERSION_ENV).unwrap_or_default();
     }
     client.register(registration).await?;
     let mut tasks = client.tasks(TasksRequest {}).await?.into_inner();

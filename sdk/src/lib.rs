@@ -80,8 +80,8 @@ mod fence;
 pub use action::{Action, default_error_policy};
 pub use cache::{Cache, gvk_of};
 pub use controller::{
-    BoundController, Controller, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SOCKET, Mesh, SIDECAR_WAIT,
-    SOCKET_ENV, TaskInfo, current, fenced, run_all,
+    BoundController, Controller, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SOCKET, Mesh,
+    OPERATOR_VERSION_ENV, SIDECAR_WAIT, SOCKET_ENV, TaskInfo, current, fenced, run_all,
 };
 pub use error::{Error, Result};
 pub use fence::{FENCE_MARGIN, Fence, Fenced, fenced_error, is_fenced};

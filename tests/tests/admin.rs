@@ -329,6 +329,60 @@ async fn explain_plan_and_metrics_agree_with_what_the_mesh_does() -> anyhow::Res
         );
     }
     assert!(text.contains("opmesh_manager_handoff_duration_seconds_count"));
+    // Reconcile outcomes per subset, from the runtimes' reports (sent once
+    // a second).
+    let reconciles = |text: &str, subset: &str| {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("opmesh_manager_reconciles_total{")
+                    && l.contains(&mesh)
+                    && l.contains(&format!("subset=\"{subset}\""))
+                    && l.contains("result=\"success\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let text = eventually(
+        "the reconciles of both subsets to be reported",
+        TIMEOUT,
+        || async {
+            let text = a.health("/metrics")?.1;
+            let done =
+                reconciles(&text, "v1") >= 20.0 && reconciles(&text, "v2") >= moved.len() as f64;
+            Ok(done.then_some(text))
+        },
+    )
+    .await?;
+    assert!(text.contains("opmesh_manager_reconcile_duration_seconds_count{"));
+
+    // explain shows a moved object's last reconciles, by the canary.
+    let object = moved.iter().next().context("a moved object")?;
+    let e = eventually(
+        "the moved object's outcomes to be reported",
+        TIMEOUT,
+        || async {
+            let e: Explanation =
+                serde_json::from_str(&a.ok(&admin, &["explain", "mesh", object, "-o", "json"])?)?;
+            Ok(e.outcomes.iter().any(|o| o.subset == "v2").then_some(e))
+        },
+    )
+    .await?;
+    let newest = &e.outcomes[0];
+    assert_eq!(
+        (
+            newest.result.as_str(),
+            newest.operator_version.as_str(),
+            newest.subset.as_str()
+        ),
+        ("success", "v2", "v2")
+    );
+    assert!(newest.generation >= 1 && newest.duration_ms >= 0.0);
+    assert!(newest.replica.ends_with("/v2-0"), "{}", newest.replica);
+    assert!(
+        e.outcomes
+            .iter()
+            .any(|o| o.subset == "v1" && o.operator_version == "v1")
+    );
 
     // Golden table, and JSON that parses.
     let v1_keys = 20 - moved.len();

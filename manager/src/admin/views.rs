@@ -10,8 +10,8 @@ use http::StatusCode;
 
 use crate::{
     api::{
-        Explanation, KeyList, KeyMove, KeyStatus, MOVING_SHOWN, MeshStatus, Plan, ReplicaStatus,
-        Share, SubsetStatus,
+        Explanation, KeyList, KeyMove, KeyStatus, MOVING_SHOWN, MeshStatus, Outcome as ApiOutcome,
+        Plan, ReplicaStatus, Share, SubsetStatus,
     },
     crd::OperatorMeshSpec,
     id::{MeshId, PodId},
@@ -187,7 +187,27 @@ pub(super) fn explain(view: &MeshView, object: &str) -> Result<Explanation, Fail
         subset: subset.and_then(subset_name),
         replica,
         keys,
+        outcomes: Vec::new(),
     })
+}
+
+/// Reported outcomes as the API shows them.
+pub(super) fn outcomes(reported: Vec<(String, crate::outcomes::Outcome)>) -> Vec<ApiOutcome> {
+    reported
+        .into_iter()
+        .map(|(key, o)| ApiOutcome {
+            key,
+            finished_unix_ms: o.finished_unix_ms,
+            result: if o.ok { "success" } else { "error" }.into(),
+            error: (!o.error.is_empty()).then_some(o.error),
+            duration_ms: o.duration_us as f64 / 1000.0,
+            queue_wait_ms: o.queue_wait_us as f64 / 1000.0,
+            operator_version: o.operator_version,
+            generation: o.generation,
+            subset: o.subset,
+            replica: o.pod,
+        })
+        .collect()
 }
 
 /// The rule's name and what it means here.

@@ -729,6 +729,50 @@ fn print_explanation(out: &mut impl std::io::Write, e: &Explanation) -> anyhow::
             writeln!(out, "  {line}")?;
         }
     }
+    if e.outcomes.is_empty() {
+        writeln!(out, "Last reconciles: <none reported>")?;
+    } else {
+        writeln!(out, "Last reconciles:")?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or_default();
+        let rows = e
+            .outcomes
+            .iter()
+            .map(|o| {
+                vec![
+                    format!(
+                        "{:.1}s ago",
+                        (now - o.finished_unix_ms).max(0) as f64 / 1000.0
+                    ),
+                    o.result.clone(),
+                    format!("{:.1}ms", o.duration_ms),
+                    o.operator_version.clone(),
+                    o.generation.to_string(),
+                    o.replica.clone(),
+                    o.error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        let mut buf = Vec::new();
+        table(
+            &mut buf,
+            &[
+                "WHEN",
+                "RESULT",
+                "DURATION",
+                "VERSION",
+                "GENERATION",
+                "REPLICA",
+                "ERROR",
+            ],
+            rows,
+        )?;
+        for line in String::from_utf8_lossy(&buf).lines() {
+            writeln!(out, "  {line}")?;
+        }
+    }
     Ok(())
 }
 

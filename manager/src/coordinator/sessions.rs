@@ -130,6 +130,8 @@ impl Coordinator {
             holder,
             pending,
             contact,
+            mesh: id,
+            subset: subset_name,
         })
     }
 

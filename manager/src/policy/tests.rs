@@ -316,10 +316,17 @@ fn an_object_pin_wins_over_every_other_rule_for_that_object_only() {
     let none = Labels::new();
     let exact = Apportionment::default();
     // Every controller's key of the object, whatever its type.
-    for key in ["team-a/web", "team-a/web@Widget.v1.example.com", "team-a/web@ConfigMap.v1"] {
+    for key in [
+        "team-a/web",
+        "team-a/web@Widget.v1.example.com",
+        "team-a/web@ConfigMap.v1",
+    ] {
         assert_eq!(
             p.explain(key, &none, &exact),
-            Placement::ObjectPinned { index: 0, subset: 1 },
+            Placement::ObjectPinned {
+                index: 0,
+                subset: 1
+            },
             "{key}"
         );
     }
@@ -327,10 +334,16 @@ fn an_object_pin_wins_over_every_other_rule_for_that_object_only() {
     // object can be pinned back in.
     assert_eq!(
         p.explain("team-a/api", &none, &exact),
-        Placement::Pinned { index: 0, subset: 0 }
+        Placement::Pinned {
+            index: 0,
+            subset: 0
+        }
     );
     assert_eq!(p.route("kube-system/dns", &none, &exact), Some(1));
-    assert_eq!(p.explain("kube-system/other", &none, &exact), Placement::Excluded);
+    assert_eq!(
+        p.explain("kube-system/other", &none, &exact),
+        Placement::Excluded
+    );
 
     s.routing.object_pins[1].subset = "v9".into();
     assert_eq!(

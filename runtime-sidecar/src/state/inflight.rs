@@ -19,6 +19,10 @@ pub(crate) struct Inflight {
     pub(crate) key: String,
     /// When it was handed out.
     pub(crate) started: Instant,
+    /// How long it waited in the queue first.
+    pub(crate) waited: std::time::Duration,
+    /// The primary object's generation then (0 if it has none).
+    pub(crate) generation: i64,
     /// The operator connection it went to.
     pub(crate) operator: u64,
     /// That connection's stream: its cancel goes there, even after another
@@ -127,6 +131,7 @@ impl Runtime {
         key: String,
         object: Vec<u8>,
         permit: OwnedSemaphorePermit,
+        waited: std::time::Duration,
     ) -> bool {
         let Some((op_id, tx)) = lock(&self.operator).clone() else {
             self.queue.done(&key);
@@ -152,6 +157,8 @@ impl Runtime {
                 Inflight {
                     key: key.clone(),
                     started: Instant::now(),
+                    waited,
+                    generation: generation_of(&object),
                     operator: op_id,
                     tx: tx.clone(),
                     _permit: permit,
@@ -193,6 +200,22 @@ impl Runtime {
         }
         done
     }
+}
+
+/// `metadata.generation` of a JSON object, or 0.
+fn generation_of(object: &[u8]) -> i64 {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        #[serde(default)]
+        generation: i64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Obj {
+        metadata: Meta,
+    }
+    serde_json::from_slice::<Obj>(object)
+        .map(|o| o.metadata.generation)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -243,7 +266,12 @@ mod tests {
         rt.revoke(&["ns/a".to_string()]);
         let permits = Arc::new(Semaphore::new(1));
         let permit = permits.clone().acquire_owned().await.unwrap();
-        assert!(!rt.hand_out("ns/a".into(), b"{}".to_vec(), permit));
+        assert!(!rt.hand_out(
+            "ns/a".into(),
+            b"{}".to_vec(),
+            permit,
+            std::time::Duration::ZERO
+        ));
         assert!(rx.try_recv().is_err(), "a revoked key went out");
         rt.drained(&["ns/a".to_string()]).await;
     }
@@ -255,13 +283,23 @@ mod tests {
         let first_id = rt.attach_operator(first);
         let permits = Arc::new(Semaphore::new(2));
         let permit = permits.clone().acquire_owned().await.unwrap();
-        assert!(rt.hand_out("ns/a".into(), b"{}".to_vec(), permit));
+        assert!(rt.hand_out(
+            "ns/a".into(),
+            b"{}".to_vec(),
+            permit,
+            std::time::Duration::ZERO
+        ));
         let task = first_rx.recv().await.unwrap().unwrap();
         // A second connection takes over new work...
         let (second, mut second_rx) = mpsc::channel(8);
         rt.attach_operator(second);
         let permit = permits.clone().acquire_owned().await.unwrap();
-        assert!(rt.hand_out("ns/b".into(), b"{}".to_vec(), permit));
+        assert!(rt.hand_out(
+            "ns/b".into(),
+            b"{}".to_vec(),
+            permit,
+            std::time::Duration::ZERO
+        ));
         assert_eq!(second_rx.recv().await.unwrap().unwrap().key, "ns/b");
         // ...but ns/a still runs on the first: its cancel must reach it.
         rt.cancel_keys(&["ns/a".to_string()]);
@@ -289,7 +327,12 @@ mod tests {
         rt.attach_operator(tx);
         let permits = Arc::new(Semaphore::new(1));
         let permit = permits.clone().acquire_owned().await.unwrap();
-        assert!(rt.hand_out("ns/a".into(), b"{}".to_vec(), permit));
+        assert!(rt.hand_out(
+            "ns/a".into(),
+            b"{}".to_vec(),
+            permit,
+            std::time::Duration::ZERO
+        ));
         rt.cancel_inflight();
         let task = rx.recv().await.unwrap().unwrap();
         assert!(!task.cancel);
@@ -310,7 +353,12 @@ mod tests {
         let permits = Arc::new(Semaphore::new(2));
         for key in ["ns/a", "ns/b"] {
             let permit = permits.clone().acquire_owned().await.unwrap();
-            assert!(rt.hand_out(key.into(), b"{}".to_vec(), permit));
+            assert!(rt.hand_out(
+                key.into(),
+                b"{}".to_vec(),
+                permit,
+                std::time::Duration::ZERO
+            ));
         }
         let a = rx.recv().await.unwrap().unwrap();
         let b = rx.recv().await.unwrap().unwrap();
