@@ -44,6 +44,7 @@ mod coordinator;
 pub mod crd;
 mod driver;
 mod error;
+mod events;
 mod gvk;
 mod health;
 mod id;
@@ -158,6 +159,11 @@ pub async fn run(
             authority.wait_leading().await;
             tracing::info!("leading: starting the coordinator");
             let _status = Task::spawn(status::run(client.clone(), published.clone()));
+            let _events = Task::spawn(events::run(
+                client.clone(),
+                published.clone(),
+                config.identity.clone(),
+            ));
             let driver = Driver {
                 client,
                 mesh_namespace: config.mesh_namespace.clone(),

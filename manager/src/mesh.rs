@@ -53,6 +53,9 @@ pub(crate) struct Mesh {
     /// (empty: whichever pod has the name), from the mesh's
     /// [`DRAIN_ANNOTATION`].
     pub(crate) drain: BTreeMap<crate::id::PodId, String>,
+    /// Keys revoked to move them, and moves completed by a release, ever:
+    /// for Events, which sample snapshots too rarely to see a fast move.
+    pub(crate) moves: (u64, u64),
 }
 
 /// The `OperatorMesh` annotation that lists the pods to drain, as a JSON
@@ -93,6 +96,7 @@ impl Mesh {
             reported: HashMap::new(),
             waiting: not_before.is_some(),
             drain: BTreeMap::new(),
+            moves: (0, 0),
             not_before: not_before.unwrap_or(now),
         }
     }

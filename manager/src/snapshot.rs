@@ -58,6 +58,9 @@ pub(crate) struct MeshView {
     pub(crate) notes: Vec<PodNote>,
     /// What the coordinator routes with, for explaining and planning.
     pub(crate) routing: Option<RoutingView>,
+    /// Keys revoked to move them, and moves completed, since this manager
+    /// started leading.
+    pub(crate) moves: (u64, u64),
 }
 
 /// The policy in force and the inputs it routes with, shared with the

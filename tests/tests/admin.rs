@@ -228,6 +228,30 @@ async fn callers_get_what_their_rbac_on_operatormeshes_allows() -> anyhow::Resul
     // A change the mesh would refuse is refused before it is written.
     let (ok, _, err) = a.plugin(&operator, &["weights", "mesh", "v1=50,v3=50"])?;
     assert!(!ok && err.contains("422") && err.contains("v3"), "{err}");
+    // One written around the API is refused by the manager, which says so
+    // in an Event.
+    meshes
+        .patch(
+            "mesh",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"routing": {"pins": [
+                {"subset": "v2", "namespaceRegex": "team-(["}
+            ]}}})),
+        )
+        .await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(a.w.client.clone(), &a.w.ns);
+    let note = eventually("an InvalidSpec Event", TIMEOUT, || async {
+        Ok(events
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("InvalidSpec"))
+            .and_then(|e| e.note))
+    })
+    .await?;
+    assert!(note.contains("namespaceRegex"), "{note}");
     Ok(())
 }
 
@@ -383,6 +407,27 @@ async fn explain_plan_and_metrics_agree_with_what_the_mesh_does() -> anyhow::Res
             .iter()
             .any(|o| o.subset == "v1" && o.operator_version == "v1")
     );
+
+    // Events on the mesh tell the story.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(a.w.client.clone(), &a.w.ns);
+    eventually(
+        "Events for the weight change and the move",
+        TIMEOUT,
+        || async {
+            let reasons: BTreeSet<String> = events
+                .list(&Default::default())
+                .await?
+                .items
+                .into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("mesh"))
+                .filter_map(|e| e.reason)
+                .collect();
+            let want = ["WeightsChanged", "Moving", "Moved"];
+            Ok(want.iter().all(|w| reasons.contains(*w)).then_some(()))
+        },
+    )
+    .await?;
 
     // Golden table, and JSON that parses.
     let v1_keys = 20 - moved.len();

@@ -190,6 +190,13 @@ impl Coordinator {
         let revokes: Vec<(Holder, Vec<String>)> = self.revokes.drain().collect();
         for (holder, keys) in revokes {
             let now = self.now;
+            if let Some(mesh) = self
+                .sessions
+                .get(&holder.pod)
+                .and_then(|s| self.meshes.get_mut(&s.mesh))
+            {
+                mesh.moves.0 += keys.len() as u64;
+            }
             if let Some(s) = self.session_of(&holder) {
                 for k in &keys {
                     if s.unreleased.insert(k.clone(), now).is_none() {

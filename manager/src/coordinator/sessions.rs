@@ -202,6 +202,9 @@ impl Coordinator {
                 .get_mut(&id)
                 .is_some_and(|m| m.own.released(holder, &key));
             if freed {
+                if let Some(m) = self.meshes.get_mut(&id) {
+                    m.moves.1 += 1;
+                }
                 self.place(&id, &key);
             }
         }

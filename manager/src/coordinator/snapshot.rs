@@ -113,6 +113,7 @@ impl Coordinator {
             unowned,
             watch_errors,
             notes: self.notes.for_mesh(id),
+            moves: mesh.moves,
             routing: mesh.policy.as_ref().map(|policy| RoutingView {
                 policy: policy.clone(),
                 apportionment: mesh.apportionment.clone(),
