@@ -101,6 +101,18 @@ pub struct ReplicaStatus {
     /// True while it is drained: it gets no keys, and its keys move off.
     #[serde(default)]
     pub draining: bool,
+    /// Keys waiting in its queue, at its last heartbeat.
+    #[serde(default)]
+    pub queue_depth: u32,
+    /// Reconciles running, at its last heartbeat.
+    #[serde(default)]
+    pub in_flight: u32,
+    /// Reconciles it runs at once.
+    #[serde(default)]
+    pub capacity: u32,
+    /// Messages queued for it in the manager and not yet sent.
+    #[serde(default)]
+    pub pending_messages: u64,
     /// Milliseconds since it was last heard from.
     pub last_contact_ms: u64,
     /// Milliseconds until its lease runs out unless renewed.

@@ -122,7 +122,18 @@ pub(crate) struct Connected {
 /// every message; the coordinator reads it to find silent runtimes, so
 /// heartbeats never queue behind the coordinator's inputs.
 #[derive(Clone, Debug)]
-pub(crate) struct Contact(Arc<Mutex<Instant>>);
+pub(crate) struct Contact(Arc<Mutex<(Instant, Load)>>);
+
+/// What a runtime's last heartbeat said about its work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Load {
+    /// Keys waiting in its queue.
+    pub(crate) queue_depth: u32,
+    /// Reconciles running.
+    pub(crate) in_flight: u32,
+    /// Reconciles it runs at once.
+    pub(crate) capacity: u32,
+}
 
 /// Objects by type key, then `(namespace, name)`.
 type Store = HashMap<String, HashMap<ObjName, Arc<DynamicObject>>>;
@@ -321,21 +332,31 @@ impl Coordinator {
 impl Contact {
     /// A runtime first heard from at `now`.
     pub(crate) fn new(now: Instant) -> Self {
-        Self(Arc::new(Mutex::new(now)))
+        Self(Arc::new(Mutex::new((now, Load::default()))))
     }
 
     /// The runtime was heard from at `now`.
     pub(crate) fn touch(&self, now: Instant) {
         let mut last = self.lock();
-        *last = (*last).max(now);
+        last.0 = last.0.max(now);
+    }
+
+    /// The runtime's heartbeat reported `load`.
+    pub(crate) fn report(&self, load: Load) {
+        self.lock().1 = load;
     }
 
     /// When the runtime was last heard from.
     pub(crate) fn last(&self) -> Instant {
-        *self.lock()
+        self.lock().0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Instant> {
+    /// What its last heartbeat said about its work.
+    pub(crate) fn load(&self) -> Load {
+        self.lock().1
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Instant, Load)> {
         // Plain data; a panic elsewhere cannot leave it half-written.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }

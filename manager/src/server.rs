@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    coordinator::{Connected, Input},
+    coordinator::{Connected, Input, Load},
     error::Refusal,
     gvk::controller_keys,
     leader::Authority,
@@ -282,6 +282,11 @@ impl MeshService for MeshServer {
                     // and its coordinator runs; otherwise the runtime's lease
                     // runs out and it stops.
                     Some(In::Heartbeat(hb)) if authority.may_renew(now, ttl) => {
+                        contact.report(Load {
+                            queue_depth: hb.queue_depth,
+                            in_flight: hb.in_flight,
+                            capacity: hb.capacity,
+                        });
                         pending.urgent(ManagerMessage {
                             msg: Some(Msg::Lease(LeaseRenewal {
                                 seq: hb.seq,

@@ -137,6 +137,8 @@ pub(crate) struct ReplicaView {
     pub(crate) pending: usize,
     /// True while it is drained: it gets no keys, and its keys move off.
     pub(crate) draining: bool,
+    /// What its last heartbeat said about its work.
+    pub(crate) load: crate::coordinator::Load,
     /// Keys it owns (not counting keys being revoked).
     pub(crate) owned_keys: u64,
     /// When it was last heard from.

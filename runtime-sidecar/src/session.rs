@@ -236,7 +236,7 @@ async fn session(
     let mut tasks = JoinSet::new();
     let sent_at: SentAt = Arc::default();
     {
-        let (tx, sent_at) = (tx.clone(), sent_at.clone());
+        let (tx, sent_at, rt) = (tx.clone(), sent_at.clone(), rt.clone());
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(ttl / 3);
             let mut seq = 0u64;
@@ -249,7 +249,14 @@ async fn session(
                     m.insert(seq, Instant::now());
                 }
                 let hb = RuntimeMessage {
-                    msg: Some(Out::Heartbeat(Heartbeat { seq })),
+                    msg: Some(Out::Heartbeat(Heartbeat {
+                        seq,
+                        queue_depth: u32::try_from(rt.queue.len()).unwrap_or(u32::MAX),
+                        in_flight: u32::try_from(rt.in_flight()).unwrap_or(u32::MAX),
+                        capacity: rt
+                            .registered()
+                            .map_or(0, |r| r.max_concurrent(rt.config.max_concurrent_reconciles)),
+                    })),
                 };
                 if tx.send(hb).await.is_err() {
                     return;

@@ -450,6 +450,23 @@ async fn explain_plan_and_metrics_agree_with_what_the_mesh_does() -> anyhow::Res
     let list: MeshList = serde_json::from_str(&a.ok(&admin, &["status", "-o", "json"])?)?;
     assert_eq!(list.items.len(), 1);
     assert_eq!(list.items[0].weights, "v1=50 v2=50");
+    // Each session's load, from its heartbeats: idle, with the example's
+    // four reconciles at once.
+    // (Heartbeats come a third of a lease apart, so the last one may still
+    // show the settle's work.)
+    eventually("every session to report itself idle", TIMEOUT, || async {
+        let list: MeshList = serde_json::from_str(&a.ok(&admin, &["status", "-o", "json"])?)?;
+        let replicas: Vec<_> = list.items[0]
+            .subsets
+            .iter()
+            .flat_map(|s| &s.replicas)
+            .collect();
+        Ok(replicas
+            .iter()
+            .all(|r| (r.capacity, r.in_flight, r.queue_depth) == (4, 0, 0))
+            .then_some(()))
+    })
+    .await?;
     let keys: serde_json::Value =
         serde_json::from_str(&a.ok(&admin, &["keys", "mesh", "--subset", "v2", "-o", "json"])?)?;
     assert_eq!(

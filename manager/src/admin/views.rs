@@ -58,6 +58,10 @@ pub(super) fn mesh_status(id: &MeshId, view: &MeshView, now: Instant) -> MeshSta
                         ready: r.ready,
                         owned_keys: r.owned_keys,
                         draining: r.draining,
+                        queue_depth: r.load.queue_depth,
+                        in_flight: r.load.in_flight,
+                        capacity: r.load.capacity,
+                        pending_messages: r.pending as u64,
                         last_contact_ms: ms(now.saturating_duration_since(r.last_contact)),
                         lease_remaining_ms: ms(r.lease_until.saturating_duration_since(now)),
                     })

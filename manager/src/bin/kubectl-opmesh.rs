@@ -655,9 +655,13 @@ fn print_status(
                     .iter()
                     .map(|r| {
                         format!(
-                            "{}({}{})",
+                            "{}(keys={},running={}/{},queued={},lease={:.1}s{})",
                             r.pod.rsplit('/').next().unwrap_or(&r.pod),
                             r.owned_keys,
+                            r.in_flight,
+                            r.capacity,
+                            r.queue_depth,
+                            r.lease_remaining_ms as f64 / 1000.0,
                             if r.draining { ",draining" } else { "" }
                         )
                     })

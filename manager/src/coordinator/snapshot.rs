@@ -68,6 +68,7 @@ impl Coordinator {
                             ready: s.pending.is_empty(),
                             pending: s.pending.len(),
                             draining: mesh.own.is_draining(&s.holder.pod),
+                            load: s.contact.load(),
                             owned_keys: owned.get(&s.holder).copied().unwrap_or(0),
                             last_contact,
                             lease_until: last_contact + self.lease_ttl,

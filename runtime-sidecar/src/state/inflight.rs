@@ -190,6 +190,12 @@ impl Runtime {
     }
 
     /// Takes the in-flight task `id` off the books.
+    /// Reconciles running now.
+    pub(crate) fn in_flight(&self) -> usize {
+        lock(&self.inflight).len()
+    }
+
+    /// Removes task `id` from the running ones and returns it.
     pub(crate) fn complete(&self, id: u64) -> Option<Inflight> {
         let done = lock(&self.inflight).remove(&id);
         if done.is_some() {
