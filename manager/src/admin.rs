@@ -113,6 +113,7 @@ enum Route {
     Pin(MeshId),
     Unpin(MeshId),
     Drain(MeshId),
+    Analysis(MeshId),
 }
 
 // === impl Route ===
@@ -131,6 +132,7 @@ impl Route {
             ["namespaces", ns, "meshes", name] if get => Self::Mesh(mesh(ns, name)),
             ["namespaces", ns, "meshes", name, "keys"] if get => Self::Keys(mesh(ns, name)),
             ["namespaces", ns, "meshes", name, "explain"] if get => Self::Explain(mesh(ns, name)),
+            ["namespaces", ns, "meshes", name, "analysis"] if get => Self::Analysis(mesh(ns, name)),
             ["namespaces", ns, "meshes", name, "plan"] if post => Self::Plan(mesh(ns, name)),
             ["namespaces", ns, "meshes", name, "weights"] if post => Self::Weights(mesh(ns, name)),
             ["namespaces", ns, "meshes", name, "pause"] if post => {
@@ -163,7 +165,11 @@ impl Route {
                 name: None,
                 subresource: None,
             },
-            Self::Mesh(id) | Self::Keys(id) | Self::Explain(id) | Self::Plan(id) => on("get", id),
+            Self::Mesh(id)
+            | Self::Keys(id)
+            | Self::Explain(id)
+            | Self::Plan(id)
+            | Self::Analysis(id) => on("get", id),
             Self::Weights(id) | Self::Pause(id, _) | Self::Pin(id) | Self::Unpin(id) => {
                 on("patch", id)
             }
@@ -264,6 +270,16 @@ impl Admin {
                 let mut e = views::explain(mesh(&id)?, object)?;
                 e.outcomes = views::outcomes(self.outcomes.of_object(&id, object));
                 ok(&e)
+            }
+            Route::Analysis(id) => {
+                let view = mesh(&id)?;
+                ok(&views::analysis(
+                    &id,
+                    view,
+                    query,
+                    &self.outcomes,
+                    unix_ms_now(),
+                )?)
             }
             Route::Plan(id) => {
                 let request: PlanRequest = parse(body)?;
@@ -587,6 +603,13 @@ fn with_weights(mut spec: OperatorMeshSpec, weights: &BTreeMap<String, u32>) -> 
     }
     spec.routing.weights = listed;
     spec
+}
+
+fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, (StatusCode, String)> {

@@ -14,6 +14,7 @@
 //! | `POST …/{name}/pause`, `POST …/{name}/resume` | `patch` | [`ActionResult`] |
 //! | `POST …/{name}/pin` ([`PinRequest`]), `POST …/{name}/unpin` ([`UnpinRequest`]) | `patch` | [`ActionResult`] |
 //! | `POST …/{name}/drain` ([`DrainRequest`]) | `patch` on `operatormeshes/drain` | [`ActionResult`] |
+//! | `GET …/{name}/analysis?canary=&stable=&windowSeconds=&minSamples=` | `get` | [`Analysis`] |
 //!
 //! Every call needs `Authorization: Bearer <token>`; the verb is checked
 //! against the caller's RBAC on `operatormeshes.opmesh.io`. Errors are a
@@ -290,6 +291,42 @@ pub struct ActionResult {
     pub message: String,
     /// The mesh's generation after the change.
     pub generation: Option<i64>,
+}
+
+/// A canary subset's reconciles compared with stable's over one window.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Analysis {
+    /// `Pass`, `Fail`, or `Wait` (too few reconciles to say).
+    pub verdict: String,
+    /// Why it failed, or what it waits for.
+    pub reasons: Vec<String>,
+    /// The window, in seconds.
+    pub window_seconds: u64,
+    /// Reconciles each side needs.
+    pub min_samples: u64,
+    /// The canary's numbers.
+    pub canary: SubsetAnalysis,
+    /// Stable's numbers.
+    pub stable: SubsetAnalysis,
+}
+
+/// One side of an [`Analysis`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SubsetAnalysis {
+    /// The subset.
+    pub subset: String,
+    /// Reconciles reported in the window.
+    pub reconciles: u64,
+    /// Of which failed.
+    pub errors: u64,
+    /// Failed per reconcile, in percent.
+    pub error_rate_percent: f64,
+    /// 99th percentile duration, in milliseconds.
+    pub p99_ms: f64,
+    /// Reconciles per distinct (key, generation).
+    pub reconciles_per_generation: f64,
 }
 
 /// An error, shaped like a Kubernetes `Status`.

@@ -35,6 +35,7 @@
 
 mod admin;
 mod admission;
+mod analysis;
 pub mod api;
 pub mod config;
 mod coordinator;

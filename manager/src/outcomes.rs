@@ -11,10 +11,16 @@ use std::{
 
 use opmesh_proto::v1::ReconcileReport;
 
-use crate::id::{MeshId, PodId};
+use crate::{
+    analysis::Sample,
+    id::{MeshId, PodId},
+};
 
 /// Outcomes kept per key.
 const PER_KEY: usize = 5;
+/// Samples kept per subset for analyses, and for how long.
+const WINDOW_MAX: usize = 100_000;
+const WINDOW_KEEP_MS: i64 = 15 * 60 * 1000;
 /// Keys remembered per mesh; beyond it, the least recently reported half
 /// is forgotten.
 const MAX_KEYS: usize = 200_000;
@@ -46,6 +52,9 @@ pub(crate) struct Outcome {
 #[derive(Default)]
 pub(crate) struct Outcomes {
     meshes: Mutex<HashMap<MeshId, HashMap<String, VecDeque<Outcome>>>>,
+    /// Every reported reconcile of the last minutes, per mesh and subset,
+    /// oldest first: what analyses compare.
+    windows: Mutex<HashMap<(MeshId, String), VecDeque<Sample>>>,
 }
 
 // === impl Outcomes ===
@@ -59,6 +68,31 @@ impl Outcomes {
         pod: &PodId,
         reports: &[ReconcileReport],
     ) {
+        {
+            let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+            let window = windows
+                .entry((mesh.clone(), subset.to_string()))
+                .or_default();
+            for r in reports {
+                if window.len() == WINDOW_MAX {
+                    window.pop_front();
+                }
+                window.push_back(Sample {
+                    at_ms: r.finished_unix_ms,
+                    ok: r.ok,
+                    duration_us: r.duration_us,
+                    key: std::sync::Arc::from(r.key.as_str()),
+                    generation: r.generation,
+                });
+            }
+            let newest = window.back().map_or(0, |s| s.at_ms);
+            while window
+                .front()
+                .is_some_and(|s| s.at_ms < newest - WINDOW_KEEP_MS)
+            {
+                window.pop_front();
+            }
+        }
         let mut meshes = self.meshes.lock().unwrap_or_else(|e| e.into_inner());
         let keys = meshes.entry(mesh.clone()).or_default();
         for r in reports {
@@ -88,6 +122,19 @@ impl Outcomes {
                 keys.remove(&k);
             }
         }
+    }
+
+    /// The reconciles of `mesh`'s `subset` that finished at or after
+    /// `since_ms` (Unix milliseconds), oldest first.
+    pub(crate) fn window(&self, mesh: &MeshId, subset: &str, since_ms: i64) -> Vec<Sample> {
+        let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        windows
+            .get(&(mesh.clone(), subset.to_string()))
+            .into_iter()
+            .flatten()
+            .filter(|s| s.at_ms >= since_ms)
+            .cloned()
+            .collect()
     }
 
     /// The last outcomes of every key of `object` (`namespace/name`, or

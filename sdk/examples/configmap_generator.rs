@@ -164,6 +164,10 @@ enum Command {
         /// Also run the ConfigMapBundle controller, on the same sidecar.
         #[arg(long, env = "OPMESH_EXAMPLE_BUNDLES")]
         bundles: bool,
+        /// Fail this share (0 to 1) of reconciles, as a faulty version
+        /// would: for trying canary analysis.
+        #[arg(long, env = "OPMESH_EXAMPLE_FAIL_RATE", default_value_t = 0.0)]
+        fail_rate: f64,
     },
 }
 
@@ -173,6 +177,8 @@ struct Ctx {
     version: String,
     records: Option<PathBuf>,
     dry_run: bool,
+    /// The share of reconciles to fail (`--fail-rate`).
+    fail_rate: f64,
     /// Failed attempts per (key, generation), for `failTimes`.
     attempts: Mutex<HashMap<(String, i64), u32>>,
     /// Reconciles started by this process, for their ids.
@@ -234,6 +240,8 @@ enum Error {
     Cache(#[from] opmesh_sdk::Error),
     #[error("failing on purpose ({0} of failTimes)")]
     OnPurpose(u32),
+    #[error("failing on purpose (--fail-rate)")]
+    FailRate,
     #[error("reconcile called outside a task")]
     NoTask,
 }
@@ -373,6 +381,14 @@ async fn apply(
 ) -> Result<Action, Error> {
     let ns = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
+    if ctx.fail_rate > 0.0 {
+        // Spread evenly over reconciles, without a random source: the
+        // fractional part of n times the golden ratio.
+        let n = ctx.started.load(Ordering::Relaxed) as f64;
+        if (n * 0.618_033_988_749_895).fract() < ctx.fail_rate {
+            return Err(Error::FailRate);
+        }
+    }
     if obj.spec.fail_times > 0 {
         let mut attempts = ctx.attempts.lock().unwrap_or_else(|e| e.into_inner());
         let n = attempts.entry((task.key.clone(), generation)).or_insert(0);
@@ -562,7 +578,11 @@ async fn main() -> anyhow::Result<()> {
             records,
             dry_run,
             bundles,
+            fail_rate,
         } => {
+            if !(0.0..=1.0).contains(&fail_rate) {
+                anyhow::bail!("--fail-rate must be from 0 to 1, not {fail_rate}");
+            }
             let mesh = Mesh::connect().await?;
             let ctx = Arc::new(Ctx {
                 client: Client::try_default().await?,
@@ -572,6 +592,7 @@ async fn main() -> anyhow::Result<()> {
                 dry_run,
                 attempts: Mutex::default(),
                 started: AtomicU64::new(0),
+                fail_rate,
             });
             let generators = Controller::<ConfigMapGenerator>::new(&mesh)
                 .owns::<ConfigMap>()

@@ -725,3 +725,86 @@ async fn a_drained_replica_hands_every_key_over_and_leaves_nothing_to_wait_for()
     assert_eq!(expiries()?, before_kill, "a lease ran out with keys in it");
     Ok(())
 }
+
+#[tokio::test]
+async fn analyze_tells_a_failing_canary_from_stable_and_waits_for_enough_reconciles()
+-> anyhow::Result<()> {
+    let mut a = Admin::new("admin-analyze").await?;
+    a.w.apply_mesh(
+        json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 50}, {"subset": "v2", "weight": 50}]}),
+        &["v1", "v2"],
+    )
+    .await?;
+    a.w.replica("v1-0", "v1").await?;
+    // A v2 that fails every reconcile.
+    a.w.replica_with_env("v2-0", "v2", &[("OPMESH_EXAMPLE_FAIL_RATE", "1")])
+        .await?;
+    a.w.all_ready().await?;
+    let spaces = namespaces(&a.w, 6, 3).await?;
+    let viewer = a.user("viewer", &["get", "list"]).await?;
+    let analyze = |min: &str| {
+        let out = a.ok(
+            &viewer,
+            &[
+                "analyze",
+                "mesh",
+                "--canary",
+                "v2",
+                "--stable",
+                "v1",
+                "--min-samples",
+                min,
+                "-o",
+                "json",
+            ],
+        )?;
+        anyhow::Ok(serde_json::from_str::<opmesh_manager::api::Analysis>(&out)?)
+    };
+    // v1's objects are reconciled; v2's fail and are retried with backoff.
+    let v1 = eventually("v1's objects to be handled", TIMEOUT, || async {
+        let all = handlers(&a.w, &spaces).await?;
+        Ok(all.values().any(|h| h.starts_with("v1/")).then_some(()))
+    });
+    v1.await?;
+    let result = eventually("an analysis with 9 reconciles each", TIMEOUT, || async {
+        let r = analyze("9")?;
+        Ok((r.verdict != "Wait").then_some(r))
+    })
+    .await?;
+    assert_eq!(result.verdict, "Fail", "{result:?}");
+    assert!(
+        result.reasons[0].starts_with("error rate 100.00%"),
+        "{:?}",
+        result.reasons
+    );
+    assert_eq!(result.canary.errors, result.canary.reconciles);
+    assert_eq!(result.stable.errors, 0);
+    // Nothing is decided on too few reconciles: it waits, and says so.
+    let waiting = analyze("100000")?;
+    assert_eq!(waiting.verdict, "Wait");
+    assert!(
+        waiting.reasons[0].contains("waiting for 100000 reconciles"),
+        "{:?}",
+        waiting.reasons
+    );
+    // The table, as a user sees it.
+    let table = a.ok(
+        &viewer,
+        &[
+            "analyze",
+            "mesh",
+            "--canary",
+            "v2",
+            "--stable",
+            "v1",
+            "--min-samples",
+            "9",
+        ],
+    )?;
+    assert!(table.starts_with("SUBSET   RECONCILES   ERRORS"), "{table}");
+    assert!(
+        table.contains("\nFail (last 300s, at least 9 reconciles each)\n"),
+        "{table}"
+    );
+    Ok(())
+}

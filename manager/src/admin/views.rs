@@ -9,9 +9,11 @@ use std::{
 use http::StatusCode;
 
 use crate::{
+    analysis::{Stats, Verdict},
     api::{
-        Explanation, KeyList, KeyMove, KeyStatus, MOVING_SHOWN, MeshStatus, Outcome as ApiOutcome,
-        Plan, ReplicaStatus, Share, SubsetStatus,
+        Analysis as ApiAnalysis, Explanation, KeyList, KeyMove, KeyStatus, MOVING_SHOWN,
+        MeshStatus, Outcome as ApiOutcome, Plan, ReplicaStatus, Share, SubsetAnalysis,
+        SubsetStatus,
     },
     crd::OperatorMeshSpec,
     id::{MeshId, PodId},
@@ -192,6 +194,68 @@ pub(super) fn explain(view: &MeshView, object: &str) -> Result<Explanation, Fail
         replica,
         keys,
         outcomes: Vec::new(),
+    })
+}
+
+/// Compares the `canary` and `stable` subsets' reconciles over the last
+/// `windowSeconds` (default 300) as of `now_ms`, needing `minSamples`
+/// (default 2000) on each side.
+pub(super) fn analysis(
+    id: &MeshId,
+    view: &MeshView,
+    query: &BTreeMap<String, String>,
+    outcomes: &crate::outcomes::Outcomes,
+    now_ms: i64,
+) -> Result<ApiAnalysis, Failed> {
+    let number = |name: &str, default: u64, max: u64| -> Result<u64, Failed> {
+        match query.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse().ok().filter(|n| (1..=max).contains(n)).ok_or((
+                StatusCode::BAD_REQUEST,
+                format!("{name} must be a number from 1 to {max}, not {v:?}"),
+            )),
+        }
+    };
+    let window = number("windowSeconds", 300, 900)?;
+    let mut thresholds = crate::analysis::Thresholds {
+        min_samples: number("minSamples", 2000, 100_000)?,
+        ..Default::default()
+    };
+    thresholds.min_samples = thresholds.min_samples.max(1);
+    let subset = |name: &str| -> Result<String, Failed> {
+        let s = query.get(name).filter(|s| !s.is_empty()).ok_or((
+            StatusCode::BAD_REQUEST,
+            format!("analysis needs ?{name}=<subset>"),
+        ))?;
+        if !view.subsets.iter().any(|v| &v.name == s) {
+            return Err((StatusCode::NOT_FOUND, format!("{id} has no subset {s:?}")));
+        }
+        Ok(s.clone())
+    };
+    let (canary, stable) = (subset("canary")?, subset("stable")?);
+    let since = now_ms - i64::try_from(window * 1000).unwrap_or(i64::MAX);
+    let stats = |s: &str| Stats::of(&outcomes.window(id, s, since));
+    let (c, st) = (stats(&canary), stats(&stable));
+    let (verdict, reasons) = match crate::analysis::analyse(&c, &st, &thresholds) {
+        Verdict::Pass => ("Pass", Vec::new()),
+        Verdict::Fail(why) => ("Fail", why),
+        Verdict::Wait(why) => ("Wait", vec![why]),
+    };
+    let side = |subset: String, s: &Stats| SubsetAnalysis {
+        subset,
+        reconciles: s.reconciles,
+        errors: s.errors,
+        error_rate_percent: s.error_rate() * 100.0,
+        p99_ms: s.p99_ms,
+        reconciles_per_generation: s.per_generation,
+    };
+    Ok(ApiAnalysis {
+        verdict: verdict.into(),
+        reasons,
+        window_seconds: window,
+        min_samples: thresholds.min_samples,
+        canary: side(canary, &c),
+        stable: side(stable, &st),
     })
 }
 

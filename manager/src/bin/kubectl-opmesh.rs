@@ -19,8 +19,8 @@ use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::ConfigMap;
 use opmesh_manager::{
     api::{
-        self, ActionResult, DrainRequest, Explanation, KeyList, MeshList, MeshStatus, PinRequest,
-        Plan, PlanRequest, Status, UnpinRequest, WeightsRequest,
+        self, ActionResult, Analysis, DrainRequest, Explanation, KeyList, MeshList, MeshStatus,
+        PinRequest, Plan, PlanRequest, Status, UnpinRequest, WeightsRequest,
     },
     crd::{OperatorMesh, OperatorMeshSpec},
 };
@@ -146,6 +146,25 @@ enum Command {
         mesh: String,
         /// The object.
         object: String,
+    },
+    /// Compare a canary subset's reconciles with stable's over a window:
+    /// error rate, p99 duration, reconciles per generation. Pass, Fail, or
+    /// Wait for enough reconciles.
+    Analyze {
+        /// The mesh.
+        mesh: String,
+        /// The canary subset.
+        #[arg(long)]
+        canary: String,
+        /// The stable subset.
+        #[arg(long)]
+        stable: String,
+        /// The window, in seconds (at most 900).
+        #[arg(long, default_value_t = 300)]
+        window: u64,
+        /// Reconciles each side needs before a verdict.
+        #[arg(long, default_value_t = 2000)]
+        min_samples: u64,
     },
     /// Move every key off a replica, so its pod can be deleted without its
     /// keys waiting for a lease to run out.
@@ -317,6 +336,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resume { mesh } => {
             let r: ActionResult = client.post(&format!("{base}/{mesh}/resume"), &()).await?;
             action(&mut out, &r, output)?;
+        }
+        Command::Analyze {
+            mesh,
+            canary,
+            stable,
+            window,
+            min_samples,
+        } => {
+            let a: Analysis = client
+                .get(&format!(
+                    "{base}/{mesh}/analysis?canary={}&stable={}&windowSeconds={window}&minSamples={min_samples}",
+                    encode(&canary),
+                    encode(&stable)
+                ))
+                .await?;
+            match output {
+                Some(Output::Json | Output::Yaml) => emit(&mut out, &a, output)?,
+                _ => {
+                    let rows = [&a.canary, &a.stable]
+                        .into_iter()
+                        .map(|s| {
+                            vec![
+                                s.subset.clone(),
+                                s.reconciles.to_string(),
+                                format!("{:.2}%", s.error_rate_percent),
+                                format!("{:.1}ms", s.p99_ms),
+                                format!("{:.2}", s.reconciles_per_generation),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &mut out,
+                        &["SUBSET", "RECONCILES", "ERRORS", "P99", "PER GENERATION"],
+                        rows,
+                    )?;
+                    writeln!(
+                        out,
+                        "\n{} (last {}s, at least {} reconciles each)",
+                        a.verdict, a.window_seconds, a.min_samples
+                    )?;
+                    for r in &a.reasons {
+                        writeln!(out, "  {r}")?;
+                    }
+                }
+            }
         }
         Command::Pin {
             mesh,
