@@ -114,6 +114,8 @@ enum Route {
     Unpin(MeshId),
     Drain(MeshId),
     Analysis(MeshId),
+    Rollout(MeshId),
+    RolloutAction(MeshId, &'static str),
 }
 
 // === impl Route ===
@@ -133,6 +135,16 @@ impl Route {
             ["namespaces", ns, "meshes", name, "keys"] if get => Self::Keys(mesh(ns, name)),
             ["namespaces", ns, "meshes", name, "explain"] if get => Self::Explain(mesh(ns, name)),
             ["namespaces", ns, "meshes", name, "analysis"] if get => Self::Analysis(mesh(ns, name)),
+            ["namespaces", ns, "meshes", name, "rollout"] if get => Self::Rollout(mesh(ns, name)),
+            ["namespaces", ns, "meshes", name, "rollout", action] if post => {
+                let action = match *action {
+                    "promote" => "promote",
+                    "abort" => "abort",
+                    "retry" => "retry",
+                    _ => return None,
+                };
+                Self::RolloutAction(mesh(ns, name), action)
+            }
             ["namespaces", ns, "meshes", name, "plan"] if post => Self::Plan(mesh(ns, name)),
             ["namespaces", ns, "meshes", name, "weights"] if post => Self::Weights(mesh(ns, name)),
             ["namespaces", ns, "meshes", name, "pause"] if post => {
@@ -169,7 +181,9 @@ impl Route {
             | Self::Keys(id)
             | Self::Explain(id)
             | Self::Plan(id)
-            | Self::Analysis(id) => on("get", id),
+            | Self::Analysis(id)
+            | Self::Rollout(id) => on("get", id),
+            Self::RolloutAction(id, _) => on("patch", id),
             Self::Weights(id) | Self::Pause(id, _) | Self::Pin(id) | Self::Unpin(id) => {
                 on("patch", id)
             }
@@ -270,6 +284,50 @@ impl Admin {
                 let mut e = views::explain(mesh(&id)?, object)?;
                 e.outcomes = views::outcomes(self.outcomes.of_object(&id, object));
                 ok(&e)
+            }
+            Route::Rollout(id) => {
+                let m = self.mesh(&id).await?;
+                ok(&api::Rollout {
+                    spec: m.spec.rollout,
+                    status: m.status.and_then(|s| s.rollout),
+                })
+            }
+            Route::RolloutAction(id, action) => {
+                let m = self.mesh(&id).await?;
+                let Some(rollout) = m.spec.rollout else {
+                    return Err((
+                        StatusCode::NOT_FOUND,
+                        format!("{id} declares no rollout (spec.rollout)"),
+                    ));
+                };
+                let (field, what) = match action {
+                    "promote" => (
+                        serde_json::json!({"promote": true}),
+                        "promoted: every pause without a duration passes",
+                    ),
+                    "abort" => (
+                        serde_json::json!({"abort": true}),
+                        "aborted: every key returns to stable",
+                    ),
+                    _ => (
+                        serde_json::json!({"abort": false, "retry": rollout.retry + 1}),
+                        "retried: it starts over from the first step",
+                    ),
+                };
+                let patch = serde_json::json!({
+                    "metadata": {
+                        "resourceVersion": m.metadata.resource_version,
+                        "annotations": {
+                            "opmesh.io/last-admin-action": format!("{who} rollout {action}")
+                        },
+                    },
+                    "spec": {"rollout": field},
+                });
+                let generation = self.patch(&id, &patch).await?;
+                ok(&ActionResult {
+                    message: format!("{id}: rollout {what}"),
+                    generation,
+                })
             }
             Route::Analysis(id) => {
                 let view = mesh(&id)?;

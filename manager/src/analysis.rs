@@ -60,6 +60,8 @@ pub(crate) struct Thresholds {
     pub(crate) max_per_generation: f64,
     /// See `max_per_generation`.
     pub(crate) per_generation_ratio: f64,
+    /// An absolute limit on the canary's error rate, whatever stable's.
+    pub(crate) max_error_rate: Option<f64>,
 }
 
 impl Default for Thresholds {
@@ -72,6 +74,7 @@ impl Default for Thresholds {
             p99_slack_ms: 50.0,
             max_per_generation: 3.0,
             per_generation_ratio: 2.0,
+            max_error_rate: None,
         }
     }
 }
@@ -146,6 +149,15 @@ pub(crate) fn analyse(canary: &Stats, stable: &Stats, t: &Thresholds) -> Verdict
             "error rate {:.2}% against stable's {:.2}% (z = {z:.1})",
             rc * 100.0,
             rs * 100.0
+        ));
+    }
+    if let Some(max) = t.max_error_rate
+        && rc > max
+    {
+        why.push(format!(
+            "error rate {:.2}% above the limit of {:.2}%",
+            rc * 100.0,
+            max * 100.0
         ));
     }
     let p99_limit = stable.p99_ms * t.p99_ratio + t.p99_slack_ms;

@@ -15,6 +15,8 @@
 //! | `POST …/{name}/pin` ([`PinRequest`]), `POST …/{name}/unpin` ([`UnpinRequest`]) | `patch` | [`ActionResult`] |
 //! | `POST …/{name}/drain` ([`DrainRequest`]) | `patch` on `operatormeshes/drain` | [`ActionResult`] |
 //! | `GET …/{name}/analysis?canary=&stable=&windowSeconds=&minSamples=` | `get` | [`Analysis`] |
+//! | `GET …/{name}/rollout` | `get` | [`Rollout`] |
+//! | `POST …/{name}/rollout/promote`, `…/abort`, `…/retry` | `patch` | [`ActionResult`] |
 //!
 //! Every call needs `Authorization: Bearer <token>`; the verb is checked
 //! against the caller's RBAC on `operatormeshes.opmesh.io`. Errors are a
@@ -327,6 +329,16 @@ pub struct SubsetAnalysis {
     pub p99_ms: f64,
     /// Reconciles per distinct (key, generation).
     pub reconciles_per_generation: f64,
+}
+
+/// A mesh's rollout: what is declared and where it is.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// `spec.rollout`.
+    pub spec: Option<crate::crd::RolloutSpec>,
+    /// `status.rollout`.
+    pub status: Option<crate::crd::RolloutStatus>,
 }
 
 /// An error, shaped like a Kubernetes `Status`.

@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Weights","type":"string","jsonPath":".status.weights"}"#,
     printcolumn = r#"{"name":"Observed","type":"string","jsonPath":".status.observed"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Rollout","type":"string","jsonPath":".status.rollout.phase"}"#,
+    printcolumn = r#"{"name":"Step","type":"string","jsonPath":".status.rollout.stepText"}"#,
+    printcolumn = r#"{"name":"Canary","type":"string","jsonPath":".status.rollout.canaryShare"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(
@@ -29,6 +32,7 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("self.routing.weights.all(w, self.subsets.exists(s, s.name == w.subset))").message("every weight must name a subset listed in spec.subsets"),
     validation = Rule::new("!has(self.routing.clusterScoped) || self.subsets.exists(s, s.name == self.routing.clusterScoped)").message("routing.clusterScoped must name a subset listed in spec.subsets"),
     validation = Rule::new("self.routing.objectPins.all(p, self.subsets.exists(s, s.name == p.subset))").message("every object pin must name a subset listed in spec.subsets"),
+    validation = Rule::new("!has(self.rollout) || (self.subsets.exists(s, s.name == self.rollout.stable) && self.subsets.exists(s, s.name == self.rollout.canary) && self.rollout.stable != self.rollout.canary)").message("rollout.stable and rollout.canary must name two different subsets listed in spec.subsets"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OperatorMeshSpec {
@@ -58,6 +62,12 @@ pub struct OperatorMeshSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(min = 1, max = 63)))]
     pub runtime_namespaces: Vec<String>,
+    /// Moves the keys from a stable subset to a canary subset through
+    /// steps, analysing each step's reconciles and rolling back on its
+    /// own (docs/rollout.md). While it runs, its weights replace
+    /// `routing.weights`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
 }
 
 /// One controller of the operator.
@@ -198,6 +208,99 @@ pub struct PinSpec {
     pub namespace_regex: Option<String>,
 }
 
+/// A canary rollout from `stable` to `canary`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// The subset the keys come from.
+    #[schemars(length(min = 1, max = 63))]
+    pub stable: String,
+    /// The subset the keys go to.
+    #[schemars(length(min = 1, max = 63))]
+    pub canary: String,
+    /// The canary's revision (e.g. its image tag). A new revision starts
+    /// the rollout over, also after a rollback.
+    #[schemars(length(min = 1, max = 128))]
+    pub revision: String,
+    /// The steps, in order.
+    #[schemars(length(min = 1, max = 32))]
+    pub steps: Vec<RolloutStep>,
+    /// Limits every analysis step applies unless it sets its own.
+    #[serde(default)]
+    pub analysis: AnalysisSpec,
+    /// Lets every pause without a duration pass (for GitOps; `kubectl
+    /// opmesh rollout promote` sets it).
+    #[serde(default)]
+    pub promote: bool,
+    /// Stops the rollout and returns every key to stable.
+    #[serde(default)]
+    pub abort: bool,
+    /// Raise to start a rolled-back or aborted rollout of the same revision
+    /// again.
+    #[serde(default)]
+    pub retry: u32,
+}
+
+/// One rollout step: exactly one of its fields.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.setWeight) ? 1 : 0) + (has(self.pause) ? 1 : 0) + (has(self.analysis) ? 1 : 0) == 1").message("a rollout step sets exactly one of setWeight, pause and analysis"))]
+pub struct RolloutStep {
+    /// Give the canary this share of the keys, in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
+    pub set_weight: Option<u32>,
+    /// Wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<PauseStep>,
+    /// Compare the canary's reconciles with stable's since the step began;
+    /// roll back if it is worse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<AnalysisSpec>,
+}
+
+/// A pause: for `seconds`, or until promoted.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PauseStep {
+    /// How long; unset waits until `rollout.promote`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub seconds: Option<u32>,
+}
+
+/// An analysis's limits; unset fields take the rollout's, then the
+/// defaults (docs/rollout.md).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisSpec {
+    /// How long the step bakes: it passes only after this, with its minimum
+    /// sample; it fails as soon as the numbers say so (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 900))]
+    pub seconds: Option<u32>,
+    /// Reconciles each side needs before any verdict (default 2000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub min_samples: Option<u32>,
+    /// Fail when the canary's error rate exceeds stable's times this, and
+    /// significantly (default 1.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_ratio: Option<f64>,
+    /// Fail when the canary's error rate exceeds this, in percent, whatever
+    /// stable's (default: no such limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_percent: Option<f64>,
+    /// Fail when the canary's p99 exceeds stable's times this, plus 50 ms
+    /// (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_ratio: Option<f64>,
+    /// Fail above this many reconciles per generation when also twice
+    /// stable's (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_reconciles_per_generation: Option<f64>,
+}
+
 /// Sends one object (all of its controllers' keys) to one subset.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -244,6 +347,60 @@ pub struct OperatorMeshStatus {
     /// The observed share of keys per subset, e.g. `v1=95.2% v2=4.8%`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed: Option<String>,
+    /// Where the rollout is; the manager resumes from it after a failover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// A rollout's progress.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The revision this is about.
+    pub revision: String,
+    /// The `retry` it started under.
+    #[serde(default)]
+    pub retry: u32,
+    /// `Progressing`, `Paused`, `Analyzing`, `Promoted` or `RolledBack`.
+    pub phase: String,
+    /// The current step's index.
+    pub step: u32,
+    /// `2/7` for `kubectl get`.
+    #[serde(default)]
+    pub step_text: String,
+    /// When the current step began (RFC 3339).
+    pub step_started_at: String,
+    /// The canary's share of the keys now, in percent.
+    pub weight: u32,
+    /// The same, as `kubectl get` shows it (`25%`).
+    #[serde(default)]
+    pub canary_share: String,
+    /// What happens next, or why it waits.
+    #[serde(default)]
+    pub message: String,
+    /// Every analysis run so far, with its numbers.
+    #[serde(default)]
+    pub analyses: Vec<AnalysisRun>,
+}
+
+/// One analysis's result.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisRun {
+    /// The step.
+    pub step: u32,
+    /// `Pass` or `Fail`.
+    pub verdict: String,
+    /// Why it failed.
+    #[serde(default)]
+    pub reasons: Vec<String>,
+    /// When it ended (RFC 3339).
+    pub at: String,
+    /// Canary: reconciles, errors, error rate (%), p99 (ms), reconciles per
+    /// generation.
+    pub canary: String,
+    /// Stable, the same.
+    pub stable: String,
 }
 
 /// Counts for one subset.

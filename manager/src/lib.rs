@@ -56,6 +56,7 @@ mod mesh;
 mod metrics;
 mod outcomes;
 mod policy;
+mod rollout;
 mod server;
 mod snapshot;
 mod status;
@@ -148,13 +149,14 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::default());
     let outcomes = Arc::new(outcomes::Outcomes::default());
     let mut coordinator = {
-        let (client, config, tx, authority, published, metrics) = (
+        let (client, config, tx, authority, published, metrics, outcomes) = (
             client.clone(),
             config.clone(),
             tx.clone(),
             authority.clone(),
             published.clone(),
             metrics.clone(),
+            outcomes.clone(),
         );
         tokio::spawn(async move {
             authority.wait_leading().await;
@@ -163,6 +165,13 @@ pub async fn run(
             let _events = Task::spawn(events::run(
                 client.clone(),
                 published.clone(),
+                config.identity.clone(),
+            ));
+            let _rollouts = Task::spawn(rollout::run(
+                client.clone(),
+                published.clone(),
+                outcomes.clone(),
+                config.mesh_namespace.clone(),
                 config.identity.clone(),
             ));
             let driver = Driver {

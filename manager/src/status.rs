@@ -239,6 +239,7 @@ fn to_status(id: &MeshId, st: &MeshStatus, transitions: &mut Transitions) -> Ope
         (routed > 0).then(|| percent(s.routed as f64 * 100.0 / routed as f64, 1))
     };
     OperatorMeshStatus {
+        rollout: None,
         observed_generation: st.generation,
         conditions: vec![ready, progressing, degraded],
         subsets: st

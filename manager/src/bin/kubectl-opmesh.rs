@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use opmesh_manager::{
     api::{
         self, ActionResult, Analysis, DrainRequest, Explanation, KeyList, MeshList, MeshStatus,
-        PinRequest, Plan, PlanRequest, Status, UnpinRequest, WeightsRequest,
+        PinRequest, Plan, PlanRequest, Rollout, Status, UnpinRequest, WeightsRequest,
     },
     crd::{OperatorMesh, OperatorMeshSpec},
 };
@@ -166,6 +166,12 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         min_samples: u64,
     },
+    /// A canary rollout: its status, or promote, abort or retry it.
+    Rollout {
+        /// What to do.
+        #[command(subcommand)]
+        action: RolloutCommand,
+    },
     /// Move every key off a replica, so its pod can be deleted without its
     /// keys waiting for a lease to run out.
     Drain {
@@ -179,6 +185,34 @@ enum Command {
         /// Wait until it holds no keys.
         #[arg(long)]
         wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Where the rollout is: step, canary share, each analysis's numbers,
+    /// what happens next.
+    Status {
+        /// The mesh.
+        mesh: String,
+        /// Keep showing it until it is promoted or rolled back.
+        #[arg(short = 'w', long)]
+        watch: bool,
+    },
+    /// Let every pause without a duration pass.
+    Promote {
+        /// The mesh.
+        mesh: String,
+    },
+    /// Stop, and return every key to stable.
+    Abort {
+        /// The mesh.
+        mesh: String,
+    },
+    /// Start a rolled-back or aborted rollout over.
+    Retry {
+        /// The mesh.
+        mesh: String,
     },
 }
 
@@ -336,6 +370,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resume { mesh } => {
             let r: ActionResult = client.post(&format!("{base}/{mesh}/resume"), &()).await?;
             action(&mut out, &r, output)?;
+        }
+        Command::Rollout { action: command } => {
+            let (mesh, verb) = match &command {
+                RolloutCommand::Status { mesh, .. } => (mesh.clone(), None),
+                RolloutCommand::Promote { mesh } => (mesh.clone(), Some("promote")),
+                RolloutCommand::Abort { mesh } => (mesh.clone(), Some("abort")),
+                RolloutCommand::Retry { mesh } => (mesh.clone(), Some("retry")),
+            };
+            if let Some(verb) = verb {
+                let r: ActionResult = client
+                    .post(&format!("{base}/{mesh}/rollout/{verb}"), &())
+                    .await?;
+                action(&mut out, &r, output)?;
+                return Ok(());
+            }
+            let watch = matches!(command, RolloutCommand::Status { watch: true, .. });
+            loop {
+                let r: Rollout = client.get(&format!("{base}/{mesh}/rollout")).await?;
+                if watch {
+                    write!(out, "\x1b[2J\x1b[H")?;
+                }
+                match output {
+                    Some(Output::Json | Output::Yaml) => emit(&mut out, &r, output)?,
+                    _ => print_rollout(&mut out, &r)?,
+                }
+                let done = r
+                    .status
+                    .as_ref()
+                    .is_none_or(|s| s.phase == "Promoted" || s.phase == "RolledBack");
+                if !watch || done {
+                    break;
+                }
+                out.flush()?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
         Command::Analyze {
             mesh,
@@ -839,6 +908,54 @@ fn print_explanation(out: &mut impl std::io::Write, e: &Explanation) -> anyhow::
         )?;
         for line in String::from_utf8_lossy(&buf).lines() {
             writeln!(out, "  {line}")?;
+        }
+    }
+    Ok(())
+}
+
+fn print_rollout(out: &mut impl std::io::Write, r: &Rollout) -> anyhow::Result<()> {
+    let Some(spec) = &r.spec else {
+        writeln!(out, "no rollout is declared (spec.rollout)")?;
+        return Ok(());
+    };
+    let Some(st) = &r.status else {
+        writeln!(
+            out,
+            "{} -> {} ({}): not started yet",
+            spec.stable, spec.canary, spec.revision
+        )?;
+        return Ok(());
+    };
+    writeln!(
+        out,
+        "Rollout:  {} -> {} ({})",
+        spec.stable, spec.canary, st.revision
+    )?;
+    writeln!(out, "Phase:    {}", st.phase)?;
+    writeln!(
+        out,
+        "Step:     {} (since {})",
+        st.step_text, st.step_started_at
+    )?;
+    let width = 30;
+    let filled = (st.weight.min(100) as usize) * width / 100;
+    writeln!(
+        out,
+        "Canary:   [{}{}] {}%",
+        "#".repeat(filled),
+        "-".repeat(width - filled),
+        st.weight
+    )?;
+    writeln!(out, "Next:     {}", st.message)?;
+    if !st.analyses.is_empty() {
+        writeln!(out, "Analyses:")?;
+        for a in &st.analyses {
+            writeln!(out, "  step {} {} at {}", a.step + 1, a.verdict, a.at)?;
+            writeln!(out, "    canary: {}", a.canary)?;
+            writeln!(out, "    stable: {}", a.stable)?;
+            for why in &a.reasons {
+                writeln!(out, "    {why}")?;
+            }
         }
     }
     Ok(())

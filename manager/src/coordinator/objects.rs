@@ -224,7 +224,8 @@ impl Coordinator {
                 let Some(mesh) = self.meshes.get_mut(&id) else {
                     return;
                 };
-                match Policy::compile(&om.spec) {
+                // A rollout in progress sets the weights (see `rollout`).
+                match Policy::compile(&crate::rollout::effective_spec(&om)) {
                     Ok(p) => {
                         mesh.policy = Some(Arc::new(p));
                         mesh.invalid = None;

@@ -7,6 +7,7 @@ use crate::crd::{PinSpec, RoutingSpec, SubsetSpec, WeightSpec};
 
 fn spec(weights: &[(&str, u32)], pins: Vec<PinSpec>) -> OperatorMeshSpec {
     OperatorMeshSpec {
+        rollout: None,
         selector: LabelSelector {
             match_labels: Some(BTreeMap::from([("app".into(), "op".into())])),
             match_expressions: None,

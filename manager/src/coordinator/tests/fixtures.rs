@@ -21,6 +21,7 @@ pub(super) fn spec(v2: u8, pin: bool, paused: bool, by_namespace: bool) -> Opera
             .collect::<BTreeMap<_, _>>()
     };
     OperatorMeshSpec {
+        rollout: None,
         selector: LabelSelector {
             match_labels: Some(labels(&[("app", "op")])),
             match_expressions: None,
