@@ -168,6 +168,10 @@ enum Command {
         /// would: for trying canary analysis.
         #[arg(long, env = "OPMESH_EXAMPLE_FAIL_RATE", default_value_t = 0.0)]
         fail_rate: f64,
+        /// Requeue every object 20 ms after each reconcile, changed or not,
+        /// as a version with a hot loop would.
+        #[arg(long, env = "OPMESH_EXAMPLE_HOT_LOOP")]
+        hot_loop: bool,
     },
 }
 
@@ -179,6 +183,8 @@ struct Ctx {
     dry_run: bool,
     /// The share of reconciles to fail (`--fail-rate`).
     fail_rate: f64,
+    /// Requeue at once after every reconcile (`--hot-loop`).
+    hot_loop: bool,
     /// Failed attempts per (key, generation), for `failTimes`.
     attempts: Mutex<HashMap<(String, i64), u32>>,
     /// Reconciles started by this process, for their ids.
@@ -475,6 +481,11 @@ async fn apply(
         ctx.wrote(id, &task.key, "status", r)?;
     }
 
+    if ctx.hot_loop {
+        // A bug many operators have had: asking to be called again at once,
+        // whether anything changed or not.
+        return Ok(Action::requeue(Duration::from_millis(20)));
+    }
     Ok(match obj.spec.requeue_after_ms {
         Some(ms) => Action::requeue(Duration::from_millis(ms)),
         None => Action::await_change(),
@@ -579,6 +590,7 @@ async fn main() -> anyhow::Result<()> {
             dry_run,
             bundles,
             fail_rate,
+            hot_loop,
         } => {
             if !(0.0..=1.0).contains(&fail_rate) {
                 anyhow::bail!("--fail-rate must be from 0 to 1, not {fail_rate}");
@@ -593,6 +605,7 @@ async fn main() -> anyhow::Result<()> {
                 attempts: Mutex::default(),
                 started: AtomicU64::new(0),
                 fail_rate,
+                hot_loop,
             });
             let generators = Controller::<ConfigMapGenerator>::new(&mesh)
                 .owns::<ConfigMap>()

@@ -226,3 +226,54 @@ async fn a_failing_canary_is_rolled_back_at_its_first_analysis() -> anyhow::Resu
     assert!(reasons.iter().any(|r| r == "RolledBack"), "{reasons:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_hot_looping_canary_is_caught_by_its_reconciles_per_generation() -> anyhow::Result<()> {
+    let mut w = World::new("rollout-hot").await?;
+    w.apply_mesh(
+        json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1", "v2"],
+    )
+    .await?;
+    w.replica("v1-0", "v1").await?;
+    // A v2 whose reconciles all succeed, but which asks to run again at once.
+    w.replica_with_env("v2-0", "v2", &[("OPMESH_EXAMPLE_HOT_LOOP", "true")])
+        .await?;
+    w.all_ready().await?;
+    let spaces = namespaces(&w, 8).await?;
+    w.wait_handled(&spaces, 8).await?;
+    let traffic = Traffic::start(&w, &spaces);
+    let mut spec = w.mesh_spec(
+        json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1", "v2"],
+    );
+    spec["rollout"] = json!({
+        "stable": "v1", "canary": "v2", "revision": "v2-build-3",
+        "steps": [{"setWeight": 50}, analysis(5, 20), {"setWeight": 100}],
+    });
+    apply_mesh(&w.client, &w.ns, "mesh", spec).await?;
+    let status = eventually("the hot loop to be rolled back", TIMEOUT, || async {
+        let st = rollout_status(&w).await?;
+        anyhow::ensure!(st["phase"] != "Promoted", "promoted: {st}");
+        Ok((st["phase"] == "RolledBack").then_some(st))
+    })
+    .await?;
+    drop(traffic);
+    let run = &status["analyses"][0];
+    let reasons: Vec<&str> = run["reasons"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(reasons.iter().any(|r| r.ends_with("a hot loop")), "{run}");
+    // Its reconciles succeeded: only the loop gave it away.
+    assert!(
+        run["canary"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(" 0 errors"),
+        "{run}"
+    );
+    Ok(())
+}
