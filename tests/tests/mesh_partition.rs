@@ -170,12 +170,14 @@ async fn a_leader_stopped_past_its_lease_acts_no_more_when_continued() -> anyhow
 /// by two runtimes at once.
 async fn handover_without_overlap(s: Setup, cut: Instant) -> anyhow::Result<()> {
     let Setup { w, b, writer, .. } = s;
+    // A has stopped: every key must be reconciled again from here on, by
+    // the runtimes B serves.
+    let since = now_us();
     eventually(
         "every object to be reconciled after the handover",
         TIMEOUT,
         || async {
             b.process().check_running()?;
-            let since = now_us() - 500_000;
             let recent: std::collections::BTreeSet<String> = w
                 .records()
                 .into_iter()
