@@ -92,9 +92,24 @@ async fn namespace_granularity_gives_the_canary_its_exact_share() -> anyhow::Res
         }
         namespaces.push(ns);
     }
-    let handled = w.wait_handled(&namespaces, 120).await?;
     let weights = [("v1", 95), ("v2", 5)];
     let want = exact(&namespaces, &weights);
+    // As namespaces appear the split's boundaries shift, and a namespace
+    // near one moves with its keys; wait until every move has landed (its
+    // new owner's reconcile rewrites handledBy).
+    let handled = opmesh_tests::eventually(
+        "every object reconciled where the final split sends it",
+        opmesh_tests::world::TIMEOUT,
+        || async {
+            let handled = w.wait_handled(&namespaces, 120).await?;
+            let settled = handled.iter().all(|(key, subset)| {
+                let ns = key.split('/').next().unwrap_or_default();
+                *subset == want[ns]
+            });
+            Ok(settled.then_some(handled))
+        },
+    )
+    .await?;
     for (key, subset) in &handled {
         let ns = key.split('/').next().unwrap_or_default();
         assert_eq!(subset, want[ns], "{key}");
