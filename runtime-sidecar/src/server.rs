@@ -165,10 +165,7 @@ impl RuntimeService for RuntimeServer {
             error: error.unwrap_or_default(),
             duration_us: micros(done.started.elapsed()),
             queue_wait_us: micros(done.waited),
-            operator_version: rt
-                .registered()
-                .map(|r| r.operator_version)
-                .unwrap_or_default(),
+            operator_version: rt.operator_version(),
             generation: done.generation,
             finished_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

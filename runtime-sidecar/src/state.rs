@@ -188,6 +188,16 @@ impl Runtime {
         self.registration.borrow().clone()
     }
 
+    /// The registered operator's version, without copying the rest of the
+    /// registration (it is read for every reconcile's report).
+    pub(crate) fn operator_version(&self) -> String {
+        self.registration
+            .borrow()
+            .as_ref()
+            .map(|r| r.operator_version.clone())
+            .unwrap_or_default()
+    }
+
     /// True when a reconcile may start now: welcomed, synced, lease valid
     /// and an operator connected.
     pub(crate) fn can_dispatch(&self) -> bool {

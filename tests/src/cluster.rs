@@ -132,16 +132,7 @@ pub async fn grant_cluster(
     namespace: &str,
     service_account: &str,
 ) -> anyhow::Result<()> {
-    let strings = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-    let rules = resources
-        .iter()
-        .map(|(group, plural)| PolicyRule {
-            api_groups: strings(&[group]),
-            resources: strings(&[plural]),
-            verbs: verbs.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })
-        .collect();
+    let rules = rules(resources, verbs);
     let cluster_role = ClusterRole {
         metadata: ObjectMeta {
             name: Some(role.to_string()),
@@ -192,24 +183,13 @@ pub async fn grant_namespace(
     service_account: &str,
 ) -> anyhow::Result<()> {
     ensure_service_account(client, namespace, service_account).await?;
-    let strings = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
     let r = Role {
         metadata: ObjectMeta {
             name: Some(role.to_string()),
             namespace: Some(namespace.to_string()),
             ..Default::default()
         },
-        rules: Some(
-            resources
-                .iter()
-                .map(|(group, plural)| PolicyRule {
-                    api_groups: strings(&[group]),
-                    resources: strings(&[plural]),
-                    verbs: verbs.iter().map(|s| s.to_string()).collect(),
-                    ..Default::default()
-                })
-                .collect(),
-        ),
+        rules: Some(rules(resources, verbs)),
     };
     let binding = RoleBinding {
         metadata: ObjectMeta {
@@ -266,6 +246,20 @@ pub async fn service_account_token(
         .status
         .and_then(|s| s.token)
         .context("TokenRequest returned no token")
+}
+
+/// One rule per `(group, plural)`, each allowing `verbs`.
+fn rules(resources: &[(&str, &str)], verbs: &[&str]) -> Vec<PolicyRule> {
+    let strings = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    resources
+        .iter()
+        .map(|(group, plural)| PolicyRule {
+            api_groups: strings(&[group]),
+            resources: strings(&[plural]),
+            verbs: strings(verbs).unwrap_or_default(),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// Requests a token for the Pod's ServiceAccount that is bound to the Pod
