@@ -72,8 +72,8 @@ impl Default for Thresholds {
             error_ratio: 1.5,
             p99_ratio: 2.0,
             p99_slack_ms: 50.0,
-            max_per_generation: 3.0,
-            per_generation_ratio: 2.0,
+            max_per_generation: 5.0,
+            per_generation_ratio: 3.0,
             max_error_rate: None,
         }
     }

@@ -295,8 +295,8 @@ pub struct AnalysisSpec {
     /// (default 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_p99_ratio: Option<f64>,
-    /// Fail above this many reconciles per generation when also twice
-    /// stable's (default 3).
+    /// Fail above this many reconciles per generation when also three
+    /// times stable's (default 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_reconciles_per_generation: Option<f64>,
 }
