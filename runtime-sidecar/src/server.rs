@@ -171,6 +171,8 @@ impl RuntimeService for RuntimeServer {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
                 .unwrap_or_default(),
+            fenced_writes: c.fenced_writes,
+            conflicting_writes: c.conflicting_writes,
         });
         rt.queue.done(&key);
         rt.bump();

@@ -5,7 +5,7 @@ use std::{
     future::Future,
     marker::PhantomData,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
@@ -57,6 +57,8 @@ struct Current {
     /// The key as the mesh knows it (object and type), for the fence.
     mesh_key: String,
     sidecar: RuntimeServiceClient<Channel>,
+    /// Writes of this reconcile that did not go through.
+    writes: Arc<crate::fence::WriteCounts>,
 }
 
 tokio::task_local! {
@@ -78,6 +80,7 @@ pub fn fenced(client: &kube::Client) -> kube::Client {
     CURRENT
         .try_with(|c| {
             crate::fence::Fence::new(c.mesh_key.clone(), c.sidecar.clone(), client.clone())
+                .counting(c.writes.clone())
         })
         .unwrap_or_else(|_| crate::fence::Fence::outside_reconcile(client.clone()))
         .into_client()
@@ -548,12 +551,15 @@ where
         }
     };
     let span = tracing::info_span!("reconcile", key = %info.key, subset = %task.subset);
-    CURRENT
+    let writes = Arc::new(crate::fence::WriteCounts::default());
+    let counted = writes.clone();
+    let completion = CURRENT
         .scope(
             Current {
                 info,
                 mesh_key,
                 sidecar,
+                writes,
             },
             async move {
                 match reconcile(obj.clone(), ctx.clone()).await {
@@ -577,7 +583,12 @@ where
             },
         )
         .instrument(span)
-        .await
+        .await;
+    Completion {
+        fenced_writes: counted.fenced.load(Ordering::Relaxed),
+        conflicting_writes: counted.conflicting.load(Ordering::Relaxed),
+        ..completion
+    }
 }
 
 /// Completes on SIGTERM or Ctrl-C.

@@ -14,7 +14,16 @@
 //! apiserver already received may still be applied after it. Closing that
 //! gap needs a fence on the server side (see `docs/design-notes.md`).
 
-use std::{future::Future, pin::Pin, task::Poll, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    task::Poll,
+    time::Duration,
+};
 
 use http::{Method, Request, Response};
 use kube::client::Body;
@@ -60,6 +69,19 @@ pub struct Fence {
     /// The key and the sidecar to ask; none outside a reconcile.
     scope: Option<(String, RuntimeServiceClient<Channel>)>,
     inner: kube::Client,
+    /// Where refused and conflicting writes are counted, for the
+    /// reconcile's report.
+    counts: Arc<WriteCounts>,
+}
+
+/// Writes of one reconcile that did not go through: the mesh's rollout
+/// analysis compares how often they happen on each version.
+#[derive(Debug, Default)]
+pub struct WriteCounts {
+    /// Refused by the fence (the key or the lease was lost).
+    pub fenced: AtomicU32,
+    /// Refused by the API server with 409 Conflict.
+    pub conflicting: AtomicU32,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -72,12 +94,24 @@ impl Fence {
         Self {
             scope: Some((key, sidecar)),
             inner,
+            counts: Arc::default(),
         }
+    }
+
+    /// Counts the writes that do not go through (refused by the fence, or
+    /// by the API server with 409 Conflict) in `counts`.
+    pub fn counting(mut self, counts: Arc<WriteCounts>) -> Self {
+        self.counts = counts;
+        self
     }
 
     /// A fence with no reconcile to write for: it refuses every write.
     pub fn outside_reconcile(inner: kube::Client) -> Self {
-        Self { scope: None, inner }
+        Self {
+            scope: None,
+            inner,
+            counts: Arc::default(),
+        }
     }
 
     /// A kube client whose writes go through this fence.
@@ -118,40 +152,60 @@ impl tower::Service<Request<Body>> for Fence {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let (scope, inner) = (self.scope.clone(), self.inner.clone());
+        let (scope, inner, counts) = (self.scope.clone(), self.inner.clone(), self.counts.clone());
         Box::pin(async move {
             let read = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
             if read {
                 return inner.send(req).await.map_err(|e| Box::new(e) as BoxError);
             }
-            let Some((key, mut sidecar)) = scope else {
-                return Err(Box::new(Fenced {
-                    key: String::new(),
-                    reason: "opmesh_sdk::fenced() was called outside a reconcile, so there is \
-                             no key to write for; call it inside reconcile"
-                        .into(),
-                }) as BoxError);
-            };
-            // The sidecar measured the remaining lease after this instant,
-            // so counting the budget from here stays on the safe side of
-            // the round trip.
-            let asked = tokio::time::Instant::now();
-            let answer = sidecar
-                .ownership(OwnershipRequest { key: key.clone() })
-                .await?
-                .into_inner();
-            let budget = budget(&key, &answer).map_err(|f| Box::new(f) as BoxError)?;
-            match tokio::time::timeout_at(asked + budget, inner.send(req)).await {
-                Ok(result) => result.map_err(|e| Box::new(e) as BoxError),
-                Err(_) => Err(Box::new(Fenced {
-                    key,
-                    reason: format!(
-                        "the write did not finish within {budget:?}, before this replica's lease \
-                         would run out"
-                    ),
-                }) as BoxError),
+            let result = write(scope, inner, req).await;
+            match &result {
+                Ok(response) if response.status() == http::StatusCode::CONFLICT => {
+                    counts.conflicting.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) if e.is::<Fenced>() => {
+                    counts.fenced.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
             }
+            result
         })
+    }
+}
+
+/// Sends a write through the fence: asks the sidecar for the lease left,
+/// then gives the write that long.
+async fn write(
+    scope: Option<(String, RuntimeServiceClient<Channel>)>,
+    inner: kube::Client,
+    req: Request<Body>,
+) -> Result<Response<Body>, BoxError> {
+    let Some((key, mut sidecar)) = scope else {
+        return Err(Box::new(Fenced {
+            key: String::new(),
+            reason: "opmesh_sdk::fenced() was called outside a reconcile, so there is \
+                     no key to write for; call it inside reconcile"
+                .into(),
+        }) as BoxError);
+    };
+    // The sidecar measured the remaining lease after this instant,
+    // so counting the budget from here stays on the safe side of
+    // the round trip.
+    let asked = tokio::time::Instant::now();
+    let answer = sidecar
+        .ownership(OwnershipRequest { key: key.clone() })
+        .await?
+        .into_inner();
+    let budget = budget(&key, &answer).map_err(|f| Box::new(f) as BoxError)?;
+    match tokio::time::timeout_at(asked + budget, inner.send(req)).await {
+        Ok(result) => result.map_err(|e| Box::new(e) as BoxError),
+        Err(_) => Err(Box::new(Fenced {
+            key,
+            reason: format!(
+                "the write did not finish within {budget:?}, before this replica's lease \
+                 would run out"
+            ),
+        }) as BoxError),
     }
 }
 

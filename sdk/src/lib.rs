@@ -84,7 +84,7 @@ pub use controller::{
     OPERATOR_VERSION_ENV, SIDECAR_WAIT, SOCKET_ENV, TaskInfo, current, fenced, run_all,
 };
 pub use error::{Error, Result};
-pub use fence::{FENCE_MARGIN, Fence, Fenced, fenced_error, is_fenced};
+pub use fence::{FENCE_MARGIN, Fence, Fenced, WriteCounts, fenced_error, is_fenced};
 
 /// The k8s-openapi crate this SDK is built with.
 pub use k8s_openapi;

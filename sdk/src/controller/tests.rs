@@ -33,6 +33,8 @@ struct Ctx {
 struct Sidecar {
     tasks: Mutex<Option<mpsc::Receiver<Result<Task, Status>>>>,
     completions: mpsc::UnboundedSender<(Completion, Instant)>,
+    /// The answers to ownership questions, in order: owned or not.
+    owned: Mutex<std::collections::VecDeque<bool>>,
 }
 
 #[tonic::async_trait]
@@ -78,7 +80,17 @@ impl RuntimeService for Sidecar {
         &self,
         _: Request<OwnershipRequest>,
     ) -> Result<Response<OwnershipResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        let owned = self
+            .owned
+            .lock()
+            .unwrap()
+            .pop_front()
+            .ok_or_else(|| Status::unimplemented("not in this test"))?;
+        Ok(Response::new(OwnershipResponse {
+            owned,
+            lease_valid: true,
+            lease_remaining_ms: 10_000,
+        }))
     }
 
     async fn release(
@@ -101,24 +113,89 @@ impl Drop for SlowStop {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancelled_reconcile_is_reported_done_only_after_it_stopped() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("runtime.sock");
+/// A stand-in sidecar on a Unix socket in `dir` answering ownership with
+/// `owned`: the mesh, the sender of its tasks and the receiver of its
+/// completions.
+async fn sidecar(
+    dir: &std::path::Path,
+    owned: &[bool],
+) -> (
+    Mesh,
+    mpsc::Sender<Result<Task, Status>>,
+    mpsc::UnboundedReceiver<(Completion, Instant)>,
+) {
+    let socket = dir.join("runtime.sock");
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();
     let (task_tx, task_rx) = mpsc::channel(8);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
     let sidecar = Sidecar {
         tasks: Mutex::new(Some(task_rx)),
         completions: done_tx,
+        owned: Mutex::new(owned.iter().copied().collect()),
     };
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(RuntimeServiceServer::new(sidecar))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
     );
+    (Mesh::connect_to(&socket).await.unwrap(), task_tx, done_rx)
+}
 
-    let mesh = Mesh::connect_to(&socket).await.unwrap();
+fn task(id: u64) -> Task {
+    Task {
+        id,
+        key: opmesh_proto::mesh_key("", "v1", "ConfigMap", Some("ns"), "a"),
+        object: serde_json::to_vec(&ConfigMap::default()).unwrap(),
+        subset: "v1".into(),
+        runtime_id: "ns/op-0".into(),
+        cancel: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_reports_its_fenced_and_conflicting_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first write is owned (and the API server says 409), the second
+    // is not (the fence refuses it), the third goes through.
+    let (mesh, tasks, mut done) = sidecar(dir.path(), &[true, false, true]).await;
+    let statuses = Arc::new(Mutex::new(vec![200u16, 409]));
+    let server = tower::service_fn(move |_req: http::Request<kube::client::Body>| {
+        let status = statuses.lock().unwrap().pop().unwrap_or(200);
+        async move {
+            let body = serde_json::to_vec(&ConfigMap::default()).unwrap();
+            let mut response = http::Response::new(kube::client::Body::from(body));
+            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let api_server = kube::Client::new(server, "ns");
+    tokio::spawn(Controller::<ConfigMap>::new(&mesh).run(
+        |cm: Arc<ConfigMap>, client: Arc<kube::Client>| async move {
+            let api: kube::Api<ConfigMap> = kube::Api::namespaced(crate::fenced(&client), "ns");
+            for _ in 0..3 {
+                let _ = api.create(&Default::default(), &cm).await;
+            }
+            Ok::<_, std::convert::Infallible>(Action::await_change())
+        },
+        |_, _, _| Action::await_change(),
+        Arc::new(api_server),
+    ));
+    tasks.send(Ok(task(7))).await.unwrap();
+    let (completion, _) = tokio::time::timeout(Duration::from_secs(10), done.recv())
+        .await
+        .expect("the reconcile was never reported")
+        .unwrap();
+    assert_eq!(completion.id, 7);
+    assert_eq!(
+        (completion.fenced_writes, completion.conflicting_writes),
+        (1, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_reconcile_is_reported_done_only_after_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mesh, task_tx, mut done_rx) = sidecar(dir.path(), &[]).await;
     let stopped: Arc<Mutex<Option<Instant>>> = Arc::default();
     let (started_tx, mut started_rx) = mpsc::unbounded_channel::<()>();
     let ctx = Arc::new(Ctx {
@@ -136,16 +213,7 @@ async fn a_cancelled_reconcile_is_reported_done_only_after_it_stopped() {
         ctx,
     ));
 
-    let object = serde_json::to_vec(&ConfigMap::default()).unwrap();
-    let task = Task {
-        id: 1,
-        key: opmesh_proto::mesh_key("", "v1", "ConfigMap", Some("ns"), "a"),
-        object,
-        subset: "v1".into(),
-        runtime_id: "ns/op-0".into(),
-        cancel: false,
-    };
-    task_tx.send(Ok(task)).await.unwrap();
+    task_tx.send(Ok(task(1))).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), started_rx.recv())
         .await
         .expect("the reconcile never started");
