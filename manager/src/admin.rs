@@ -300,29 +300,68 @@ impl Admin {
                         format!("{id} declares no rollout (spec.rollout)"),
                     ));
                 };
-                let (field, what) = match action {
-                    "promote" => (
-                        serde_json::json!({"promote": true}),
-                        "promoted: every pause without a duration passes",
-                    ),
+                // Promote and abort name the run (and step) they act on, in
+                // an annotation, so they never carry over to a later
+                // revision or retry; retry raises the spec's counter.
+                let running = m
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.rollout.as_ref())
+                    .filter(|s| s.revision == rollout.revision && s.retry == rollout.retry);
+                let annotations = |extra: Option<(&str, String)>| {
+                    let mut a = serde_json::Map::new();
+                    a.insert(
+                        "opmesh.io/last-admin-action".into(),
+                        format!("{who} rollout {action}").into(),
+                    );
+                    if let Some((k, v)) = extra {
+                        a.insert(k.into(), v.into());
+                    }
+                    serde_json::Value::Object(a)
+                };
+                let (spec, annotations, what) = match action {
+                    "promote" => {
+                        let Some(st) = running.filter(|s| s.phase == "Paused") else {
+                            return Err((
+                                StatusCode::CONFLICT,
+                                format!(
+                                    "{id}: the rollout of {} is not paused (it is {}); promote \
+                                     passes a pause step",
+                                    rollout.revision,
+                                    running.map_or("not started", |s| s.phase.as_str())
+                                ),
+                            ));
+                        };
+                        let mark = crate::rollout::step_mark(&st.revision, st.retry, st.step);
+                        (
+                            None,
+                            annotations(Some((crate::rollout::PROMOTE_ANNOTATION, mark))),
+                            "promoted: the current pause passes",
+                        )
+                    }
                     "abort" => (
-                        serde_json::json!({"abort": true}),
+                        None,
+                        annotations(Some((
+                            crate::rollout::ABORT_ANNOTATION,
+                            crate::rollout::run_mark(&rollout.revision, rollout.retry),
+                        ))),
                         "aborted: every key returns to stable",
                     ),
                     _ => (
-                        serde_json::json!({"abort": false, "retry": rollout.retry + 1}),
+                        Some(serde_json::json!({"rollout": {"retry": rollout.retry + 1}})),
+                        annotations(None),
                         "retried: it starts over from the first step",
                     ),
                 };
-                let patch = serde_json::json!({
+                let mut patch = serde_json::json!({
                     "metadata": {
                         "resourceVersion": m.metadata.resource_version,
-                        "annotations": {
-                            "opmesh.io/last-admin-action": format!("{who} rollout {action}")
-                        },
+                        "annotations": annotations,
                     },
-                    "spec": {"rollout": field},
                 });
+                if let Some(spec) = spec {
+                    patch["spec"] = spec;
+                }
                 let generation = self.patch(&id, &patch).await?;
                 ok(&ActionResult {
                     message: format!("{id}: rollout {what}"),

@@ -1,9 +1,14 @@
 //! Compares a canary subset's reconciles with the stable subset's over the
-//! same window: error rate, p99 duration and reconciles per generation
-//! (which catches hot loops). Pure: the numbers in, a verdict out.
+//! same window: error rate, p99 duration, reconciles per generation (which
+//! catches hot loops), reconciles whose writes were refused (fenced, or 409
+//! Conflict) and generation lag (keys whose latest change has not been
+//! reconciled in time, which catches a canary that stalls). Pure: the
+//! numbers in, a verdict out.
 //!
 //! No verdict is given on too few reconciles: below `min_samples` on either
-//! side the answer is [`Verdict::Wait`], saying how many there are. The
+//! side the answer is [`Verdict::Wait`], saying how many there are. Lag is
+//! the exception: a canary that stalls reports nothing, so lagging keys
+//! fail it whatever the sample. The
 //! error-rate check needs both a significant difference (a one-sided
 //! two-proportion z-test, so noise between two identical versions rarely
 //! fails it) and a practical one (a ratio to stable's rate), so a canary is
@@ -24,6 +29,8 @@ pub(crate) struct Sample {
     pub(crate) key: std::sync::Arc<str>,
     /// The generation it reconciled.
     pub(crate) generation: i64,
+    /// Its writes that were refused: by the fence, or with 409 Conflict.
+    pub(crate) refused_writes: u32,
 }
 
 /// One subset's numbers over a window.
@@ -38,6 +45,14 @@ pub(crate) struct Stats {
     /// Reconciles per distinct (key, generation): 1 is one reconcile per
     /// change; a hot loop drives it up.
     pub(crate) per_generation: f64,
+    /// Reconciles with at least one refused write (fenced, or 409
+    /// Conflict).
+    pub(crate) refused_writes: u64,
+    /// Keys the side holds, for the lag check.
+    pub(crate) keys: u64,
+    /// Of which lag: their latest generation is not reconciled within the
+    /// allowed time.
+    pub(crate) lagging: u64,
 }
 
 /// The limits an analysis applies.
@@ -62,6 +77,9 @@ pub(crate) struct Thresholds {
     pub(crate) per_generation_ratio: f64,
     /// An absolute limit on the canary's error rate, whatever stable's.
     pub(crate) max_error_rate: Option<f64>,
+    /// An absolute limit on the canary's share of reconciles with a
+    /// refused write, whatever stable's.
+    pub(crate) max_refused_write_rate: Option<f64>,
 }
 
 impl Default for Thresholds {
@@ -75,6 +93,7 @@ impl Default for Thresholds {
             max_per_generation: 5.0,
             per_generation_ratio: 3.0,
             max_error_rate: None,
+            max_refused_write_rate: None,
         }
     }
 }
@@ -97,11 +116,15 @@ impl Stats {
     pub(crate) fn of<'a>(samples: impl IntoIterator<Item = &'a Sample>) -> Self {
         let mut durations = Vec::new();
         let mut errors = 0;
+        let mut refused_writes = 0;
         let mut changes: HashSet<(&str, i64)> = HashSet::new();
         for s in samples {
             durations.push(s.duration_us);
             if !s.ok {
                 errors += 1;
+            }
+            if s.refused_writes > 0 {
+                refused_writes += 1;
             }
             changes.insert((&s.key, s.generation));
         }
@@ -120,21 +143,55 @@ impl Stats {
             } else {
                 reconciles as f64 / changes.len() as f64
             },
+            refused_writes,
+            keys: 0,
+            lagging: 0,
+        }
+    }
+
+    /// The same numbers, with `lagging` of `keys` held keys lagging.
+    pub(crate) fn with_lag(self, keys: u64, lagging: u64) -> Self {
+        Self {
+            keys,
+            lagging,
+            ..self
         }
     }
 
     /// Failed reconciles per reconcile.
     pub(crate) fn error_rate(&self) -> f64 {
-        if self.reconciles == 0 {
-            0.0
-        } else {
-            self.errors as f64 / self.reconciles as f64
-        }
+        rate(self.errors, self.reconciles)
+    }
+
+    /// Reconciles with a refused write per reconcile.
+    pub(crate) fn refused_write_rate(&self) -> f64 {
+        rate(self.refused_writes, self.reconciles)
+    }
+
+    /// Lagging keys per held key.
+    fn lag_rate(&self) -> f64 {
+        rate(self.lagging, self.keys)
+    }
+}
+
+fn rate(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
     }
 }
 
 /// Compares `canary` with `stable` under `t`.
 pub(crate) fn analyse(canary: &Stats, stable: &Stats, t: &Thresholds) -> Verdict {
+    // Lag needs no sample: a canary that stalls reports no reconciles.
+    if canary.lagging > 0 && canary.lag_rate() > stable.lag_rate() * t.error_ratio {
+        return Verdict::Fail(vec![format!(
+            "{} of its {} keys lag (their latest generation is not reconciled in time) \
+             against stable's {} of {}",
+            canary.lagging, canary.keys, stable.lagging, stable.keys
+        )]);
+    }
     if canary.reconciles < t.min_samples || stable.reconciles < t.min_samples {
         return Verdict::Wait(format!(
             "waiting for {} reconciles on each side: the canary has {}, stable {}",
@@ -143,7 +200,10 @@ pub(crate) fn analyse(canary: &Stats, stable: &Stats, t: &Thresholds) -> Verdict
     }
     let mut why = Vec::new();
     let (rc, rs) = (canary.error_rate(), stable.error_rate());
-    let z = error_z(canary, stable);
+    let z = proportion_z(
+        (canary.errors, canary.reconciles),
+        (stable.errors, stable.reconciles),
+    );
     if z > t.error_z && rc > rs * t.error_ratio {
         why.push(format!(
             "error rate {:.2}% against stable's {:.2}% (z = {z:.1})",
@@ -157,6 +217,28 @@ pub(crate) fn analyse(canary: &Stats, stable: &Stats, t: &Thresholds) -> Verdict
         why.push(format!(
             "error rate {:.2}% above the limit of {:.2}%",
             rc * 100.0,
+            max * 100.0
+        ));
+    }
+    let (wc, ws) = (canary.refused_write_rate(), stable.refused_write_rate());
+    let z = proportion_z(
+        (canary.refused_writes, canary.reconciles),
+        (stable.refused_writes, stable.reconciles),
+    );
+    if z > t.error_z && wc > ws * t.error_ratio {
+        why.push(format!(
+            "writes refused (fenced or 409 Conflict) in {:.2}% of reconciles against stable's \
+             {:.2}% (z = {z:.1})",
+            wc * 100.0,
+            ws * 100.0
+        ));
+    }
+    if let Some(max) = t.max_refused_write_rate
+        && wc > max
+    {
+        why.push(format!(
+            "writes refused in {:.2}% of reconciles, above the limit of {:.2}%",
+            wc * 100.0,
             max * 100.0
         ));
     }
@@ -182,16 +264,20 @@ pub(crate) fn analyse(canary: &Stats, stable: &Stats, t: &Thresholds) -> Verdict
     }
 }
 
-/// The one-sided two-proportion z-score of the canary's error rate over
-/// stable's (0 when both are flawless, or the canary is better).
-fn error_z(canary: &Stats, stable: &Stats) -> f64 {
-    let (nc, ns) = (canary.reconciles as f64, stable.reconciles as f64);
-    let pooled = (canary.errors + stable.errors) as f64 / (nc + ns);
+/// The one-sided two-proportion z-score of the canary's rate (`part` of
+/// `whole`) over stable's: 0 when neither has any, and negative when the
+/// canary is better.
+fn proportion_z(canary: (u64, u64), stable: (u64, u64)) -> f64 {
+    let (nc, ns) = (canary.1 as f64, stable.1 as f64);
+    if nc == 0.0 || ns == 0.0 {
+        return 0.0;
+    }
+    let pooled = (canary.0 + stable.0) as f64 / (nc + ns);
     let se = (pooled * (1.0 - pooled) * (1.0 / nc + 1.0 / ns)).sqrt();
     if se == 0.0 {
         return 0.0;
     }
-    (canary.error_rate() - stable.error_rate()) / se
+    (rate(canary.0, canary.1) - rate(stable.0, stable.1)) / se
 }
 
 #[cfg(test)]
@@ -224,6 +310,7 @@ mod tests {
                     as u64,
                 key: Arc::from(format!("ns/app-{i}").as_str()),
                 generation: 1,
+                refused_writes: 0,
             })
             .collect()
     }
@@ -310,6 +397,48 @@ mod tests {
     }
 
     #[test]
+    fn refused_writes_fail_like_errors_and_lag_fails_without_a_sample() {
+        let mut rng = Rng(3);
+        let stable = Stats::of(&run(&mut rng, 2000, 0.0));
+        // One reconcile in ten hits a 409 on the canary, none on stable.
+        let conflicting: Vec<Sample> = run(&mut rng, 2000, 0.0)
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut s)| {
+                s.refused_writes = u32::from(i % 10 == 0);
+                s
+            })
+            .collect();
+        let canary = Stats::of(&conflicting);
+        assert_eq!(canary.refused_writes, 200);
+        match analyse(&canary, &stable, &Thresholds::default()) {
+            Verdict::Fail(why) => assert!(why[0].contains("10.00% of reconciles"), "{why:?}"),
+            other => panic!("{other:?}"),
+        }
+        // The same on both sides passes.
+        let both = Stats::of(&conflicting);
+        assert_eq!(
+            analyse(&canary, &both, &Thresholds::default()),
+            Verdict::Pass
+        );
+        // A canary that reports nothing but holds lagging keys fails at
+        // once; stable lagging as much does not make it fail.
+        let stalled = Stats::default().with_lag(2, 1);
+        match analyse(
+            &stalled,
+            &stable.clone().with_lag(38, 0),
+            &Thresholds::default(),
+        ) {
+            Verdict::Fail(why) => assert!(why[0].starts_with("1 of its 2 keys lag"), "{why:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            analyse(&stalled, &stable.with_lag(38, 19), &Thresholds::default()),
+            Verdict::Wait(_)
+        ));
+    }
+
+    #[test]
     fn stats_count_errors_percentiles_and_changes() {
         let s = |ok, ms: u64, key: &str, generation| Sample {
             at_ms: 0,
@@ -317,6 +446,7 @@ mod tests {
             duration_us: ms * 1000,
             key: Arc::from(key),
             generation,
+            refused_writes: 0,
         };
         let stats = Stats::of(&[
             s(true, 1, "a", 1),

@@ -200,6 +200,9 @@ pub(crate) struct Coordinator {
     notes: Notes,
     /// Counters and the handoff histogram.
     metrics: Arc<Metrics>,
+    /// Where primary objects' generations go, for the rollout's
+    /// generation-lag analysis.
+    generations: Arc<crate::outcomes::Outcomes>,
 }
 
 // === impl Coordinator ===
@@ -229,12 +232,20 @@ impl Coordinator {
             dirty: true,
             notes: Notes::default(),
             metrics: Arc::default(),
+            generations: Arc::default(),
         }
     }
 
     /// Counts into `metrics` instead of metrics of its own.
     pub(crate) fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Notes primary objects' generations in `outcomes`, where the
+    /// runtimes' reports say which were reconciled.
+    pub(crate) fn with_generations(mut self, outcomes: Arc<crate::outcomes::Outcomes>) -> Self {
+        self.generations = outcomes;
         self
     }
 

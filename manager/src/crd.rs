@@ -228,11 +228,15 @@ pub struct RolloutSpec {
     /// Limits every analysis step applies unless it sets its own.
     #[serde(default)]
     pub analysis: AnalysisSpec,
-    /// Lets every pause without a duration pass (for GitOps; `kubectl
-    /// opmesh rollout promote` sets it).
+    /// Lets every pause without a duration pass (for GitOps). `kubectl
+    /// opmesh rollout promote` promotes only the current pause, with the
+    /// annotation `opmesh.io/rollout-promote`, so it never carries over
+    /// to a later revision.
     #[serde(default)]
     pub promote: bool,
-    /// Stops the rollout and returns every key to stable.
+    /// Stops the rollout and returns every key to stable (for GitOps).
+    /// `kubectl opmesh rollout abort` aborts only the current run, with
+    /// the annotation `opmesh.io/rollout-abort`.
     #[serde(default)]
     pub abort: bool,
     /// Raise to start a rolled-back or aborted rollout of the same revision
@@ -299,6 +303,21 @@ pub struct AnalysisSpec {
     /// times stable's (default 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_reconciles_per_generation: Option<f64>,
+    /// A key lags when its latest generation has not been reconciled
+    /// successfully this many seconds after it appeared (counted from the
+    /// analysis's start at the earliest). Fail when the canary has lagging
+    /// keys, and a larger share of its keys lag than stable's times
+    /// `maxErrorRatio` (default 60). Needs no minimum sample: a canary
+    /// that stalls reports no reconciles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub max_generation_lag_seconds: Option<u32>,
+    /// Fail when more than this percentage of the canary's reconciles had
+    /// a write refused (by the fence, or with 409 Conflict), whatever
+    /// stable's. Without it, the canary fails when its share is
+    /// significantly above stable's times `maxErrorRatio`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_refused_write_percent: Option<f64>,
 }
 
 /// Sends one object (all of its controllers' keys) to one subset.

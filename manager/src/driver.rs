@@ -38,6 +38,8 @@ pub(crate) struct Driver {
     pub(crate) authority: Arc<Authority>,
     /// What the coordinator counts.
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// Where primary objects' generations go.
+    pub(crate) outcomes: Arc<crate::outcomes::Outcomes>,
 }
 
 // === impl Driver ===
@@ -47,8 +49,9 @@ impl Driver {
     /// its own clock) or the task is stopped; every session is closed then.
     /// `tx` is the sender of `inputs`, for the watches the driver starts.
     pub(crate) async fn run(self, tx: mpsc::Sender<Input>, mut inputs: mpsc::Receiver<Input>) {
-        let mut coordinator =
-            Coordinator::new(self.lease_ttl, Instant::now()).with_metrics(self.metrics.clone());
+        let mut coordinator = Coordinator::new(self.lease_ttl, Instant::now())
+            .with_metrics(self.metrics.clone())
+            .with_generations(self.outcomes.clone());
         // The watches live as long as this task.
         let mut watches = vec![
             forward(

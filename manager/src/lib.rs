@@ -181,6 +181,7 @@ pub async fn run(
                 published,
                 authority,
                 metrics,
+                outcomes,
             };
             driver.run(tx, rx).await;
         })

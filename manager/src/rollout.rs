@@ -27,6 +27,24 @@ use crate::{
     snapshot::{MeshView, Published},
 };
 
+/// The annotation `kubectl opmesh rollout promote` sets:
+/// `revision/retry/step` of the pause it promotes.
+pub(crate) const PROMOTE_ANNOTATION: &str = "opmesh.io/rollout-promote";
+/// The annotation `kubectl opmesh rollout abort` sets: `revision/retry` of
+/// the run it aborts.
+pub(crate) const ABORT_ANNOTATION: &str = "opmesh.io/rollout-abort";
+
+/// Names one run of a rollout (a revision, started over `retry` times), as
+/// the abort annotation does.
+pub(crate) fn run_mark(revision: &str, retry: u32) -> String {
+    format!("{revision}/{retry}")
+}
+
+/// Names one step of a run, as the promote annotation does.
+pub(crate) fn step_mark(revision: &str, retry: u32, step: u32) -> String {
+    format!("{revision}/{retry}/{step}")
+}
+
 /// How often each rollout is looked at.
 const TICK: Duration = Duration::from_secs(1);
 /// The field manager of `status.rollout`.
@@ -70,8 +88,13 @@ pub(crate) struct Observed<'a> {
     /// The canary's share in force, in percent, once every key sits where
     /// it goes (None while keys are moving).
     pub(crate) settled_share: Option<f64>,
-    /// The canary's and stable's numbers since `since_ms`.
-    pub(crate) stats: &'a dyn Fn(i64) -> (Stats, Stats),
+    /// The mesh's `opmesh.io/rollout-promote` annotation, if set.
+    pub(crate) promote_mark: Option<&'a str>,
+    /// The mesh's `opmesh.io/rollout-abort` annotation, if set.
+    pub(crate) abort_mark: Option<&'a str>,
+    /// The canary's and stable's numbers since `since_ms` (the first
+    /// argument), counting keys that lag by the second, in milliseconds.
+    pub(crate) stats: &'a dyn Fn(i64, i64) -> (Stats, Stats),
 }
 
 /// An Event a step calls for: type, reason, note.
@@ -119,12 +142,19 @@ pub(crate) fn step(
         done(&mut st);
         return (st, notes);
     }
-    if rollout.abort {
+    let aborted_by_api = seen.abort_mark == Some(run_mark(&st.revision, st.retry).as_str());
+    if rollout.abort || aborted_by_api {
         st.phase = "RolledBack".into();
         st.weight = 0;
-        st.message = "aborted (spec.rollout.abort): every key is back on stable; raise \
-                      spec.rollout.retry or set a new revision to start again"
-            .into();
+        st.message = if rollout.abort {
+            "aborted (spec.rollout.abort): every key is back on stable; set it to false, and \
+             raise spec.rollout.retry or set a new revision, to start again"
+                .into()
+        } else {
+            "aborted (kubectl opmesh rollout abort): every key is back on stable; kubectl \
+             opmesh rollout retry, or a new revision, starts again"
+                .into()
+        };
         notes.push((EventType::Warning, "RolledBack", st.message.clone()));
         done(&mut st);
         return (st, notes);
@@ -180,7 +210,12 @@ pub(crate) fn step(
                 st.phase = "Paused".into();
                 st.message = format!("paused, {:.0}s left", f64::from(s) - elapsed_s);
             }
-            None if rollout.promote => advance(&mut st, &mut notes),
+            None if rollout.promote
+                || seen.promote_mark
+                    == Some(step_mark(&st.revision, st.retry, st.step).as_str()) =>
+            {
+                advance(&mut st, &mut notes)
+            }
             None => {
                 st.phase = "Paused".into();
                 st.message = "paused until promoted (kubectl opmesh rollout promote, or \
@@ -190,16 +225,20 @@ pub(crate) fn step(
         }
     } else if let Some(spec) = &current.analysis {
         st.phase = "Analyzing".into();
-        let (t, bake) = thresholds(spec, &rollout.analysis);
-        let (canary, stable) = (seen.stats)(started_ms);
+        let (t, bake, lag) = thresholds(spec, &rollout.analysis);
+        let (canary, stable) = (seen.stats)(started_ms, i64::from(lag) * 1000);
         let numbers = |s: &Stats| {
             format!(
-                "{} reconciles, {} errors ({:.2}%), p99 {:.1} ms, {:.2} per generation",
+                "{} reconciles, {} errors ({:.2}%), p99 {:.1} ms, {:.2} per generation, {} with \
+                 refused writes, {} of {} keys lagging over {lag}s",
                 s.reconciles,
                 s.errors,
                 s.error_rate() * 100.0,
                 s.p99_ms,
-                s.per_generation
+                s.per_generation,
+                s.refused_writes,
+                s.lagging,
+                s.keys
             )
         };
         let run = |verdict: &str, reasons: Vec<String>| AnalysisRun {
@@ -246,9 +285,9 @@ pub(crate) fn step(
     (st, notes)
 }
 
-/// A step's thresholds and bake time, from its own settings, then the
-/// rollout's, then the defaults.
-fn thresholds(step: &AnalysisSpec, rollout: &AnalysisSpec) -> (Thresholds, f64) {
+/// A step's thresholds, bake time and generation lag limit (seconds), from
+/// its own settings, then the rollout's, then the defaults.
+fn thresholds(step: &AnalysisSpec, rollout: &AnalysisSpec) -> (Thresholds, f64, u32) {
     let d = Thresholds::default();
     let pick = |a: Option<f64>, b: Option<f64>, default: f64| a.or(b).unwrap_or(default);
     let t = Thresholds {
@@ -268,10 +307,18 @@ fn thresholds(step: &AnalysisSpec, rollout: &AnalysisSpec) -> (Thresholds, f64) 
             .max_error_percent
             .or(rollout.max_error_percent)
             .map(|p| p / 100.0),
+        max_refused_write_rate: step
+            .max_refused_write_percent
+            .or(rollout.max_refused_write_percent)
+            .map(|p| p / 100.0),
         ..d
     };
     let bake = f64::from(step.seconds.or(rollout.seconds).unwrap_or(60));
-    (t, bake)
+    let lag = step
+        .max_generation_lag_seconds
+        .or(rollout.max_generation_lag_seconds)
+        .unwrap_or(60);
+    (t, bake, lag)
 }
 
 /// Runs every mesh's rollout, once a second, until the task is stopped.
@@ -310,14 +357,22 @@ pub(crate) async fn run(
             };
             let before = mesh.status.as_ref().and_then(|s| s.rollout.as_ref());
             let (next, notes) = {
-                let stats = |since: i64| {
-                    (
-                        Stats::of(&outcomes.window(&id, &rollout.canary, since)),
-                        Stats::of(&outcomes.window(&id, &rollout.stable, since)),
-                    )
+                let now_ms = Timestamp::now().as_millisecond();
+                let stats = |since: i64, lag_ms: i64| {
+                    let side = |subset: &str| {
+                        let keys = keys_of(view, subset);
+                        let lagging =
+                            outcomes.lagging(&id, keys.iter().copied(), since, now_ms, lag_ms);
+                        Stats::of(&outcomes.window(&id, subset, since))
+                            .with_lag(keys.len() as u64, lagging)
+                    };
+                    (side(&rollout.canary), side(&rollout.stable))
                 };
+                let annotation = |name: &str| mesh.annotations().get(name).map(String::as_str);
                 let seen = Observed {
-                    now_ms: Timestamp::now().as_millisecond(),
+                    promote_mark: annotation(PROMOTE_ANNOTATION),
+                    abort_mark: annotation(ABORT_ANNOTATION),
+                    now_ms,
                     not_ready: not_ready(view, &rollout),
                     settled_share: settled_share(view, &rollout),
                     stats: &stats,
@@ -380,6 +435,20 @@ fn not_ready(view: &MeshView, rollout: &RolloutSpec) -> Option<String> {
         .find(|s| s.name == rollout.canary)
         .map_or(0, |s| s.replicas.iter().filter(|r| r.ready).count());
     (ready == 0).then(|| format!("subset {} has no ready replica", rollout.canary))
+}
+
+/// The keys `subset`'s replicas hold and are not giving up.
+fn keys_of<'a>(view: &'a MeshView, subset: &str) -> Vec<&'a str> {
+    let Some(s) = view.subsets.iter().find(|s| s.name == subset) else {
+        return Vec::new();
+    };
+    let sessions: std::collections::HashSet<_> =
+        s.replicas.iter().map(|r| &r.holder.session).collect();
+    view.keys
+        .iter()
+        .filter(|(_, k)| !k.moving && sessions.contains(&k.holder.session))
+        .map(|(key, _)| key.as_str())
+        .collect()
 }
 
 /// The canary's configured share once no key is moving.

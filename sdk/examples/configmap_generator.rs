@@ -172,6 +172,11 @@ enum Command {
         /// as a version with a hot loop would.
         #[arg(long, env = "OPMESH_EXAMPLE_HOT_LOOP")]
         hot_loop: bool,
+        /// Never finish a reconcile, as a version stuck on a deadlock or a
+        /// call without a timeout would: for trying generation-lag
+        /// analysis.
+        #[arg(long, env = "OPMESH_EXAMPLE_STALL")]
+        stall: bool,
     },
 }
 
@@ -185,6 +190,8 @@ struct Ctx {
     fail_rate: f64,
     /// Requeue at once after every reconcile (`--hot-loop`).
     hot_loop: bool,
+    /// Never finish a reconcile (`--stall`).
+    stall: bool,
     /// Failed attempts per (key, generation), for `failTimes`.
     attempts: Mutex<HashMap<(String, i64), u32>>,
     /// Reconciles started by this process, for their ids.
@@ -387,6 +394,9 @@ async fn apply(
 ) -> Result<Action, Error> {
     let ns = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
+    if ctx.stall {
+        std::future::pending::<()>().await;
+    }
     if ctx.fail_rate > 0.0 {
         // Spread evenly over reconciles, without a random source: the
         // fractional part of n times the golden ratio.
@@ -591,6 +601,7 @@ async fn main() -> anyhow::Result<()> {
             bundles,
             fail_rate,
             hot_loop,
+            stall,
         } => {
             if !(0.0..=1.0).contains(&fail_rate) {
                 anyhow::bail!("--fail-rate must be from 0 to 1, not {fail_rate}");
@@ -606,6 +617,7 @@ async fn main() -> anyhow::Result<()> {
                 started: AtomicU64::new(0),
                 fail_rate,
                 hot_loop,
+                stall,
             });
             let generators = Controller::<ConfigMapGenerator>::new(&mesh)
                 .owns::<ConfigMap>()

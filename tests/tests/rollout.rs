@@ -277,3 +277,78 @@ async fn a_hot_looping_canary_is_caught_by_its_reconciles_per_generation() -> an
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_stalled_canary_is_caught_by_its_generation_lag_without_a_sample() -> anyhow::Result<()> {
+    let mut w = World::new("rollout-stall").await?;
+    w.apply_mesh(
+        json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1", "v2"],
+    )
+    .await?;
+    w.replica("v1-0", "v1").await?;
+    // A v2 whose reconciles never finish: it reports nothing, so only the
+    // keys it leaves unreconciled can give it away.
+    w.replica_with_env("v2-0", "v2", &[("OPMESH_EXAMPLE_STALL", "true")])
+        .await?;
+    w.all_ready().await?;
+    let spaces = namespaces(&w, 8).await?;
+    w.wait_handled(&spaces, 8).await?;
+    let traffic = Traffic::start(&w, &spaces);
+    let (bake, lag) = (60, 3);
+    let mut spec = w.mesh_spec(
+        json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1", "v2"],
+    );
+    spec["rollout"] = json!({
+        "stable": "v1", "canary": "v2", "revision": "v2-build-4",
+        "steps": [
+            {"setWeight": 50},
+            {"analysis": {"seconds": bake, "minSamples": 20, "maxGenerationLagSeconds": lag}},
+            {"setWeight": 100},
+        ],
+    });
+    apply_mesh(&w.client, &w.ns, "mesh", spec).await?;
+    let status = eventually("the stalled canary to be rolled back", TIMEOUT, || async {
+        let st = rollout_status(&w).await?;
+        anyhow::ensure!(st["phase"] != "Promoted", "promoted: {st}");
+        Ok((st["phase"] == "RolledBack").then_some(st))
+    })
+    .await?;
+    drop(traffic);
+    let run = &status["analyses"][0];
+    let reason = run["reasons"][0].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("keys lag") && reason.contains("against stable's 0 of"),
+        "{run}"
+    );
+    // It never had its minimum sample, and was failed long before its bake
+    // ended.
+    let canary = run["canary"].as_str().unwrap_or_default();
+    assert!(canary.starts_with("0 reconciles"), "{canary}");
+    let at = |v: &Value| {
+        v.as_str()
+            .unwrap_or_default()
+            .parse::<k8s_openapi::jiff::Timestamp>()
+            .map(|t| t.as_millisecond())
+    };
+    let waited = at(&run["at"])? - at(&status["stepStartedAt"])?;
+    assert!(
+        waited < i64::from(bake) * 1000 / 2,
+        "failed {waited} ms into a {bake} s bake"
+    );
+    // Every key returns to stable once the stuck reconciles are cancelled.
+    eventually("every object reconciled by v1 again", TIMEOUT, || async {
+        let mut all_v1 = true;
+        for ns in &spaces {
+            let by = w.change_and_wait(ns, "app").await?;
+            all_v1 &= by.starts_with("v1/");
+        }
+        Ok(all_v1.then_some(()))
+    })
+    .await?;
+    for ns in &spaces {
+        w.settle_and_check(ns).await?;
+    }
+    Ok(())
+}

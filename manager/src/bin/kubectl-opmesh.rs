@@ -199,12 +199,12 @@ enum RolloutCommand {
         #[arg(short = 'w', long)]
         watch: bool,
     },
-    /// Let every pause without a duration pass.
+    /// Let the current pause pass (the rollout must be paused).
     Promote {
         /// The mesh.
         mesh: String,
     },
-    /// Stop, and return every key to stable.
+    /// Stop this run of the rollout, and return every key to stable.
     Abort {
         /// The mesh.
         mesh: String,
@@ -395,10 +395,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Some(Output::Json | Output::Yaml) => emit(&mut out, &r, output)?,
                     _ => print_rollout(&mut out, &r)?,
                 }
-                let done = r
-                    .status
-                    .as_ref()
-                    .is_none_or(|s| s.phase == "Promoted" || s.phase == "RolledBack");
+                // Done once the declared rollout (not an earlier revision's
+                // status) has ended; nothing declared, nothing to follow.
+                let done = match (&r.spec, &r.status) {
+                    (None, _) => true,
+                    (Some(spec), Some(st)) => {
+                        st.revision == spec.revision
+                            && st.retry == spec.retry
+                            && (st.phase == "Promoted" || st.phase == "RolledBack")
+                    }
+                    (Some(_), None) => false,
+                };
                 if !watch || done {
                     break;
                 }
@@ -918,7 +925,12 @@ fn print_rollout(out: &mut impl std::io::Write, r: &Rollout) -> anyhow::Result<(
         writeln!(out, "no rollout is declared (spec.rollout)")?;
         return Ok(());
     };
-    let Some(st) = &r.status else {
+    // A status of an earlier revision or retry is not this rollout's.
+    let current = r
+        .status
+        .as_ref()
+        .filter(|s| s.revision == spec.revision && s.retry == spec.retry);
+    let Some(st) = current else {
         writeln!(
             out,
             "{} -> {} ({}): not started yet",

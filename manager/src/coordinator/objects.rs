@@ -71,6 +71,9 @@ impl Coordinator {
             name,
         };
         let ids: Vec<MeshId> = self.meshes.keys().cloned().collect();
+        // A change the watch reports after its first list is live: its
+        // time is when the object changed, near enough.
+        let live = self.watches.get(gvk).is_some_and(|w| w.synced);
         for id in ids {
             let Some(mesh) = self.meshes.get_mut(&id) else {
                 continue;
@@ -80,6 +83,14 @@ impl Coordinator {
             } else {
                 mesh.key_for(gvk, &obj)
             };
+            if mesh.primaries.contains_key(gvk) {
+                let key = new_key.clone().or_else(|| mesh.key_for(gvk, &obj));
+                if let Some(key) = key {
+                    let generation = obj.metadata.generation.filter(|_| !deleted);
+                    self.generations
+                        .observe_generation(&id, &key, generation, live, unix_ms());
+                }
+            }
             if new_key.is_none() && !mesh.index.contains(&objref) {
                 continue;
             }
@@ -265,6 +276,7 @@ impl Coordinator {
     /// when their leases run out; until then a mesh re-created under the
     /// same name assigns nothing.
     fn remove_mesh(&mut self, id: &MeshId) {
+        self.generations.forget_mesh(id);
         // A mesh that was itself waiting for an earlier one's leases passes
         // that wait on.
         let waited = self.meshes.remove(id).map(|m| m.not_before);
@@ -288,4 +300,12 @@ impl Coordinator {
         self.deleted_meshes.insert(id.clone(), until);
         self.expiring.retain(|e| e.mesh != *id);
     }
+}
+
+/// Now, in Unix milliseconds, as the runtimes' reports count time.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
 }

@@ -55,6 +55,7 @@ fn stats(n: usize, errors: usize) -> Stats {
             duration_us: 1000,
             key: Arc::from(format!("ns/app-{i}").as_str()),
             generation: 1,
+            refused_writes: 0,
         })
         .collect();
     Stats::of(&samples)
@@ -69,8 +70,10 @@ fn tick(
     share: f64,
     canary_errors: usize,
 ) -> (RolloutStatus, Vec<&'static str>) {
-    let numbers = move |_since: i64| (stats(100, canary_errors), stats(100, 0));
+    let numbers = move |_since: i64, _lag: i64| (stats(100, canary_errors), stats(100, 0));
     let seen = Observed {
+        promote_mark: None,
+        abort_mark: None,
         now_ms,
         not_ready: None,
         settled_share: Some(share),
@@ -167,8 +170,10 @@ fn too_few_reconciles_wait_and_a_pause_waits_for_promotion() {
     let mut r = rollout(vec![weight(5), analysis(1), pause(None), weight(100)]);
     let (st, _) = tick(&r, None, T0, 0.0, 0);
     let (st, _) = tick(&r, Some(&st), T0 + 100, 5.0, 0);
-    let few = |_since: i64| (stats(3, 0), stats(100, 0));
+    let few = |_since: i64, _lag: i64| (stats(3, 0), stats(100, 0));
     let seen = Observed {
+        promote_mark: None,
+        abort_mark: None,
         now_ms: T0 + 10_000,
         not_ready: None,
         settled_share: Some(5.0),
@@ -181,17 +186,66 @@ fn too_few_reconciles_wait_and_a_pause_waits_for_promotion() {
     let (st, _) = tick(&r, Some(&st), T0 + 12_000, 5.0, 0);
     assert_eq!((st.phase.as_str(), st.step), ("Paused", 2));
     assert!(st.message.contains("until promoted"));
+    // The API's promote names the pause it promotes: another step's, or
+    // an earlier run's, does nothing.
+    let marked = |mark: &str, st: &RolloutStatus| {
+        let zero = |_since: i64, _lag: i64| (stats(100, 0), stats(100, 0));
+        let seen = Observed {
+            promote_mark: Some(mark),
+            abort_mark: None,
+            now_ms: T0 + 13_000,
+            not_ready: None,
+            settled_share: Some(5.0),
+            stats: &zero,
+        };
+        step(&r, Some(st), &seen).0
+    };
+    assert_eq!(marked("r1/0/1", &st).step, 2);
+    assert_eq!(marked("r0/0/2", &st).step, 2);
+    assert_eq!(marked("r1/0/2", &st).step, 3);
     r.promote = true;
     let (st, _) = tick(&r, Some(&st), T0 + 13_000, 5.0, 0);
     assert_eq!(st.step, 3);
 }
 
 #[test]
+fn the_apis_abort_ends_only_the_run_it_names() {
+    let mut r = rollout(vec![weight(5), pause(None), weight(100)]);
+    let (st, _) = tick(&r, None, T0, 0.0, 0);
+    let zero = |_since: i64, _lag: i64| (Stats::default(), Stats::default());
+    let with_abort = |r: &RolloutSpec, mark: &str, st: Option<&RolloutStatus>| {
+        let seen = Observed {
+            promote_mark: None,
+            abort_mark: Some(mark),
+            now_ms: T0 + 100,
+            not_ready: None,
+            settled_share: Some(5.0),
+            stats: &zero,
+        };
+        step(r, st, &seen).0
+    };
+    assert_eq!(with_abort(&r, "r0/0", Some(&st)).phase, "Progressing");
+    let aborted = with_abort(&r, "r1/0", Some(&st));
+    assert_eq!((aborted.phase.as_str(), aborted.weight), ("RolledBack", 0));
+    assert!(aborted.message.contains("kubectl opmesh rollout abort"));
+    // A retry starts a new run, which the old mark does not stop; nor does
+    // it stop a new revision.
+    r.retry = 1;
+    let again = with_abort(&r, "r1/0", Some(&aborted));
+    assert_eq!((again.phase.as_str(), again.retry), ("Progressing", 1));
+    r.revision = "r2".into();
+    r.retry = 0;
+    assert_eq!(with_abort(&r, "r1/0", Some(&aborted)).phase, "Progressing");
+}
+
+#[test]
 fn a_mesh_that_is_not_ready_takes_no_step_and_an_abort_returns_every_key() {
     let mut r = rollout(vec![weight(5), weight(100)]);
     let (st, _) = tick(&r, None, T0, 0.0, 0);
-    let zero = |_since: i64| (Stats::default(), Stats::default());
+    let zero = |_since: i64, _lag: i64| (Stats::default(), Stats::default());
     let seen = Observed {
+        promote_mark: None,
+        abort_mark: None,
         now_ms: T0 + 100,
         not_ready: Some("subset v2 has no ready replica".into()),
         settled_share: Some(5.0),
