@@ -16,7 +16,7 @@ use opmesh_tests::{
     cluster,
     control_plane::free_port,
     eventually,
-    mesh::{Manager, create_generator, mesh_resource},
+    mesh::{Manager, apply_mesh, create_generator, mesh_resource},
     oracle::exact,
     tls::MeshTls,
     world::{TIMEOUT, World},
@@ -96,22 +96,28 @@ fn plugin_path(w: &World) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn plugin(
-    w: &World,
-    port: u16,
-    token: &str,
-    args: &[&str],
-) -> anyhow::Result<(bool, String, String)> {
+/// `kubectl opmesh args` as `token`, against the admin API on `port`.
+fn plugin_command(w: &World, port: u16, token: &str, args: &[&str]) -> anyhow::Result<Command> {
     let tls = MeshTls::shared(w.cp.dir());
-    let out = Command::new(plugin_path(w)?)
+    let mut command = Command::new(plugin_path(w)?);
+    command
         .args(args)
         .args(["-n", &w.ns])
         .arg(format!("--server=https://127.0.0.1:{port}"))
         .arg(format!("--certificate-authority={}", tls.ca_file.display()))
         .arg("--tls-server-name=localhost")
         .arg(format!("--token={token}"))
-        .env("KUBECONFIG", w.cp.kubeconfig())
-        .output()?;
+        .env("KUBECONFIG", w.cp.kubeconfig());
+    Ok(command)
+}
+
+fn plugin(
+    w: &World,
+    port: u16,
+    token: &str,
+    args: &[&str],
+) -> anyhow::Result<(bool, String, String)> {
+    let out = plugin_command(w, port, token, args)?.output()?;
     Ok((
         out.status.success(),
         String::from_utf8(out.stdout)?,
@@ -806,5 +812,169 @@ async fn analyze_tells_a_failing_canary_from_stable_and_waits_for_enough_reconci
         table.contains("\nFail (last 300s, at least 9 reconciles each)\n"),
         "{table}"
     );
+    Ok(())
+}
+
+/// A running `kubectl opmesh rollout status --watch`: what it has printed
+/// so far, and the process.
+struct Watch {
+    child: std::process::Child,
+    printed: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Watch {
+    fn start(a: &Admin, token: &str, mesh: &str) -> anyhow::Result<Self> {
+        let mut child = plugin_command(
+            &a.w,
+            a.admin_port,
+            token,
+            &["rollout", "status", mesh, "--watch"],
+        )?
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+        let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut stdout = child.stdout.take().context("stdout")?;
+        let sink = printed.clone();
+        std::thread::spawn(move || {
+            use std::io::Read as _;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Ok(Self { child, printed })
+    }
+
+    fn printed(&self) -> String {
+        self.printed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn rollout_commands_promote_abort_and_retry_and_watch_follows_them() -> anyhow::Result<()> {
+    let mut a = Admin::new("admin-rollout").await?;
+    let routing = json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 100}]});
+    a.w.apply_mesh(routing.clone(), &["v1", "v2"]).await?;
+    a.w.replica("v1-0", "v1").await?;
+    a.w.replica("v2-0", "v2").await?;
+    a.w.all_ready().await?;
+    let spaces = namespaces(&a.w, 10, 1).await?;
+    a.w.wait_handled(&spaces, 10).await?;
+    let reader = a.user("reader", &["get", "list"]).await?;
+    let releaser = a.user("releaser", &["get", "list", "patch"]).await?;
+    let on = |subset: &'static str, count: usize| {
+        let (w, spaces) = (&a.w, &spaces);
+        async move {
+            eventually(&format!("{count} objects on {subset}"), TIMEOUT, || async {
+                let handled = opmesh_tests::mesh::handled_by(&w.client, spaces).await?;
+                let prefix = format!("{subset}/");
+                let n = handled
+                    .values()
+                    .filter(|by| by.as_deref().is_some_and(|b| b.starts_with(&prefix)))
+                    .count();
+                Ok((n == count).then_some(()))
+            })
+            .await
+        }
+    };
+    let declare = |revision: &str| {
+        let mut spec = a.w.mesh_spec(routing.clone(), &["v1", "v2"]);
+        spec["rollout"] = json!({
+            "stable": "v1", "canary": "v2", "revision": revision,
+            "steps": [{"setWeight": 50}, {"pause": {}}, {"setWeight": 100}],
+        });
+        apply_mesh(&a.w.client, &a.w.ns, "mesh", spec)
+    };
+    let phase = |token: &str| -> anyhow::Result<String> {
+        let out = a.ok(token, &["rollout", "status", "mesh"])?;
+        Ok(out
+            .lines()
+            .find_map(|l| l.strip_prefix("Phase:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string())
+    };
+
+    // Before anything is declared, status says so, and there is nothing
+    // to promote.
+    let out = a.ok(&reader, &["rollout", "status", "mesh"])?;
+    assert!(out.contains("no rollout is declared"), "{out}");
+    let (ok, _, err) = a.plugin(&releaser, &["rollout", "promote", "mesh"])?;
+    assert!(!ok && err.contains("declares no rollout"), "{err}");
+
+    declare("v2-build-1").await?;
+    let watch = Watch::start(&a, &reader, "mesh")?;
+    eventually("the rollout to pause", TIMEOUT, || async {
+        Ok((phase(&reader)? == "Paused").then_some(()))
+    })
+    .await?;
+    on("v2", 5).await?;
+    // A reader may not promote; promoting twice would not skip a step.
+    let (ok, _, err) = a.plugin(&reader, &["rollout", "promote", "mesh"])?;
+    assert!(!ok && err.contains("403 Forbidden"), "{err}");
+    let out = a.ok(&releaser, &["rollout", "promote", "mesh"])?;
+    assert!(out.contains("rollout promoted"), "{out}");
+    on("v2", 10).await?;
+    // The watch saw the pause and the promotion, and ended by itself.
+    let watch = std::cell::RefCell::new(watch);
+    let exit = eventually("the watch to end", TIMEOUT, || async {
+        Ok(watch.borrow_mut().child.try_wait()?)
+    })
+    .await?;
+    let watch = watch.into_inner();
+    assert!(exit.success(), "{exit}");
+    let printed = eventually("the watch's last screen", TIMEOUT, || async {
+        let p = watch.printed();
+        Ok(p.contains("Phase:    Promoted").then_some(p))
+    })
+    .await?;
+    assert!(printed.contains("Phase:    Paused"), "{printed}");
+    assert!(printed.contains("paused until promoted"), "{printed}");
+    drop(watch);
+
+    // A new revision starts from stable again: the earlier promote does
+    // not carry over, so it pauses at 50%.
+    declare("v2-build-2").await?;
+    eventually("the new revision to pause", TIMEOUT, || async {
+        Ok((phase(&reader)? == "Paused").then_some(()))
+    })
+    .await?;
+    on("v2", 5).await?;
+    // Abort returns every key to stable, and it stays aborted.
+    let out = a.ok(&releaser, &["rollout", "abort", "mesh"])?;
+    assert!(out.contains("rollout aborted"), "{out}");
+    on("v1", 10).await?;
+    let out = a.ok(&reader, &["rollout", "status", "mesh"])?;
+    assert!(out.contains("Phase:    RolledBack"), "{out}");
+    assert!(out.contains("kubectl opmesh rollout retry"), "{out}");
+    // Retry starts the same revision over, and the abort does not stop it.
+    let out = a.ok(&releaser, &["rollout", "retry", "mesh"])?;
+    assert!(out.contains("rollout retried"), "{out}");
+    eventually("the retried rollout to pause", TIMEOUT, || async {
+        Ok((phase(&reader)? == "Paused").then_some(()))
+    })
+    .await?;
+    on("v2", 5).await?;
+    a.ok(&releaser, &["rollout", "promote", "mesh"])?;
+    eventually("the retried rollout to be promoted", TIMEOUT, || async {
+        Ok((phase(&reader)? == "Promoted").then_some(()))
+    })
+    .await?;
+    on("v2", 10).await?;
     Ok(())
 }
