@@ -37,6 +37,11 @@ pub(crate) struct Metrics {
     pub(crate) owned_keys: Gauge,
     /// Time from a heartbeat to the renewal that answers it.
     pub(crate) lease_renewal: Histogram,
+    /// Cache reads the operator made by calling the sidecar (Get and List
+    /// pages), rather than from its in-process copy.
+    pub(crate) cache_calls: Counter,
+    /// Copies of the cache being fed to operator processes.
+    pub(crate) cache_copies: Gauge,
 }
 
 fn buckets() -> Histogram {
@@ -123,12 +128,26 @@ impl Metrics {
             "Keys this runtime owns",
             owned_keys.clone(),
         );
+        let cache_calls = Counter::default();
+        let cache_copies = Gauge::default();
+        registry.register(
+            "opmesh_runtime_cache_calls",
+            "Cache reads the operator made by calling the sidecar (Get and List pages) instead of reading its in-process copy",
+            cache_calls.clone(),
+        );
+        registry.register(
+            "opmesh_runtime_cache_copies",
+            "Copies of the slice cache fed to operator processes",
+            cache_copies.clone(),
+        );
         registry.register(
             "opmesh_runtime_lease_renewal_seconds",
             "Time from a heartbeat to the manager's renewal of the lease; a renewal later than the lease TTL is a lapsed lease",
             lease_renewal.clone(),
         );
         Self {
+            cache_calls,
+            cache_copies,
             registry,
             name: vec![("name".into(), name.into())],
             depth,

@@ -3,13 +3,14 @@
 use std::{sync::Arc, time::Duration};
 
 use opmesh_proto::v1::{
-    CompleteResponse, Completion, ControllerTypes, GetRequest, GetResponse, GroupVersionKind,
-    ListRequest, ListResponse, OwnershipRequest, OwnershipResponse, ReconcileReport,
-    RegisterRequest, RegisterResponse, ReleaseRequest, ReleaseResponse, Task, TasksRequest,
-    completion::Result as Outcome, runtime_service_server::RuntimeService,
+    CacheUpdates, CompleteResponse, Completion, ControllerTypes, GetRequest, GetResponse,
+    GroupVersionKind, ListRequest, ListResponse, OwnershipRequest, OwnershipResponse,
+    ReconcileReport, RegisterRequest, RegisterResponse, ReleaseRequest, ReleaseResponse, Task,
+    TasksRequest, WatchCacheRequest, completion::Result as Outcome,
+    runtime_service_server::RuntimeService,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::state::{Registration, Runtime};
@@ -103,7 +104,113 @@ impl RuntimeService for RuntimeServer {
         &self,
         request: Request<Completion>,
     ) -> Result<Response<CompleteResponse>, Status> {
-        let c = request.into_inner();
+        self.complete_one(request.into_inner())?;
+        Ok(Response::new(CompleteResponse {}))
+    }
+
+    async fn complete_stream(
+        &self,
+        request: Request<tonic::Streaming<Completion>>,
+    ) -> Result<Response<CompleteResponse>, Status> {
+        let mut completions = request.into_inner();
+        while let Some(c) = completions.message().await? {
+            let id = c.id;
+            if let Err(e) = self.complete_one(c) {
+                // One bad completion does not end the others.
+                tracing::warn!(task = id, error = %e.message(), "completion refused");
+            }
+        }
+        Ok(Response::new(CompleteResponse {}))
+    }
+
+    type WatchCacheStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<CacheUpdates, Status>> + Send + 'static>,
+    >;
+
+    async fn watch_cache(
+        &self,
+        _request: Request<WatchCacheRequest>,
+    ) -> Result<Response<Self::WatchCacheStream>, Status> {
+        use tokio_stream::StreamExt as _;
+        let rx = self.rt.cache().watch();
+        // Counted while the operator's end of the feed is open.
+        let copies = self.rt.metrics.cache_copies.clone();
+        copies.inc();
+        let gone = Gone(copies);
+        Ok(Response::new(Box::pin(
+            UnboundedReceiverStream::new(rx).map(move |u| {
+                let _ = &gone;
+                Ok(u)
+            }),
+        )))
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        self.rt.metrics.cache_calls.inc();
+        let req = request.into_inner();
+        let gvk = req
+            .gvk
+            .ok_or_else(|| Status::invalid_argument("gvk is required"))?;
+        let object = self
+            .rt
+            .cache()
+            .get(&(gvk.key(), req.namespace, req.name))
+            .map(|b| b.as_ref().clone());
+        Ok(Response::new(GetResponse { object }))
+    }
+
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        self.rt.metrics.cache_calls.inc();
+        let req = request.into_inner();
+        let gvk = req
+            .gvk
+            .ok_or_else(|| Status::invalid_argument("gvk is required"))?;
+        let (objects, next) = self.rt.cache().list_page(
+            &gvk.key(),
+            &req.namespace,
+            &req.owner_uid,
+            &req.continue_token,
+            LIST_PAGE_BYTES,
+        );
+        Ok(Response::new(ListResponse {
+            objects: objects.into_iter().map(|b| b.as_ref().clone()).collect(),
+            continue_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        let reason = request.into_inner().reason;
+        tracing::info!(reason = %reason, "the operator is stopping; releasing this runtime's keys once its tasks are done");
+        self.rt.operator_leaves();
+        Ok(Response::new(ReleaseResponse {}))
+    }
+
+    async fn ownership(
+        &self,
+        request: Request<OwnershipRequest>,
+    ) -> Result<Response<OwnershipResponse>, Status> {
+        let key = request.into_inner().key;
+        let (_, lease_valid) = self.rt.owns(&key);
+        let owned = self.rt.may_write(&key);
+        let remaining = self.rt.lease_remaining();
+        Ok(Response::new(OwnershipResponse {
+            owned,
+            lease_valid,
+            lease_remaining_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+}
+
+// === impl RuntimeServer (completions) ===
+
+impl RuntimeServer {
+    /// Books one completion: its metrics and report, and what the queue
+    /// does with the key next.
+    #[allow(clippy::result_large_err)]
+    fn complete_one(&self, c: Completion) -> Result<(), Status> {
         let rt = &self.rt;
         let done = rt.complete(c.id).ok_or_else(|| {
             Status::not_found(format!(
@@ -176,62 +283,15 @@ impl RuntimeService for RuntimeServer {
         });
         rt.queue.done(&key);
         rt.bump();
-        Ok(Response::new(CompleteResponse {}))
+        Ok(())
     }
+}
 
-    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let req = request.into_inner();
-        let gvk = req
-            .gvk
-            .ok_or_else(|| Status::invalid_argument("gvk is required"))?;
-        let object = self
-            .rt
-            .cache()
-            .get(&(gvk.key(), req.namespace, req.name))
-            .map(|b| b.as_ref().clone());
-        Ok(Response::new(GetResponse { object }))
-    }
+/// Counts a cache copy gone when its feed is dropped.
+struct Gone(prometheus_client::metrics::gauge::Gauge);
 
-    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        let req = request.into_inner();
-        let gvk = req
-            .gvk
-            .ok_or_else(|| Status::invalid_argument("gvk is required"))?;
-        let (objects, next) = self.rt.cache().list_page(
-            &gvk.key(),
-            &req.namespace,
-            &req.owner_uid,
-            &req.continue_token,
-            LIST_PAGE_BYTES,
-        );
-        Ok(Response::new(ListResponse {
-            objects: objects.into_iter().map(|b| b.as_ref().clone()).collect(),
-            continue_token: next.unwrap_or_default(),
-        }))
-    }
-
-    async fn release(
-        &self,
-        request: Request<ReleaseRequest>,
-    ) -> Result<Response<ReleaseResponse>, Status> {
-        let reason = request.into_inner().reason;
-        tracing::info!(reason = %reason, "the operator is stopping; releasing this runtime's keys once its tasks are done");
-        self.rt.operator_leaves();
-        Ok(Response::new(ReleaseResponse {}))
-    }
-
-    async fn ownership(
-        &self,
-        request: Request<OwnershipRequest>,
-    ) -> Result<Response<OwnershipResponse>, Status> {
-        let key = request.into_inner().key;
-        let (_, lease_valid) = self.rt.owns(&key);
-        let owned = self.rt.may_write(&key);
-        let remaining = self.rt.lease_remaining();
-        Ok(Response::new(OwnershipResponse {
-            owned,
-            lease_valid,
-            lease_remaining_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
-        }))
+impl Drop for Gone {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

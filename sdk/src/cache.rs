@@ -1,6 +1,6 @@
 //! Typed reads of the sidecar's slice cache.
 
-use std::any::TypeId;
+use std::{any::TypeId, sync::Arc};
 
 use kube::Resource;
 use opmesh_proto::v1::{
@@ -9,13 +9,18 @@ use opmesh_proto::v1::{
 use serde::de::DeserializeOwned;
 use tonic::transport::Channel;
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    local::LocalCache,
+};
 
 /// Reads objects of the keys this replica owns from the sidecar's cache.
 /// Only objects of the primary type and the owned types are there.
 #[derive(Clone, Debug)]
 pub struct Cache {
     client: RuntimeServiceClient<Channel>,
+    /// The in-process copy, read instead of the sidecar while it is live.
+    local: Option<Arc<LocalCache>>,
 }
 
 /// The opmesh wire form of `K`'s type.
@@ -35,8 +40,16 @@ where
 // === impl Cache ===
 
 impl Cache {
-    pub(crate) fn new(client: RuntimeServiceClient<Channel>) -> Self {
-        Self { client }
+    pub(crate) fn new(client: RuntimeServiceClient<Channel>, local: Arc<LocalCache>) -> Self {
+        Self {
+            client,
+            local: Some(local),
+        }
+    }
+
+    /// The in-process copy, if it may be read now.
+    fn live(&self) -> Option<&LocalCache> {
+        self.local.as_deref().filter(|l| l.is_live())
     }
 
     /// One object, if cached. `namespace` is `None` for cluster-scoped types.
@@ -45,11 +58,18 @@ impl Cache {
         K: Resource<DynamicType = ()> + DeserializeOwned,
         K::Scope: 'static,
     {
+        let gvk = gvk_of::<K>();
+        if let Some(local) = self.live() {
+            return local
+                .get(&gvk.key(), namespace.unwrap_or_default(), name)
+                .map(|b| decode::<K>(&b))
+                .transpose();
+        }
         let resp = self
             .client
             .clone()
             .get(GetRequest {
-                gvk: Some(gvk_of::<K>()),
+                gvk: Some(gvk),
                 namespace: namespace.unwrap_or_default().to_string(),
                 name: name.to_string(),
             })
@@ -82,6 +102,13 @@ impl Cache {
         K: Resource<DynamicType = ()> + DeserializeOwned,
         K::Scope: 'static,
     {
+        if let Some(local) = self.live() {
+            return local
+                .list(&gvk_of::<K>().key(), namespace, owner_uid)
+                .iter()
+                .map(|b| decode::<K>(b))
+                .collect();
+        }
         // The sidecar pages large lists; read every page.
         let mut out = Vec::new();
         let mut token = String::new();

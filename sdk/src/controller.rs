@@ -38,6 +38,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Mesh {
     client: RuntimeServiceClient<Channel>,
     socket: PathBuf,
+    /// The in-process copy of the sidecar's cache.
+    local: Arc<crate::local::LocalCache>,
 }
 
 /// The task being reconciled, available inside `reconcile` through
@@ -163,15 +165,18 @@ impl Mesh {
         .await
         .map_err(|_| no_sidecar("timed out".into()))?
         .map_err(|e| no_sidecar(format!("{e}: {}", source_chain(&e))))?;
+        let client = RuntimeServiceClient::new(channel);
         Ok(Self {
-            client: RuntimeServiceClient::new(channel),
+            local: crate::local::LocalCache::start(client.clone()),
+            client,
             socket,
         })
     }
 
-    /// Typed reads of the slice cache.
+    /// Typed reads of the slice cache: from a copy in this process, fed by
+    /// the sidecar, when it serves one (from the sidecar otherwise).
     pub fn cache(&self) -> Cache {
-        Cache::new(self.client.clone())
+        Cache::new(self.client.clone(), self.local.clone())
     }
 
     /// The socket this connection uses.
@@ -376,6 +381,7 @@ pub async fn run_all(controllers: Vec<BoundController>) -> Result<()> {
         return Ok(());
     };
     let mut client = first.mesh.client.clone();
+    let first_local = first.mesh.local.clone();
     let grace = controllers
         .iter()
         .map(|c| c.grace)
@@ -413,6 +419,21 @@ pub async fn run_all(controllers: Vec<BoundController>) -> Result<()> {
     }
     client.register(registration).await?;
     let mut tasks = client.tasks(TasksRequest {}).await?.into_inner();
+    let local = first_local;
+    // Completions travel on one stream when the sidecar takes them so.
+    let completer = if local.supported().await {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut stream_client = client.clone();
+        tokio::spawn(async move {
+            let completions = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+            if let Err(e) = stream_client.complete_stream(completions).await {
+                tracing::warn!(error = %e, "the completion stream to the sidecar ended");
+            }
+        });
+        Completer::Stream(tx)
+    } else {
+        Completer::Unary(client.clone())
+    };
     let running: Arc<Mutex<HashMap<u64, JoinHandle<()>>>> = Arc::default();
     // When the stream ends, stop every reconcile still running: the
     // sidecar has already taken them back and may hand the keys out again.
@@ -460,7 +481,7 @@ pub async fn run_all(controllers: Vec<BoundController>) -> Result<()> {
                 tracing::warn!(task = id, "reconcile cancelled by the sidecar");
                 // Reported done only once the reconcile has stopped, so
                 // the sidecar never counts a key free while it still runs.
-                let mut sidecar = client.clone();
+                let completer = completer.clone();
                 tokio::spawn(async move {
                     let _ = handle.await;
                     let completion = Completion {
@@ -471,7 +492,7 @@ pub async fn run_all(controllers: Vec<BoundController>) -> Result<()> {
                         no_retry: true,
                         ..Default::default()
                     };
-                    let _ = sidecar.complete(completion).await;
+                    completer.send(completion).await;
                 });
             }
             continue;
@@ -479,8 +500,12 @@ pub async fn run_all(controllers: Vec<BoundController>) -> Result<()> {
         let primary = opmesh_proto::parse_key(&task.key).1.unwrap_or_default();
         let handler = handlers.get(&primary).cloned();
         let (sidecar, done) = (client.clone(), running.clone());
+        let (local, completer) = (local.clone(), completer.clone());
         let mut guard = lock(&running);
         let join = tokio::spawn(async move {
+            // The cache copy must hold what the sidecar held when it
+            // handed the task out.
+            local.catch_up(task.cache_seq).await;
             let completion = match handler {
                 Some(handler) => handler(task, sidecar.clone()).await,
                 // Not this operator's: retrying cannot help.
@@ -496,10 +521,7 @@ pub async fn run_all(controllers: Vec<BoundController>) -> Result<()> {
             if lock(&done).remove(&id).is_none() {
                 return;
             }
-            let mut sidecar = sidecar;
-            if let Err(e) = sidecar.complete(Completion { id, ..completion }).await {
-                tracing::warn!(task = id, error = %e, "cannot report completion");
-            }
+            completer.send(Completion { id, ..completion }).await;
         });
         guard.insert(id, join);
     };
@@ -618,6 +640,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests;
+
+/// Where completions go: one stream, or one call each to an older sidecar.
+#[derive(Clone)]
+enum Completer {
+    Stream(tokio::sync::mpsc::UnboundedSender<Completion>),
+    Unary(RuntimeServiceClient<Channel>),
+}
+
+impl Completer {
+    async fn send(&self, completion: Completion) {
+        let id = completion.id;
+        let sent = match self {
+            Completer::Stream(tx) => tx
+                .send(completion)
+                .map_err(|_| "the completion stream is closed".to_string()),
+            Completer::Unary(client) => client
+                .clone()
+                .complete(completion)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(task = id, error = %e, "cannot report completion");
+        }
+    }
+}
 
 /// Aborts every task in the map when dropped.
 struct AbortAll(Arc<Mutex<HashMap<u64, JoinHandle<()>>>>);

@@ -76,6 +76,7 @@ mod cache;
 mod controller;
 mod error;
 mod fence;
+mod local;
 
 pub use action::{Action, default_error_policy};
 pub use cache::{Cache, gvk_of};

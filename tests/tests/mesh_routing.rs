@@ -177,6 +177,23 @@ async fn editing_an_owned_configmap_reconciles_its_owner_in_its_subset() -> anyh
         .iter()
         .for_each(|r| assert_eq!(r.subset, subset, "{r:?}"));
     }
+    // Each operator read its ConfigMaps from its own copy of the sidecar's
+    // cache, fed by the sidecar: the edited one it restored too, so the
+    // copy was current for the reconcile that followed the edit.
+    for r in &w.replicas {
+        let text = r.metrics().unwrap_or_default();
+        let metric = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        };
+        assert_eq!(metric("opmesh_runtime_cache_copies"), Some(1.0), "{text}");
+        assert_eq!(
+            metric("opmesh_runtime_cache_calls_total"),
+            Some(0.0),
+            "{text}"
+        );
+    }
     Ok(())
 }
 

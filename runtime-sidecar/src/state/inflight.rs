@@ -166,6 +166,9 @@ impl Runtime {
             );
             (s.subset.clone(), s.runtime_id.clone())
         };
+        // At least the change the object was read at: the dispatcher read
+        // it before this.
+        let cache_seq = self.cache().seq();
         let task = Task {
             id,
             key,
@@ -173,6 +176,7 @@ impl Runtime {
             subset,
             runtime_id,
             cancel: false,
+            cache_seq,
         };
         if tx.try_send(Ok(task)).is_err() {
             // The stream is gone or full; undo.

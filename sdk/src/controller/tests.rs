@@ -8,9 +8,9 @@ use std::{
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use opmesh_proto::v1::{
-    CompleteResponse, Completion, GetRequest, GetResponse, ListRequest, ListResponse,
+    CacheUpdates, CompleteResponse, Completion, GetRequest, GetResponse, ListRequest, ListResponse,
     OwnershipRequest, OwnershipResponse, RegisterRequest, RegisterResponse, ReleaseRequest,
-    ReleaseResponse, Task, TasksRequest,
+    ReleaseResponse, Task, TasksRequest, WatchCacheRequest,
     runtime_service_server::{RuntimeService, RuntimeServiceServer},
 };
 use tokio::sync::mpsc;
@@ -99,6 +99,23 @@ impl RuntimeService for Sidecar {
     ) -> Result<Response<ReleaseResponse>, Status> {
         Ok(Response::new(ReleaseResponse {}))
     }
+
+    // An older sidecar: no cache feed, one call per completion.
+    async fn complete_stream(
+        &self,
+        _: Request<tonic::Streaming<Completion>>,
+    ) -> Result<Response<CompleteResponse>, Status> {
+        Err(Status::unimplemented("not in this sidecar"))
+    }
+
+    type WatchCacheStream = Pin<Box<dyn Stream<Item = Result<CacheUpdates, Status>> + Send>>;
+
+    async fn watch_cache(
+        &self,
+        _: Request<WatchCacheRequest>,
+    ) -> Result<Response<Self::WatchCacheStream>, Status> {
+        Err(Status::unimplemented("not in this sidecar"))
+    }
 }
 
 /// Notes when the reconcile holding it has stopped; stopping takes a while
@@ -149,6 +166,7 @@ fn task(id: u64) -> Task {
         subset: "v1".into(),
         runtime_id: "ns/op-0".into(),
         cancel: false,
+        cache_seq: 0,
     }
 }
 
