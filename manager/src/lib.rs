@@ -37,6 +37,8 @@ mod admin;
 mod admission;
 mod analysis;
 pub mod api;
+#[doc(hidden)]
+pub mod bench;
 pub mod config;
 mod coordinator;
 // The schema derive copies the spec types into a private module, which the

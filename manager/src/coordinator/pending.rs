@@ -148,7 +148,6 @@ impl Pending {
 
     /// Takes everything queued without waiting, as [`Pending::next_batch`]
     /// would; `None` once closed.
-    #[cfg(test)]
     pub(crate) fn drain_now(&self) -> Option<Vec<ManagerMessage>> {
         let mut inner = self.lock();
         if inner.closed {
