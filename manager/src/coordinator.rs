@@ -310,6 +310,8 @@ impl Coordinator {
         if !self.started && self.now >= self.assign_after {
             // Any lease an earlier manager granted has run out.
             self.started = true;
+            // The snapshot's `synced` (readiness) changes, meshes or not.
+            self.dirty = true;
             self.place_everywhere();
         }
         self.expire();

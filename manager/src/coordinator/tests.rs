@@ -189,3 +189,19 @@ fn a_mesh_recreated_twice_still_waits_for_the_leases_of_the_first() {
         sim.check().unwrap();
     }
 }
+
+#[test]
+fn a_manager_without_meshes_becomes_ready_once_earlier_leases_ran_out() {
+    use crate::{coordinator::Input, watch::WatchEvent};
+    let start = std::time::Instant::now();
+    let mut c = super::Coordinator::new(TTL, start);
+    let _ = c.step(
+        Input::Namespace(WatchEvent::Relisted(Default::default())),
+        start,
+    );
+    assert!(c.take_dirty());
+    assert!(!c.snapshot().synced, "ready before earlier leases ran out");
+    let _ = c.step(Input::Tick, start + TTL * 2);
+    assert!(c.take_dirty(), "nothing would publish the change");
+    assert!(c.snapshot().synced);
+}
