@@ -397,29 +397,6 @@ impl Setup<'_> {
             })
         };
         apply_mesh(self.client, "opmesh-bench", &mesh_name, mesh(0)).await?;
-        // The manager lists the objects before the operator starts, as it
-        // has long before an operator's pods roll in a cluster: what is
-        // timed below is the operator's cold start.
-        let meshes: Api<DynamicObject> = Api::namespaced_with(
-            self.client.clone(),
-            "opmesh-bench",
-            &opmesh_tests::mesh::mesh_resource(),
-        );
-        eventually(
-            "the manager to route every object",
-            Duration::from_secs(120),
-            || async {
-                let m = meshes.get(&mesh_name).await?;
-                let routed: u64 = m.data["status"]["subsets"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|s| s["routedKeys"].as_u64())
-                    .sum();
-                Ok((routed >= keys as u64).then_some(()))
-            },
-        )
-        .await?;
         let start = |pod: String, version: &'static str| {
             let (mesh_name, app) = (mesh_name.clone(), app.clone());
             async move {
@@ -443,8 +420,32 @@ impl Setup<'_> {
             }
         };
         eprintln!("[{name}] v1 takes every key...");
-        let v1 = start(format!("{name}-v1-0"), "v1").await?;
         let v2a = start(format!("{name}-v2-0"), "v2").await?;
+        // v2 (weight 0) joins first, so the manager watches and lists the
+        // objects before v1 starts, as in a cluster where another version's
+        // pods are already connected when new ones roll in: what is timed
+        // below is v1's cold start.
+        let meshes: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            "opmesh-bench",
+            &opmesh_tests::mesh::mesh_resource(),
+        );
+        eventually(
+            "the manager to route every object",
+            Duration::from_secs(120),
+            || async {
+                let m = meshes.get(&mesh_name).await?;
+                let routed: u64 = m.data["status"]["subsets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s["routedKeys"].as_u64())
+                    .sum();
+                Ok((routed >= keys as u64).then_some(()))
+            },
+        )
+        .await?;
+        let v1 = start(format!("{name}-v1-0"), "v1").await?;
         let (t, t_us) = (Instant::now(), now_us());
         wait_keys(&[&v1], keys, None, "v1", Duration::from_secs(600)).await?;
         let initial = t.elapsed();
