@@ -67,6 +67,72 @@ async fn rollout_status(w: &World) -> anyhow::Result<Value> {
     Ok(meshes.get("mesh").await?.data["status"]["rollout"].clone())
 }
 
+/// A mesh with stable v1 holding every key of `count` namespaces, and a
+/// canary v2 running with `canary_env`, both ready.
+async fn stable_and_canary(
+    prefix: &str,
+    canary_env: &[(&str, &str)],
+    count: usize,
+) -> anyhow::Result<(World, Vec<String>)> {
+    let mut w = World::new(prefix).await?;
+    w.apply_mesh(all_on_stable(), &["v1", "v2"]).await?;
+    w.replica("v1-0", "v1").await?;
+    w.replica_with_env("v2-0", "v2", canary_env).await?;
+    w.all_ready().await?;
+    let spaces = namespaces(&w, count).await?;
+    w.wait_handled(&spaces, count).await?;
+    Ok((w, spaces))
+}
+
+fn all_on_stable() -> Value {
+    json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 100}]})
+}
+
+/// Declares `rollout` on the test's mesh.
+async fn declare(w: &World, rollout: Value) -> anyhow::Result<()> {
+    let mut spec = w.mesh_spec(all_on_stable(), &["v1", "v2"]);
+    spec["rollout"] = rollout;
+    apply_mesh(&w.client, &w.ns, "mesh", spec).await?;
+    Ok(())
+}
+
+/// Waits for the rollout to be rolled back (failing if it is promoted);
+/// returns its status.
+async fn rolled_back(w: &World) -> anyhow::Result<Value> {
+    eventually("the rollout to be rolled back", TIMEOUT, || async {
+        let st = rollout_status(w).await?;
+        anyhow::ensure!(st["phase"] != "Promoted", "promoted: {st}");
+        Ok((st["phase"] == "RolledBack").then_some(st))
+    })
+    .await
+}
+
+/// Waits until every object is reconciled by v1 again, then checks the
+/// recorded history of each for overlaps and lost updates.
+async fn all_back_on_stable(w: &World, spaces: &[String]) -> anyhow::Result<()> {
+    eventually("every object reconciled by v1 again", TIMEOUT, || async {
+        let mut all_v1 = true;
+        for ns in spaces {
+            let by = w.change_and_wait(ns, "app").await?;
+            all_v1 &= by.starts_with("v1/");
+        }
+        Ok(all_v1.then_some(()))
+    })
+    .await?;
+    for ns in spaces {
+        w.settle_and_check(ns).await?;
+    }
+    Ok(())
+}
+
+/// The Unix milliseconds of a status timestamp.
+fn millis(v: &Value) -> anyhow::Result<i64> {
+    Ok(v.as_str()
+        .unwrap_or_default()
+        .parse::<k8s_openapi::jiff::Timestamp>()?
+        .as_millisecond())
+}
+
 fn analysis(seconds: u32, min_samples: u32) -> Value {
     json!({"analysis": {"seconds": seconds, "minSamples": min_samples}})
 }
@@ -140,38 +206,20 @@ async fn a_healthy_canary_walks_five_25_50_100_and_is_promoted() -> anyhow::Resu
 
 #[tokio::test]
 async fn a_failing_canary_is_rolled_back_at_its_first_analysis() -> anyhow::Result<()> {
-    let mut w = World::new("rollout-bad").await?;
-    w.apply_mesh(
-        json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 100}]}),
-        &["v1", "v2"],
+    let (w, spaces) =
+        stable_and_canary("rollout-bad", &[("OPMESH_EXAMPLE_FAIL_RATE", "1")], 12).await?;
+    let traffic = Traffic::start(&w, &spaces);
+    let bake = 5;
+    declare(
+        &w,
+        json!({
+            "stable": "v1", "canary": "v2", "revision": "v2-build-2",
+            "steps": [{"setWeight": 25}, analysis(bake, 3), {"setWeight": 100}],
+        }),
     )
     .await?;
-    w.replica("v1-0", "v1").await?;
-    w.replica_with_env("v2-0", "v2", &[("OPMESH_EXAMPLE_FAIL_RATE", "1")])
-        .await?;
-    w.all_ready().await?;
-    let spaces = namespaces(&w, 12).await?;
-    w.wait_handled(&spaces, 12).await?;
-    let traffic = Traffic::start(&w, &spaces);
-
-    let bake = 5;
-    let mut spec = w.mesh_spec(
-        json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 100}]}),
-        &["v1", "v2"],
-    );
-    spec["rollout"] = json!({
-        "stable": "v1", "canary": "v2", "revision": "v2-build-2",
-        "steps": [{"setWeight": 25}, analysis(bake, 3), {"setWeight": 100}],
-    });
-    apply_mesh(&w.client, &w.ns, "mesh", spec).await?;
     let started = Instant::now();
-
-    let status = eventually("the rollout to be rolled back", TIMEOUT, || async {
-        let st = rollout_status(&w).await?;
-        anyhow::ensure!(st["phase"] != "Promoted", "promoted: {st}");
-        Ok((st["phase"] == "RolledBack").then_some(st))
-    })
-    .await?;
+    let status = rolled_back(&w).await?;
     eprintln!("rolled back {:?} after the spec", started.elapsed());
     assert_eq!(status["weight"], 0);
     let run = &status["analyses"][0];
@@ -185,35 +233,16 @@ async fn a_failing_canary_is_rolled_back_at_its_first_analysis() -> anyhow::Resu
     );
     // Within the bake plus 2 s of the analysis step's start, by the
     // manager's own clock.
-    let at = |v: &Value| {
-        v.as_str()
-            .unwrap_or_default()
-            .parse::<k8s_openapi::jiff::Timestamp>()
-            .map(|t| t.as_millisecond())
-    };
-    let failed_at = at(&run["at"])?;
-    let step_started = at(&status["stepStartedAt"])?;
+    let waited = millis(&run["at"])? - millis(&status["stepStartedAt"])?;
     assert!(
-        failed_at - step_started <= i64::from(bake + 2) * 1000,
-        "failed {} ms after its step began",
-        failed_at - step_started
+        waited <= i64::from(bake + 2) * 1000,
+        "failed {waited} ms after its step began"
     );
     assert_eq!(status["step"], 1);
 
     // Every key returns to stable, and the recorded history has no overlap.
     drop(traffic);
-    eventually("every object reconciled by v1 again", TIMEOUT, || async {
-        let mut all_v1 = true;
-        for ns in &spaces {
-            let by = w.change_and_wait(ns, "app").await?;
-            all_v1 &= by.starts_with("v1/");
-        }
-        Ok(all_v1.then_some(()))
-    })
-    .await?;
-    for ns in &spaces {
-        w.settle_and_check(ns).await?;
-    }
+    all_back_on_stable(&w, &spaces).await?;
     // The rollback is an Event on the mesh.
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(w.client.clone(), &w.ns);
     let reasons: Vec<String> = events
@@ -229,35 +258,19 @@ async fn a_failing_canary_is_rolled_back_at_its_first_analysis() -> anyhow::Resu
 
 #[tokio::test]
 async fn a_hot_looping_canary_is_caught_by_its_reconciles_per_generation() -> anyhow::Result<()> {
-    let mut w = World::new("rollout-hot").await?;
-    w.apply_mesh(
-        json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 100}]}),
-        &["v1", "v2"],
+    // A v2 whose reconciles all succeed, but which asks to run again at once.
+    let (w, spaces) =
+        stable_and_canary("rollout-hot", &[("OPMESH_EXAMPLE_HOT_LOOP", "true")], 8).await?;
+    let traffic = Traffic::start(&w, &spaces);
+    declare(
+        &w,
+        json!({
+            "stable": "v1", "canary": "v2", "revision": "v2-build-3",
+            "steps": [{"setWeight": 50}, analysis(5, 20), {"setWeight": 100}],
+        }),
     )
     .await?;
-    w.replica("v1-0", "v1").await?;
-    // A v2 whose reconciles all succeed, but which asks to run again at once.
-    w.replica_with_env("v2-0", "v2", &[("OPMESH_EXAMPLE_HOT_LOOP", "true")])
-        .await?;
-    w.all_ready().await?;
-    let spaces = namespaces(&w, 8).await?;
-    w.wait_handled(&spaces, 8).await?;
-    let traffic = Traffic::start(&w, &spaces);
-    let mut spec = w.mesh_spec(
-        json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 100}]}),
-        &["v1", "v2"],
-    );
-    spec["rollout"] = json!({
-        "stable": "v1", "canary": "v2", "revision": "v2-build-3",
-        "steps": [{"setWeight": 50}, analysis(5, 20), {"setWeight": 100}],
-    });
-    apply_mesh(&w.client, &w.ns, "mesh", spec).await?;
-    let status = eventually("the hot loop to be rolled back", TIMEOUT, || async {
-        let st = rollout_status(&w).await?;
-        anyhow::ensure!(st["phase"] != "Promoted", "promoted: {st}");
-        Ok((st["phase"] == "RolledBack").then_some(st))
-    })
-    .await?;
+    let status = rolled_back(&w).await?;
     drop(traffic);
     let run = &status["analyses"][0];
     let reasons: Vec<&str> = run["reasons"]
@@ -280,41 +293,25 @@ async fn a_hot_looping_canary_is_caught_by_its_reconciles_per_generation() -> an
 
 #[tokio::test]
 async fn a_stalled_canary_is_caught_by_its_generation_lag_without_a_sample() -> anyhow::Result<()> {
-    let mut w = World::new("rollout-stall").await?;
-    w.apply_mesh(
-        json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 100}]}),
-        &["v1", "v2"],
-    )
-    .await?;
-    w.replica("v1-0", "v1").await?;
     // A v2 whose reconciles never finish: it reports nothing, so only the
     // keys it leaves unreconciled can give it away.
-    w.replica_with_env("v2-0", "v2", &[("OPMESH_EXAMPLE_STALL", "true")])
-        .await?;
-    w.all_ready().await?;
-    let spaces = namespaces(&w, 8).await?;
-    w.wait_handled(&spaces, 8).await?;
+    let (w, spaces) =
+        stable_and_canary("rollout-stall", &[("OPMESH_EXAMPLE_STALL", "true")], 8).await?;
     let traffic = Traffic::start(&w, &spaces);
     let (bake, lag) = (60, 3);
-    let mut spec = w.mesh_spec(
-        json!({"granularity": "Namespace", "weights": [{"subset": "v1", "weight": 100}]}),
-        &["v1", "v2"],
-    );
-    spec["rollout"] = json!({
-        "stable": "v1", "canary": "v2", "revision": "v2-build-4",
-        "steps": [
-            {"setWeight": 50},
-            {"analysis": {"seconds": bake, "minSamples": 20, "maxGenerationLagSeconds": lag}},
-            {"setWeight": 100},
-        ],
-    });
-    apply_mesh(&w.client, &w.ns, "mesh", spec).await?;
-    let status = eventually("the stalled canary to be rolled back", TIMEOUT, || async {
-        let st = rollout_status(&w).await?;
-        anyhow::ensure!(st["phase"] != "Promoted", "promoted: {st}");
-        Ok((st["phase"] == "RolledBack").then_some(st))
-    })
+    declare(
+        &w,
+        json!({
+            "stable": "v1", "canary": "v2", "revision": "v2-build-4",
+            "steps": [
+                {"setWeight": 50},
+                {"analysis": {"seconds": bake, "minSamples": 20, "maxGenerationLagSeconds": lag}},
+                {"setWeight": 100},
+            ],
+        }),
+    )
     .await?;
+    let status = rolled_back(&w).await?;
     drop(traffic);
     let run = &status["analyses"][0];
     let reason = run["reasons"][0].as_str().unwrap_or_default();
@@ -326,29 +323,11 @@ async fn a_stalled_canary_is_caught_by_its_generation_lag_without_a_sample() -> 
     // ended.
     let canary = run["canary"].as_str().unwrap_or_default();
     assert!(canary.starts_with("0 reconciles"), "{canary}");
-    let at = |v: &Value| {
-        v.as_str()
-            .unwrap_or_default()
-            .parse::<k8s_openapi::jiff::Timestamp>()
-            .map(|t| t.as_millisecond())
-    };
-    let waited = at(&run["at"])? - at(&status["stepStartedAt"])?;
+    let waited = millis(&run["at"])? - millis(&status["stepStartedAt"])?;
     assert!(
         waited < i64::from(bake) * 1000 / 2,
         "failed {waited} ms into a {bake} s bake"
     );
     // Every key returns to stable once the stuck reconciles are cancelled.
-    eventually("every object reconciled by v1 again", TIMEOUT, || async {
-        let mut all_v1 = true;
-        for ns in &spaces {
-            let by = w.change_and_wait(ns, "app").await?;
-            all_v1 &= by.starts_with("v1/");
-        }
-        Ok(all_v1.then_some(()))
-    })
-    .await?;
-    for ns in &spaces {
-        w.settle_and_check(ns).await?;
-    }
-    Ok(())
+    all_back_on_stable(&w, &spaces).await
 }
