@@ -314,7 +314,14 @@ pub async fn run(
             Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
         }
         None => {
-            Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped))
+            // As for TLS sessions (`tls::incoming`): no Nagle delay.
+            use futures::StreamExt as _;
+            let incoming = TcpListenerStream::new(listener).map(|tcp| {
+                let tcp = tcp?;
+                tcp.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(tcp)
+            });
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
         }
     };
     let ended = tokio::select! {

@@ -195,6 +195,12 @@ pub(crate) fn incoming(
             if tx.is_closed() {
                 return;
             }
+            // Sessions carry small messages both ways: with Nagle's algorithm
+            // on, one waits for the peer's delayed ACK (up to 40 ms). tonic
+            // sets this itself only for listeners it accepts on.
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+            }
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
