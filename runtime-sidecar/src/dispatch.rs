@@ -65,7 +65,7 @@ pub(crate) async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
             rt.queue.add(&key);
             continue;
         }
-        let Some(object) = rt.primary(&key) else {
+        let Some((object, cache_seq)) = rt.primary(&key) else {
             // The primary object is gone: like kube-runtime, there is nothing
             // to reconcile (use finalizers for cleanup).
             rt.queue.forget(&key);
@@ -73,7 +73,7 @@ pub(crate) async fn run(rt: Arc<Runtime>, mut shutdown: watch::Receiver<bool>) {
             continue;
         };
         let _span = tracing::debug_span!("dispatch", key = %key).entered();
-        rt.hand_out(key, object, permit, waited);
+        rt.hand_out(key, object, cache_seq, permit, waited);
     }
 }
 

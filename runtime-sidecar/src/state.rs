@@ -472,17 +472,18 @@ impl Runtime {
         self.session().lease_until
     }
 
-    /// The primary object of `key`, from the cache. The key names the
-    /// object and its type.
-    pub(crate) fn primary(&self, key: &str) -> Option<Vec<u8>> {
+    /// The primary object of `key`, from the cache, and the cache's
+    /// sequence number it was read at. The key names the object and its
+    /// type.
+    pub(crate) fn primary(&self, key: &str) -> Option<(Vec<u8>, u64)> {
         let (object, gvk) = opmesh_proto::parse_key(key);
         let (ns, name) = match object.split_once('/') {
             Some((ns, name)) => (ns.to_string(), name.to_string()),
             None => (String::new(), object.to_string()),
         };
-        self.cache()
-            .get(&(gvk?, ns, name))
-            .map(|b| b.as_ref().clone())
+        let cache = self.cache();
+        let bytes = cache.get(&(gvk?, ns, name))?;
+        Some((bytes.as_ref().clone(), cache.seq()))
     }
 }
 

@@ -124,12 +124,14 @@ impl Runtime {
         self.bump();
     }
 
-    /// Hands `key` with its primary object to the operator. On failure the
-    /// key goes back to the queue.
+    /// Hands `key` with its primary object, read from the cache at
+    /// `cache_seq`, to the operator. On failure the key goes back to the
+    /// queue.
     pub(crate) fn hand_out(
         &self,
         key: String,
         object: Vec<u8>,
+        cache_seq: u64,
         permit: OwnedSemaphorePermit,
         waited: std::time::Duration,
     ) -> bool {
@@ -166,9 +168,6 @@ impl Runtime {
             );
             (s.subset.clone(), s.runtime_id.clone())
         };
-        // At least the change the object was read at: the dispatcher read
-        // it before this.
-        let cache_seq = self.cache().seq();
         let task = Task {
             id,
             key,
@@ -279,6 +278,7 @@ mod tests {
         assert!(!rt.hand_out(
             "ns/a".into(),
             b"{}".to_vec(),
+            0,
             permit,
             std::time::Duration::ZERO
         ));
@@ -296,6 +296,7 @@ mod tests {
         assert!(rt.hand_out(
             "ns/a".into(),
             b"{}".to_vec(),
+            0,
             permit,
             std::time::Duration::ZERO
         ));
@@ -307,6 +308,7 @@ mod tests {
         assert!(rt.hand_out(
             "ns/b".into(),
             b"{}".to_vec(),
+            0,
             permit,
             std::time::Duration::ZERO
         ));
@@ -340,6 +342,7 @@ mod tests {
         assert!(rt.hand_out(
             "ns/a".into(),
             b"{}".to_vec(),
+            0,
             permit,
             std::time::Duration::ZERO
         ));
@@ -366,6 +369,7 @@ mod tests {
             assert!(rt.hand_out(
                 key.into(),
                 b"{}".to_vec(),
+                0,
                 permit,
                 std::time::Duration::ZERO
             ));
