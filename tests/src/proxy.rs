@@ -10,12 +10,15 @@
 //!   torn down;
 //! - hold replies: the target's bytes are not passed on, as if the client
 //!   stopped reading (TCP backpressure), while the client's still flow.
+//!
+//! It also counts the bytes the target sent its clients, so a benchmark can
+//! measure what an apiserver sends the processes behind it.
 
 use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -44,6 +47,8 @@ struct Modes {
     hold_replies: watch::Sender<bool>,
     /// Delayed chunks neither delivered nor discarded yet.
     in_flight: Arc<AtomicUsize>,
+    /// Bytes passed from the target to clients, over every connection.
+    to_clients: Arc<AtomicU64>,
 }
 
 /// A delayed chunk of the client's bytes; it counts as in flight until it
@@ -73,6 +78,7 @@ impl Proxy {
             delay: watch::channel(Duration::ZERO).0,
             hold_replies: watch::channel(false).0,
             in_flight: Arc::default(),
+            to_clients: Arc::default(),
         };
         let target = Arc::new(Mutex::new(target));
         let (to, m) = (target.clone(), modes.clone());
@@ -150,6 +156,12 @@ impl Proxy {
         self.modes.hold_replies.send_replace(on);
     }
 
+    /// Bytes the target has sent to clients through this proxy so far (TLS
+    /// records included: what crosses the wire).
+    pub fn bytes_to_clients(&self) -> u64 {
+        self.modes.to_clients.load(Ordering::Relaxed)
+    }
+
     /// Sends new connections to `target`.
     pub async fn retarget(&self, target: SocketAddr) {
         *self.target.lock().await = target;
@@ -214,6 +226,7 @@ async fn forward(inbound: TcpStream, to: SocketAddr, m: Modes) {
                         {
                             return;
                         }
+                        m.to_clients.fetch_add(n as u64, Ordering::Relaxed);
                     }
                 }
             }

@@ -16,6 +16,13 @@
 //!    and until each is reconciled by v2.
 //! 3. Crash failover: a second v2 replica joins, then the first is killed
 //!    with -9. Timed until each of its keys is reconciled by the survivor.
+//!
+//! `--egress` and `--scale` measure instead what the mesh costs the
+//! apiserver and the machine (see [`scale`]):
+//!
+//! ```text
+//! ./target/release/opmesh-bench --keys 10000 --egress --scale --runs 3
+//! ```
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -47,8 +54,20 @@ use opmesh_tests::{
 };
 use serde_json::json;
 
+mod scale;
+
 struct Args {
     keys: usize,
+    /// Apiserver egress as replicas grow (N = 1, 3, 10), mesh against
+    /// client-side filtering; skips the default scenarios.
+    egress: bool,
+    /// The manager's memory against a reflector, and a run at this many
+    /// objects with 10 replicas; skips the default scenarios.
+    scale: Option<usize>,
+    /// Run as the bare reflector `--scale` measures (internal).
+    reflector: bool,
+    /// How often `--egress` and `--scale` measure, on the same objects.
+    runs: usize,
     /// Only the cache-only scenario and its baseline.
     cache_only: bool,
     /// Concurrent reconciles, of the baseline and of every sidecar.
@@ -59,21 +78,37 @@ fn args() -> anyhow::Result<Args> {
     let mut keys = 10_000;
     let mut cache_only = false;
     let mut concurrency = 4;
+    let (mut egress, mut scale, mut reflector, mut runs) = (false, None, false, 1);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--keys" => keys = it.next().context("--keys needs a number")?.parse()?,
             "--cache-only" => cache_only = true,
+            "--egress" => egress = true,
+            "--scale" => scale = Some(100_000),
+            "--scale-objects" => {
+                scale = Some(
+                    it.next()
+                        .context("--scale-objects needs a number")?
+                        .parse()?,
+                )
+            }
+            "--reflector" => reflector = true,
+            "--runs" => runs = it.next().context("--runs needs a number")?.parse()?,
             "--concurrency" => {
                 concurrency = it.next().context("--concurrency needs a number")?.parse()?
             }
             other => anyhow::bail!(
-                "unknown argument {other}; usage: opmesh-bench [--keys N] [--concurrency N] [--cache-only]"
+                "unknown argument {other}; usage: opmesh-bench [--keys N] [--concurrency N] [--cache-only] [--egress] [--scale | --scale-objects N] [--runs N]"
             ),
         }
     }
     Ok(Args {
         keys,
+        egress,
+        scale,
+        reflector,
+        runs,
         cache_only,
         concurrency,
     })
@@ -90,9 +125,16 @@ fn now_us() -> u128 {
 async fn main() -> anyhow::Result<()> {
     let Args {
         keys,
+        egress,
+        scale,
+        reflector,
+        runs,
         cache_only: only_cache,
         concurrency,
     } = args()?;
+    if reflector {
+        return scale::run_reflector().await;
+    }
     eprintln!("{keys} keys, {concurrency} concurrent reconciles per controller");
     let bins = Binaries::locate()?;
     let cp = ControlPlane::start(Options::default()).await?;
@@ -102,39 +144,36 @@ async fn main() -> anyhow::Result<()> {
         .prefix("opmesh-bench-")
         .disable_cleanup(std::env::var_os("OPMESH_BENCH_KEEP").is_some())
         .tempdir()?;
-    let per_ns = 100usize;
-    let namespaces: Vec<String> = (0..keys.div_ceil(per_ns))
-        .map(|i| format!("bench-{i:04}"))
-        .collect();
-    for ns in &namespaces {
-        opmesh_tests::cluster::create_named_namespace(&client, ns, &[]).await?;
-    }
     opmesh_tests::cluster::create_named_namespace(&client, "opmesh-bench", &[]).await?;
-
-    eprintln!("creating {keys} objects...");
-    let t = Instant::now();
-    let all: Vec<(String, String)> = (0..keys)
-        .map(|i| (namespaces[i / per_ns].clone(), format!("obj-{i:05}")))
-        .collect();
-    futures::stream::iter(all.iter().cloned())
-        .map(|(ns, name)| {
-            let client = client.clone();
-            async move {
-                let api: Api<DynamicObject> =
-                    Api::namespaced_with(client, &ns, &generator_resource());
-                let mut obj = DynamicObject::new(&name, &generator_resource()).within(&ns);
-                obj.data = json!({"spec": {"data": {"k": name}}});
-                api.create(&Default::default(), &obj).await
+    let all = create_objects(&client, 0, keys).await?;
+    // Latency probes (and egress's changes) go to the first 1,000 objects.
+    let targets: Vec<(String, String)> = all.iter().take(1000).cloned().collect();
+    if egress || scale.is_some() {
+        let bench = scale::Bench {
+            cp: &cp,
+            bins: &bins,
+            client: &client,
+            dir: dir.path(),
+            concurrency,
+        };
+        // Egress first, over the first `keys` objects only.
+        let mut reference = Vec::new();
+        if egress {
+            for run in 1..=runs {
+                reference.push(scale::egress(&bench, run, keys, &targets).await?);
             }
-        })
-        .buffer_unordered(16)
-        .for_each(|r| async {
-            if let Err(e) = r {
-                eprintln!("create failed: {e}");
+        }
+        if let Some(objects) = scale {
+            if objects > keys {
+                create_objects(&client, keys, objects).await?;
             }
-        })
-        .await;
-    eprintln!("created in {:.1?}", t.elapsed());
+            for run in 1..=runs {
+                let same = reference.get(run - 1).copied();
+                scale::scale(&bench, run, objects.max(keys), same).await?;
+            }
+        }
+        return Ok(());
+    }
 
     // 1. Baselines: a bare kube-runtime controller, cold. The first run
     // installs (creates every ConfigMap); the second is what a restart-based
@@ -151,8 +190,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("baseline restart reconciled {keys} keys in {restart:.2?}");
         Some((install, restart))
     };
-    // Latency probes over the first 1,000 objects, after the cold start.
-    let targets: Vec<(String, String)> = all.iter().take(1000).cloned().collect();
+    // Latency probes after the cold start.
     let probes = [
         Probe { rate: 100, secs: 5 },
         Probe {
@@ -334,12 +372,53 @@ async fn main() -> anyhow::Result<()> {
     for goal in [
         "apiserver egress at N = 10 <= 1.1 x N = 1",
         "manager RSS with 100,000 objects <= 1.2 x a reflector",
+        "runtime RSS grows with its slice, not the cluster",
         "100,000 objects in 1,000 namespaces, 10 replicas",
     ] {
-        println!("| {goal} | not measured yet | MISS |");
+        println!("| {goal} | `opmesh-bench --egress --scale` | see there |");
     }
     drop(manager);
     Ok(())
+}
+
+/// Creates objects `from..to`, 100 per namespace (`bench-<i / 100>`,
+/// `obj-<i>`), and returns every key `0..to` as (namespace, name).
+async fn create_objects(
+    client: &Client,
+    from: usize,
+    to: usize,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let per_ns = 100usize;
+    let all: Vec<(String, String)> = (0..to)
+        .map(|i| (format!("bench-{:04}", i / per_ns), format!("obj-{i:05}")))
+        .collect();
+    // A namespace part-filled before already exists.
+    for n in from.div_ceil(per_ns)..to.div_ceil(per_ns) {
+        opmesh_tests::cluster::create_named_namespace(client, &format!("bench-{n:04}"), &[])
+            .await?;
+    }
+    eprintln!("creating {} objects...", to.saturating_sub(from));
+    let t = Instant::now();
+    futures::stream::iter(all[from.min(to)..].iter().cloned())
+        .map(|(ns, name)| {
+            let client = client.clone();
+            async move {
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(client, &ns, &generator_resource());
+                let mut obj = DynamicObject::new(&name, &generator_resource()).within(&ns);
+                obj.data = json!({"spec": {"data": {"k": name}}});
+                api.create(&Default::default(), &obj).await
+            }
+        })
+        .buffer_unordered(16)
+        .for_each(|r| async {
+            if let Err(e) = r {
+                eprintln!("create failed: {e}");
+            }
+        })
+        .await;
+    eprintln!("created in {:.1?}", t.elapsed());
+    Ok(all)
 }
 
 /// What one mesh scenario measured.
