@@ -14,14 +14,31 @@ use opmesh_manager::bench::Routing;
 
 fn routing(c: &mut Criterion) {
     const EVENTS: usize = 10_000;
+    let mut meshes: Vec<(usize, usize, Routing)> = [(10_000, 2), (100_000, 10)]
+        .into_iter()
+        .map(|(objects, replicas)| {
+            (
+                objects,
+                replicas,
+                Routing::new(objects, objects / 100, replicas),
+            )
+        })
+        .collect();
     let mut group = c.benchmark_group("routing");
     group.throughput(Throughput::Elements(EVENTS as u64));
-    for (objects, replicas) in [(10_000, 2), (100_000, 10)] {
-        let mut bench = Routing::new(objects, objects / 100, replicas);
+    for (objects, replicas, bench) in &mut meshes {
         group.bench_function(
             format!("{objects} objects, {replicas} replicas, {EVENTS} events"),
             |b| b.iter(|| bench.route(EVENTS)),
         );
+    }
+    group.finish();
+    // What the routing task stops for every 0.5 s while keys change.
+    let mut group = c.benchmark_group("snapshot");
+    for (objects, replicas, bench) in &meshes {
+        group.bench_function(format!("{objects} objects, {replicas} replicas"), |b| {
+            b.iter(|| bench.snapshot())
+        });
     }
     group.finish();
 }

@@ -18,6 +18,7 @@ use crate::{
         ControllerSpec, Granularity, OperatorMesh, OperatorMeshSpec, RoutingSpec, SubsetSpec,
         TypeRef, WeightSpec,
     },
+    object::RawObject,
     policy::Labels,
     watch::WatchEvent,
 };
@@ -28,10 +29,10 @@ pub struct Routing {
     coordinator: Coordinator,
     now: Instant,
     gvk: String,
-    objects: Vec<Arc<DynamicObject>>,
+    objects: Vec<Arc<RawObject>>,
     /// A later version of each object, built ahead so the benchmark times
     /// routing, not building objects.
-    changed: Vec<Arc<DynamicObject>>,
+    changed: Vec<Arc<RawObject>>,
     sessions: Vec<Connected>,
     next: usize,
 }
@@ -55,9 +56,15 @@ fn widget() -> GroupVersionKind {
     }
 }
 
-fn object(i: usize, namespaces: usize, version: usize) -> Arc<DynamicObject> {
-    Arc::new(DynamicObject {
-        types: None,
+/// An object as a watch delivers it: with its type, and a spec the size of
+/// a small real one (a Deployment-like template), since what the manager
+/// does per byte is part of what is measured.
+fn object(i: usize, namespaces: usize, version: usize) -> Arc<RawObject> {
+    Arc::new(RawObject::from(&DynamicObject {
+        types: Some(kube::api::TypeMeta {
+            api_version: "example.com/v1".into(),
+            kind: "Widget".into(),
+        }),
         metadata: ObjectMeta {
             namespace: Some(format!("team-{}", i % namespaces)),
             name: Some(format!("app-{i}")),
@@ -65,8 +72,20 @@ fn object(i: usize, namespaces: usize, version: usize) -> Arc<DynamicObject> {
             generation: Some(i64::try_from(version).unwrap_or(i64::MAX)),
             ..Default::default()
         },
-        data: serde_json::json!({"spec": {"replicas": 1}}),
-    })
+        data: serde_json::json!({"spec": {
+            "replicas": 1,
+            "template": {
+                "metadata": {"labels": {"app": format!("app-{i}"), "tier": "backend"}},
+                "spec": {"containers": [{
+                    "name": "main",
+                    "image": "registry.example.com/team/app:v1.2.3",
+                    "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                    "env": [{"name": "MODE", "value": "production"}, {"name": "LEVEL", "value": "info"}],
+                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                }]},
+            },
+        }}),
+    }))
 }
 
 // === impl Routing ===
@@ -223,6 +242,18 @@ impl Routing {
             );
         }
         self.drain()
+    }
+
+    /// Builds what the coordinator publishes for the admin API, health and
+    /// status (it does so every 0.5 s while anything changes, on the task
+    /// that routes); returns how many keys it lists.
+    pub fn snapshot(&self) -> usize {
+        self.coordinator
+            .snapshot()
+            .meshes
+            .values()
+            .map(|m| m.keys.len())
+            .sum()
     }
 
     /// Replicas connected, and keys they hold.

@@ -31,7 +31,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kube::api::DynamicObject;
 use opmesh_proto::v1::Hello;
 use tokio::sync::oneshot;
 
@@ -45,6 +44,7 @@ use crate::{
     id::{Holder, MeshId, PodId},
     mesh::Mesh,
     metrics::Metrics,
+    object::RawObject,
     policy::Labels,
     watch::{NamespaceLabels, ObjName, WatchEvent},
 };
@@ -57,7 +57,7 @@ pub(crate) enum Input {
         /// The type's key.
         gvk: String,
         /// What happened.
-        event: WatchEvent<DynamicObject>,
+        event: WatchEvent<RawObject>,
     },
     /// A Namespace changed.
     Namespace(WatchEvent<NamespaceLabels>),
@@ -136,7 +136,7 @@ pub(crate) struct Load {
 }
 
 /// Objects by type key, then `(namespace, name)`.
-type Store = HashMap<String, HashMap<ObjName, Arc<DynamicObject>>>;
+type Store = HashMap<String, HashMap<ObjName, Arc<RawObject>>>;
 
 struct Session {
     mesh: MeshId,
@@ -203,6 +203,25 @@ pub(crate) struct Coordinator {
     /// Where primary objects' generations go, for the rollout's
     /// generation-lag analysis.
     generations: Arc<crate::outcomes::Outcomes>,
+}
+
+impl Input {
+    /// What kind of input this is, for logs.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Input::Object {
+                event: WatchEvent::Relisted(_),
+                ..
+            } => "objects listed",
+            Input::Object { .. } => "object",
+            Input::Namespace(_) => "namespace",
+            Input::Mesh(_) => "mesh",
+            Input::Connect { .. } => "connect",
+            Input::Disconnect { .. } => "disconnect",
+            Input::Released { .. } => "released",
+            Input::Tick => "tick",
+        }
+    }
 }
 
 // === impl Coordinator ===

@@ -71,7 +71,10 @@ impl Driver {
             let effects = tokio::select! {
                 input = inputs.recv() => {
                     let Some(input) = input else { break };
-                    coordinator.step(input, Instant::now())
+                    let (kind, began) = (input.kind(), Instant::now());
+                    let effects = coordinator.step(input, began);
+                    slow(kind, began, self.lease_ttl);
+                    effects
                 }
                 _ = leases.tick() => {
                     let now = Instant::now();
@@ -80,11 +83,15 @@ impl Driver {
                         break;
                     }
                     self.authority.coordinator_ran(now);
-                    coordinator.step(Input::Tick, now)
+                    let effects = coordinator.step(Input::Tick, now);
+                    slow("tick", now, self.lease_ttl);
+                    effects
                 }
                 _ = publish.tick() => {
                     if coordinator.take_dirty() {
+                        let began = Instant::now();
                         self.published.publish(coordinator.snapshot());
+                        slow("snapshot", began, self.lease_ttl);
                     }
                     continue;
                 }
@@ -106,6 +113,21 @@ impl Driver {
             }
         }
         coordinator.close();
+    }
+}
+
+/// Logs a coordinator step that held up everything else for long: a tenth
+/// of the lease TTL. Runtimes' leases are renewed only while the
+/// coordinator runs within half a TTL, so steps this long are what puts
+/// them at risk.
+fn slow(what: &str, began: Instant, ttl: Duration) {
+    let took = began.elapsed();
+    if took >= ttl / 10 {
+        tracing::warn!(
+            step = what,
+            ?took,
+            "the coordinator was busy for long on one step"
+        );
     }
 }
 

@@ -56,6 +56,7 @@ mod leader;
 mod limits;
 mod mesh;
 mod metrics;
+mod object;
 mod outcomes;
 mod policy;
 mod rollout;

@@ -10,7 +10,7 @@ use std::{
     time::Instant,
 };
 
-use kube::{ResourceExt as _, api::DynamicObject};
+use kube::ResourceExt as _;
 
 pub(crate) use index::{Index, ObjRef};
 pub(crate) use ownership::{Held, Move, Ownership};
@@ -18,6 +18,7 @@ pub(crate) use ownership::{Held, Move, Ownership};
 use crate::{
     gvk::Gvk,
     id::Holder,
+    object::RawObject,
     policy::{Apportionment, Policy},
 };
 
@@ -104,7 +105,7 @@ impl Mesh {
     /// The key an object of type `gvk` belongs to in this mesh: its own, if
     /// it is of a primary type, or its controller owner's, if that is of a
     /// primary type this mesh's controllers own objects of type `gvk` for.
-    pub(crate) fn key_for(&self, gvk: &str, obj: &DynamicObject) -> Option<String> {
+    pub(crate) fn key_for(&self, gvk: &str, obj: &RawObject) -> Option<String> {
         let ns = obj.namespace();
         let key = |primary: &Gvk, name: &str| {
             let ns = ns.as_deref().filter(|_| primary.namespaced);

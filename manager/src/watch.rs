@@ -10,11 +10,10 @@ use futures::{Stream, StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client, ResourceExt as _,
-    api::DynamicObject,
     runtime::{WatchStreamExt as _, watcher},
 };
 
-use crate::{crd::OperatorMesh, gvk::Gvk, policy::Labels};
+use crate::{crd::OperatorMesh, gvk::Gvk, object::RawObject, policy::Labels};
 
 /// Identifies an object of one type: `(namespace, name)`.
 pub(crate) type ObjName = (String, String);
@@ -36,13 +35,22 @@ pub(crate) enum WatchEvent<K> {
     Failed(String),
 }
 
-/// Every object of `gvk` in the cluster.
+/// Every object of `gvk` in the cluster, each with `apiVersion` and `kind`
+/// in its JSON (list items lack them), added here on the watch's task
+/// rather than on the coordinator's.
 pub(crate) fn objects(
     client: Client,
     gvk: &Gvk,
-) -> impl Stream<Item = WatchEvent<DynamicObject>> + Send + 'static {
-    let api: Api<DynamicObject> = Api::all_with(client, &gvk.api_resource());
-    events(watcher(api, watcher::Config::default().any_semantic()))
+) -> impl Stream<Item = WatchEvent<RawObject>> + Send + 'static {
+    let (api_version, kind) = (gvk.api_version(), gvk.kind.clone());
+    let api: Api<RawObject> = Api::all_with(client, &gvk.api_resource());
+    let typed =
+        move |o: Arc<RawObject>| Arc::new(Arc::unwrap_or_clone(o).with_types(&api_version, &kind));
+    events(watcher(api, watcher::Config::default().any_semantic())).map(move |ev| match ev {
+        WatchEvent::Apply(o) => WatchEvent::Apply(typed(o)),
+        WatchEvent::Delete(o) => WatchEvent::Delete(typed(o)),
+        other => other,
+    })
 }
 
 /// Namespaces, for their labels.

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use kube::{ResourceExt as _, api::DynamicObject};
+use kube::ResourceExt as _;
 use opmesh_proto::v1::object_event::Type as EventType;
 
 use super::{Coordinator, placement::push_object};
@@ -10,6 +10,7 @@ use crate::{
     crd::OperatorMesh,
     id::MeshId,
     mesh::{Held, Mesh, ObjRef},
+    object::RawObject,
     policy::Policy,
     watch::{NamespaceLabels, WatchEvent, name_of},
 };
@@ -17,7 +18,7 @@ use crate::{
 // === impl Coordinator ===
 
 impl Coordinator {
-    pub(super) fn on_object(&mut self, gvk: &str, event: WatchEvent<DynamicObject>) {
+    pub(super) fn on_object(&mut self, gvk: &str, event: WatchEvent<RawObject>) {
         self.dirty = true;
         let failed = match &event {
             WatchEvent::Failed(e) => Some(e.clone()),
@@ -34,7 +35,7 @@ impl Coordinator {
             WatchEvent::Apply(obj) => self.object_changed(gvk, obj, false),
             WatchEvent::Delete(obj) => self.object_changed(gvk, obj, true),
             WatchEvent::Relisted(present) => {
-                let gone: Vec<Arc<DynamicObject>> = self
+                let gone: Vec<Arc<RawObject>> = self
                     .store
                     .get(gvk)
                     .into_iter()
@@ -56,7 +57,7 @@ impl Coordinator {
         }
     }
 
-    fn object_changed(&mut self, gvk: &str, obj: Arc<DynamicObject>, deleted: bool) {
+    fn object_changed(&mut self, gvk: &str, obj: Arc<RawObject>, deleted: bool) {
         self.metrics.routed_events.inc();
         let (namespace, name) = name_of(obj.as_ref());
         let store = self.store.entry(gvk.to_string()).or_default();

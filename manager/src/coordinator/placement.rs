@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use kube::{ResourceExt as _, api::DynamicObject, core::TypeMeta};
+use kube::ResourceExt as _;
 use opmesh_proto::v1::{
     ManagerMessage, ObjectEvent, Revoke, Synced, manager_message::Msg,
     object_event::Type as EventType,
@@ -14,6 +14,7 @@ use crate::{
     gvk::Gvk,
     id::{Holder, MeshId},
     mesh::{Held, Mesh, Move},
+    object::RawObject,
     policy::Labels,
 };
 
@@ -225,23 +226,13 @@ pub(super) fn push_object(
     pending: &Pending,
     key: &str,
     ty: EventType,
-    obj: &DynamicObject,
+    obj: &RawObject,
     gvk: Option<&Gvk>,
 ) {
     let Some(gvk) = gvk else { return };
-    let mut obj = obj.clone();
-    // Lists omit apiVersion/kind on items; typed clients need them.
-    obj.types = Some(TypeMeta {
-        api_version: gvk.api_version(),
-        kind: gvk.kind.clone(),
-    });
-    let bytes = match serde_json::to_vec(&obj) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(key, error = %e, "cannot encode object; skipping");
-            return;
-        }
-    };
+    // The JSON as the API server sent it (the watch added the type list
+    // items lack): copied, not encoded again.
+    let bytes = obj.json().as_bytes().to_vec();
     let namespace = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
     pending.object(

@@ -5,6 +5,8 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{DynamicObject, ObjectMeta};
+
+use crate::object::RawObject;
 use opmesh_proto::v1::GroupVersionKind;
 
 use super::PODS;
@@ -105,8 +107,8 @@ pub(super) fn key(n: usize, o: usize) -> String {
     )
 }
 
-pub(super) fn object(n: usize, o: usize) -> Arc<DynamicObject> {
-    Arc::new(DynamicObject {
+pub(super) fn object(n: usize, o: usize) -> Arc<RawObject> {
+    Arc::new(RawObject::from(&DynamicObject {
         types: None,
         metadata: ObjectMeta {
             namespace: Some(namespace(n)),
@@ -114,7 +116,7 @@ pub(super) fn object(n: usize, o: usize) -> Arc<DynamicObject> {
             ..Default::default()
         },
         data: serde_json::json!({}),
-    })
+    }))
 }
 
 pub(super) fn pod_labels(i: usize) -> Labels {
