@@ -35,7 +35,7 @@ fn routing(c: &mut Criterion) {
     group.finish();
     // What the routing task stops for every 0.5 s while keys change.
     let mut group = c.benchmark_group("snapshot");
-    for (objects, replicas, bench) in &meshes {
+    for (objects, replicas, bench) in &mut meshes {
         group.bench_function(format!("{objects} objects, {replicas} replicas"), |b| {
             b.iter(|| bench.snapshot())
         });

@@ -247,7 +247,7 @@ impl Routing {
     /// Builds what the coordinator publishes for the admin API, health and
     /// status (it does so every 0.5 s while anything changes, on the task
     /// that routes); returns how many keys it lists.
-    pub fn snapshot(&self) -> usize {
+    pub fn snapshot(&mut self) -> usize {
         self.coordinator
             .snapshot()
             .meshes

@@ -203,7 +203,19 @@ pub(crate) struct Coordinator {
     /// Where primary objects' generations go, for the rollout's
     /// generation-lag analysis.
     generations: Arc<crate::outcomes::Outcomes>,
+    /// Told, every [`PROGRESS_EVERY`] keys placed, that the coordinator
+    /// still runs: one step may place 100,000 keys, and runtimes' leases
+    /// are renewed only while it runs.
+    progress: Option<Arc<crate::leader::Authority>>,
+    /// Keys placed, counted for `progress`.
+    placed: u64,
+    /// Counts changes to `namespaces` (labels, appearances, removals), so
+    /// a snapshot knows when routing may have changed.
+    namespaces_version: u64,
 }
+
+/// How many keys the coordinator places between reports of progress.
+const PROGRESS_EVERY: u64 = 1024;
 
 impl Input {
     /// What kind of input this is, for logs.
@@ -252,6 +264,9 @@ impl Coordinator {
             notes: Notes::default(),
             metrics: Arc::default(),
             generations: Arc::default(),
+            progress: None,
+            placed: 0,
+            namespaces_version: 0,
         }
     }
 
@@ -266,6 +281,24 @@ impl Coordinator {
     pub(crate) fn with_generations(mut self, outcomes: Arc<crate::outcomes::Outcomes>) -> Self {
         self.generations = outcomes;
         self
+    }
+
+    /// Reports progress to `authority` during long steps, as the driver
+    /// does between steps.
+    pub(crate) fn with_progress(mut self, authority: Arc<crate::leader::Authority>) -> Self {
+        self.progress = Some(authority);
+        self
+    }
+
+    /// Counts one key placed; every [`PROGRESS_EVERY`], says the
+    /// coordinator runs.
+    fn placed_one(&mut self) {
+        self.placed += 1;
+        if self.placed.is_multiple_of(PROGRESS_EVERY)
+            && let Some(authority) = &self.progress
+        {
+            authority.coordinator_ran(Instant::now());
+        }
     }
 
     /// Applies `input` at time `now`, queues what runtimes must hear, and

@@ -22,6 +22,42 @@ use crate::{
     policy::{Apportionment, Policy},
 };
 
+/// What the last snapshot computed per key, kept while what it was
+/// computed from stays the same.
+#[derive(Debug, Default)]
+pub(crate) struct ViewCache {
+    /// Every held key and how many each holder owns, as of an
+    /// [`Ownership::version`].
+    pub(crate) keys: Option<HeldKeys>,
+    /// Where the policy routes the keys with objects.
+    pub(crate) routed: Option<Routed>,
+}
+
+/// An [`Ownership::version`], every key held then, and how many keys each
+/// holder owned.
+pub(crate) type HeldKeys = (
+    u64,
+    Arc<BTreeMap<String, crate::snapshot::KeyView>>,
+    HashMap<Holder, u64>,
+);
+
+/// Keys routed to each subset, and routed keys no one holds, with what
+/// they were computed from.
+#[derive(Debug)]
+pub(crate) struct Routed {
+    /// [`Index::version`].
+    pub(crate) index: u64,
+    /// [`Ownership::version`].
+    pub(crate) own: u64,
+    /// The coordinator's count of namespace changes.
+    pub(crate) namespaces: u64,
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) apportionment: Arc<Apportionment>,
+    /// Per subset index.
+    pub(crate) counts: Vec<u64>,
+    pub(crate) unowned: usize,
+}
+
 /// One `OperatorMesh` as the coordinator keeps it.
 #[derive(Debug)]
 pub(crate) struct Mesh {
@@ -34,6 +70,12 @@ pub(crate) struct Mesh {
     pub(crate) apportionment: Arc<Apportionment>,
     /// Why the latest spec is invalid, if it is.
     pub(crate) invalid: Option<String>,
+    /// The effective spec `policy` was compiled from: an update that
+    /// leaves it as it was (the manager's own status writes, most often)
+    /// moves nothing and is not placed again.
+    pub(crate) spec_in_force: Option<serde_json::Value>,
+    /// What the last snapshot computed from this mesh.
+    pub(crate) view: ViewCache,
     /// The primary types, by key, as the runtimes declare them.
     pub(crate) primaries: BTreeMap<String, Gvk>,
     /// Owned types, by key, declared by runtimes.
@@ -90,6 +132,8 @@ impl Mesh {
             policy: None,
             apportionment: Arc::default(),
             invalid: None,
+            spec_in_force: None,
+            view: ViewCache::default(),
             primaries: BTreeMap::new(),
             owns: BTreeMap::new(),
             index: Index::default(),

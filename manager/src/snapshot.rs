@@ -48,7 +48,7 @@ pub(crate) struct MeshView {
     /// The subsets in declared order, with their live replicas.
     pub(crate) subsets: Vec<SubsetView>,
     /// Every held key and its holder.
-    pub(crate) keys: BTreeMap<String, KeyView>,
+    pub(crate) keys: Arc<BTreeMap<String, KeyView>>,
     /// Keys with objects that the policy routes to a subset, but that no
     /// live runtime holds.
     pub(crate) unowned: usize,

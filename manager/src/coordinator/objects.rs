@@ -79,18 +79,14 @@ impl Coordinator {
             let Some(mesh) = self.meshes.get_mut(&id) else {
                 continue;
             };
-            let new_key = if deleted {
-                None
-            } else {
-                mesh.key_for(gvk, &obj)
-            };
-            if mesh.primaries.contains_key(gvk) {
-                let key = new_key.clone().or_else(|| mesh.key_for(gvk, &obj));
-                if let Some(key) = key {
-                    let generation = obj.metadata.generation.filter(|_| !deleted);
-                    self.generations
-                        .observe_generation(&id, &key, generation, live, unix_ms());
-                }
+            let key_of_obj = mesh.key_for(gvk, &obj);
+            let new_key = key_of_obj.clone().filter(|_| !deleted);
+            if mesh.primaries.contains_key(gvk)
+                && let Some(key) = key_of_obj
+            {
+                let generation = obj.metadata.generation.filter(|_| !deleted);
+                self.generations
+                    .observe_generation(&id, &key, generation, live, unix_ms());
             }
             if new_key.is_none() && !mesh.index.contains(&objref) {
                 continue;
@@ -124,7 +120,7 @@ impl Coordinator {
                             };
                             let pending = s.pending.clone();
                             if let Some(mesh) = self.meshes.get(&id) {
-                                push_object(&pending, &key, ty, &obj, mesh.gvk(gvk));
+                                push_object(&pending, &key, ty, &obj, gvk, mesh.gvk(gvk));
                             }
                         }
                     }
@@ -164,6 +160,9 @@ impl Coordinator {
 
     pub(super) fn on_namespace(&mut self, ev: WatchEvent<NamespaceLabels>) {
         self.dirty = true;
+        if !matches!(ev, WatchEvent::Failed(_)) {
+            self.namespaces_version += 1;
+        }
         self.namespaces_error = match &ev {
             WatchEvent::Failed(e) => Some(e.clone()),
             _ => None,
@@ -237,10 +236,22 @@ impl Coordinator {
                     return;
                 };
                 // A rollout in progress sets the weights (see `rollout`).
-                match Policy::compile(&crate::rollout::effective_spec(&om)) {
+                let effective = crate::rollout::effective_spec(&om);
+                let fingerprint = serde_json::to_value(&effective).ok();
+                if mesh.policy.is_some()
+                    && fingerprint.is_some()
+                    && fingerprint == mesh.spec_in_force
+                {
+                    // Only the status or metadata changed (or the spec came
+                    // back to the one in force): every key stays where it is.
+                    mesh.invalid = None;
+                    return;
+                }
+                match Policy::compile(&effective) {
                     Ok(p) => {
                         mesh.policy = Some(Arc::new(p));
                         mesh.invalid = None;
+                        mesh.spec_in_force = fingerprint;
                     }
                     Err(e) => {
                         // The last valid policy stays in force.

@@ -91,6 +91,7 @@ impl Coordinator {
 
     /// Moves `key` of mesh `id` one step towards its policy owner.
     pub(super) fn place(&mut self, id: &MeshId, key: &str) {
+        self.placed_one();
         let Some(mesh) = self.meshes.get(id) else {
             return;
         };
@@ -178,6 +179,7 @@ impl Coordinator {
                     key,
                     EventType::Applied,
                     o,
+                    &obj.gvk,
                     mesh.gvk(&obj.gvk),
                 );
             }
@@ -221,25 +223,30 @@ impl Coordinator {
     }
 }
 
-/// Queues the state of `obj`, of type `gvk`, for the holder of `key`.
+/// Queues the state of `obj`, of type `gvk` (whose key is `gvk_key`), for
+/// the holder of `key`.
 pub(super) fn push_object(
     pending: &Pending,
     key: &str,
     ty: EventType,
     obj: &RawObject,
+    gvk_key: &str,
     gvk: Option<&Gvk>,
 ) {
     let Some(gvk) = gvk else { return };
     // The JSON as the API server sent it (the watch added the type list
     // items lack): copied, not encoded again.
     let bytes = obj.json().as_bytes().to_vec();
-    let namespace = obj.namespace().unwrap_or_default();
-    let name = obj.name_any();
+    let (ns, nm) = (
+        obj.metadata.namespace.as_deref().unwrap_or_default(),
+        obj.metadata.name.as_deref().unwrap_or_default(),
+    );
+    let (namespace, name) = (ns.to_string(), nm.to_string());
     pending.object(
         key,
-        &gvk.key(),
-        &namespace.clone(),
-        &name.clone(),
+        gvk_key,
+        ns,
+        nm,
         ManagerMessage {
             msg: Some(Msg::Event(ObjectEvent {
                 key: key.to_string(),

@@ -1,60 +1,116 @@
 //! Builds the typed [`Snapshot`] the coordinator publishes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use super::Coordinator;
 use crate::{
     id::{Holder, MeshId},
-    mesh::{Held, Mesh},
+    mesh::{Held, Mesh, Routed, ViewCache},
     snapshot::{KeyView, MeshView, ReplicaView, RoutingView, Snapshot, SubsetView},
 };
 
 // === impl Coordinator ===
 
 impl Coordinator {
-    /// What readers may know, as of the last step.
-    pub(crate) fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            meshes: self
+    /// What readers may know, as of the last step. The per-key parts (every
+    /// held key; where the policy routes every key) are reused from the last
+    /// snapshot while what they were computed from is unchanged, so a
+    /// steady mesh costs a snapshot nothing per key: building one stops the
+    /// routing of events while it runs.
+    pub(crate) fn snapshot(&mut self) -> Snapshot {
+        let ids: Vec<MeshId> = self.meshes.keys().cloned().collect();
+        let mut meshes = BTreeMap::new();
+        for id in ids {
+            let Some(mut cache) = self
                 .meshes
-                .iter()
-                .map(|(id, mesh)| (id.clone(), self.mesh_view(id, mesh)))
-                .collect(),
+                .get_mut(&id)
+                .map(|m| std::mem::take(&mut m.view))
+            else {
+                continue;
+            };
+            if let Some(mesh) = self.meshes.get(&id) {
+                let view = self.mesh_view(&id, mesh, &mut cache);
+                meshes.insert(id.clone(), view);
+            }
+            if let Some(mesh) = self.meshes.get_mut(&id) {
+                mesh.view = cache;
+            }
+        }
+        Snapshot {
+            meshes,
             synced: self.started && self.namespaces_synced,
         }
     }
 
-    fn mesh_view(&self, id: &MeshId, mesh: &Mesh) -> MeshView {
-        let keys: BTreeMap<String, KeyView> = mesh
-            .own
-            .iter()
-            .map(|(k, h)| {
-                let (holder, moving) = match h {
-                    Held::Owned(h) => (h.clone(), false),
-                    Held::Revoking(h) => (h.clone(), true),
-                };
-                (k.clone(), KeyView { holder, moving })
-            })
-            .collect();
-        let mut owned: HashMap<&Holder, u64> = HashMap::new();
-        for k in keys.values().filter(|k| !k.moving) {
-            *owned.entry(&k.holder).or_default() += 1;
-        }
+    fn mesh_view(&self, id: &MeshId, mesh: &Mesh, cache: &mut ViewCache) -> MeshView {
+        let version = mesh.own.version();
+        let (keys, owned) = match &cache.keys {
+            Some((v, keys, owned)) if *v == version => (keys.clone(), owned.clone()),
+            _ => {
+                let keys: BTreeMap<String, KeyView> = mesh
+                    .own
+                    .iter()
+                    .map(|(k, h)| {
+                        let (holder, moving) = match h {
+                            Held::Owned(h) => (h.clone(), false),
+                            Held::Revoking(h) => (h.clone(), true),
+                        };
+                        (k.clone(), KeyView { holder, moving })
+                    })
+                    .collect();
+                let mut owned: HashMap<Holder, u64> = HashMap::new();
+                for k in keys.values().filter(|k| !k.moving) {
+                    *owned.entry(k.holder.clone()).or_default() += 1;
+                }
+                let keys = Arc::new(keys);
+                cache.keys = Some((version, keys.clone(), owned.clone()));
+                (keys, owned)
+            }
+        };
         let mut subsets = Vec::new();
         let mut unowned = 0;
         if let Some(policy) = &mesh.policy {
             // Where the policy sends each key that has objects.
-            let mut routed = vec![0u64; policy.subsets().len()];
-            for k in mesh.index.keys().filter(|k| mesh.index.has_objects(k)) {
-                let Some(subset) = policy.route(k, self.namespace_labels(k), &mesh.apportionment)
-                else {
-                    continue;
-                };
-                routed[subset] += 1;
-                if !keys.contains_key(k) {
-                    unowned += 1;
+            let fresh = cache.routed.as_ref().filter(|r| {
+                r.index == mesh.index.version()
+                    && r.own == version
+                    && r.namespaces == self.namespaces_version
+                    && Arc::ptr_eq(&r.policy, policy)
+                    && Arc::ptr_eq(&r.apportionment, &mesh.apportionment)
+            });
+            let routed = match fresh {
+                Some(r) => {
+                    unowned = r.unowned;
+                    r.counts.clone()
                 }
-            }
+                None => {
+                    let mut routed = vec![0u64; policy.subsets().len()];
+                    for k in mesh.index.keys().filter(|k| mesh.index.has_objects(k)) {
+                        let Some(subset) =
+                            policy.route(k, self.namespace_labels(k), &mesh.apportionment)
+                        else {
+                            continue;
+                        };
+                        routed[subset] += 1;
+                        if mesh.own.holder(k).is_none() {
+                            unowned += 1;
+                        }
+                    }
+                    cache.routed = Some(Routed {
+                        index: mesh.index.version(),
+                        own: version,
+                        namespaces: self.namespaces_version,
+                        policy: policy.clone(),
+                        apportionment: mesh.apportionment.clone(),
+                        counts: routed.clone(),
+                        unowned,
+                    });
+                    routed
+                }
+            };
             let shares = policy.shares();
             for (i, s) in policy.subsets().iter().enumerate() {
                 let replicas = mesh

@@ -24,6 +24,8 @@ pub(crate) struct Index {
     /// True when a namespace gained its first key or lost its last since
     /// [`Index::take_namespaces_changed`].
     namespaces_changed: bool,
+    /// Changes whenever a key gains its first object or loses its last.
+    version: u64,
 }
 
 // === impl Index ===
@@ -32,6 +34,12 @@ impl Index {
     /// Files `obj` under `key` (or under no key), and returns the key it was
     /// filed under before.
     pub(crate) fn set(&mut self, obj: &ObjRef, key: Option<&str>) -> Option<String> {
+        // Most events change an object, not the key it belongs to.
+        if let Some(k) = key
+            && self.key_of.get(obj).is_some_and(|old| old == k)
+        {
+            return Some(k.to_string());
+        }
         let old = self.key_of.remove(obj);
         if let Some(k) = &old
             && let Some(set) = self.objects.get_mut(k)
@@ -52,6 +60,7 @@ impl Index {
 
     /// Counts a key that gained its first object, or lost its last.
     fn count(&mut self, key: &str, gained: bool) {
+        self.version += 1;
         let Some((ns, _)) = key.split_once('/') else {
             return;
         };
@@ -66,6 +75,11 @@ impl Index {
                 self.namespaces_changed = true;
             }
         }
+    }
+
+    /// Changes whenever the set of keys with objects changes.
+    pub(crate) fn version(&self) -> u64 {
+        self.version
     }
 
     /// True if the set of [`Index::namespaces`] changed since the last call.

@@ -39,6 +39,8 @@ pub(crate) enum Move {
 #[derive(Debug, Default)]
 pub(crate) struct Ownership {
     holders: HashMap<String, Held>,
+    /// Counts changes of `holders`, so a snapshot can tell it is unchanged.
+    version: u64,
     /// Live pods per subset index.
     members: BTreeMap<usize, BTreeSet<PodId>>,
     /// Live pods being drained: members, but off the rings.
@@ -86,6 +88,7 @@ impl Ownership {
         for k in &freed {
             self.holders.remove(k);
         }
+        self.version += 1;
         freed
     }
 
@@ -125,6 +128,11 @@ impl Ownership {
         self.holders.get(key)
     }
 
+    /// Changes whenever any key's holder changes.
+    pub(crate) fn version(&self) -> u64 {
+        self.version
+    }
+
     /// Every key with who has it.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &Held)> {
         self.holders.iter()
@@ -141,6 +149,7 @@ impl Ownership {
     ) -> Option<Move> {
         match (self.holders.get(key), desired) {
             (None, Some(to)) => {
+                self.version += 1;
                 self.holders
                     .insert(key.to_string(), Held::Owned(to.clone()));
                 Some(Move::Assign(to.clone(), key.to_string()))
@@ -149,6 +158,7 @@ impl Ownership {
             (Some(Held::Owned(from)), _) if frozen || desired == Some(from) => None,
             (Some(Held::Owned(from)), _) => {
                 let from = from.clone();
+                self.version += 1;
                 self.holders
                     .insert(key.to_string(), Held::Revoking(from.clone()));
                 Some(Move::Revoke(from, key.to_string()))
@@ -159,6 +169,7 @@ impl Ownership {
     /// Gives `key` to `holder` as it is: a runtime reported holding it after
     /// a reconnect, and the policy still wants it there.
     pub(crate) fn adopt(&mut self, key: &str, holder: &Holder) {
+        self.version += 1;
         self.holders
             .insert(key.to_string(), Held::Owned(holder.clone()));
     }
@@ -167,6 +178,7 @@ impl Ownership {
     /// it: a runtime reported holding it after a reconnect, but the policy
     /// wants it elsewhere.
     pub(crate) fn mark_revoking(&mut self, key: &str, holder: &Holder) {
+        self.version += 1;
         self.holders
             .insert(key.to_string(), Held::Revoking(holder.clone()));
     }
@@ -175,6 +187,7 @@ impl Ownership {
     /// being revoked from it (and is now unowned, ready to be placed).
     pub(crate) fn released(&mut self, holder: &Holder, key: &str) -> bool {
         if matches!(self.holders.get(key), Some(Held::Revoking(r)) if r == holder) {
+            self.version += 1;
             self.holders.remove(key);
             true
         } else {

@@ -432,9 +432,14 @@ impl Sim {
         }
     }
 
+    /// Builds a snapshot, as the driver does every so often.
+    pub(super) fn snapshot(&mut self) {
+        let _ = self.coordinator.snapshot();
+    }
+
     /// Every key with an object is held by the replica its policy names, in
     /// the runtimes' view and in the coordinator's snapshot.
-    pub(super) fn check_settled(&self) -> Result<(), TestCaseError> {
+    pub(super) fn check_settled(&mut self) -> Result<(), TestCaseError> {
         let policy = Policy::compile(&self.spec).map_err(|e| TestCaseError::fail(e.to_string()))?;
         // The exact split divides the namespaces that hold objects.
         let namespaces: HashMap<String, Labels> = (0..NAMESPACES)
@@ -459,6 +464,9 @@ impl Sim {
             .meshes
             .get(&MeshId::new(MESH_NS, "mesh"))
             .ok_or_else(|| TestCaseError::fail("no mesh in the snapshot"))?;
+        // The counts the snapshot reuses while nothing they depend on
+        // changed: keys routed to each subset, and keys no one holds.
+        let mut routed = vec![0u64; policy.subsets().len()];
         for n in 0..NAMESPACES {
             for o in 0..NAMES {
                 let k = key(n, o);
@@ -475,6 +483,7 @@ impl Sim {
                 let subset = policy
                     .route(&k, &self.labels_of(n), &exact)
                     .ok_or_else(|| TestCaseError::fail(format!("{k} routes nowhere")))?;
+                routed[subset] += 1;
                 let want = rings[subset]
                     .owner(&k)
                     .cloned()
@@ -491,6 +500,13 @@ impl Sim {
                 );
             }
         }
+        let got: Vec<u64> = mesh.subsets.iter().map(|s| s.routed_keys).collect();
+        prop_assert_eq!(got, routed, "keys routed per subset in the snapshot");
+        prop_assert_eq!(
+            mesh.unowned,
+            0,
+            "unowned keys in the snapshot of a settled mesh"
+        );
         Ok(())
     }
 }
