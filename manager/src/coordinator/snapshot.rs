@@ -53,7 +53,11 @@ impl Coordinator {
                 let keys: BTreeMap<String, KeyView> = mesh
                     .own
                     .iter()
-                    .map(|(k, h)| {
+                    .enumerate()
+                    .map(|(i, (k, h))| {
+                        if (i as u64 + 1).is_multiple_of(super::PROGRESS_EVERY) {
+                            self.still_running();
+                        }
                         let (holder, moving) = match h {
                             Held::Owned(h) => (h.clone(), false),
                             Held::Revoking(h) => (h.clone(), true),
@@ -88,7 +92,15 @@ impl Coordinator {
                 }
                 None => {
                     let mut routed = vec![0u64; policy.subsets().len()];
-                    for k in mesh.index.keys().filter(|k| mesh.index.has_objects(k)) {
+                    for (i, k) in mesh
+                        .index
+                        .keys()
+                        .filter(|k| mesh.index.has_objects(k))
+                        .enumerate()
+                    {
+                        if (i as u64 + 1).is_multiple_of(super::PROGRESS_EVERY) {
+                            self.still_running();
+                        }
                         let Some(subset) =
                             policy.route(k, self.namespace_labels(k), &mesh.apportionment)
                         else {
