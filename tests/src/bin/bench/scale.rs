@@ -188,24 +188,16 @@ impl Bench<'_> {
             t.elapsed()
         );
         if changes > 0 {
-            let sent = change(client, targets, changes).await?;
-            eventually(
-                "every change to be reconciled",
-                Duration::from_secs(300),
-                || async {
-                    let mut latest: HashMap<String, i64> = HashMap::new();
-                    for r in &replicas {
-                        for rec in read_records(&r.records) {
-                            let g = latest.entry(rec.key).or_default();
-                            *g = (*g).max(rec.generation);
-                        }
+            changes_reconciled(client, targets, changes, || {
+                let mut latest: HashMap<String, i64> = HashMap::new();
+                for r in &replicas {
+                    for rec in read_records(&r.records) {
+                        let g = latest.entry(rec.key).or_default();
+                        *g = (*g).max(rec.generation);
                     }
-                    Ok(sent
-                        .iter()
-                        .all(|(k, g)| latest.get(k).is_some_and(|seen| seen >= g))
-                        .then_some(()))
-                },
-            )
+                }
+                latest
+            })
             .await?;
         }
         let bytes = proxy.bytes_to_clients();
@@ -271,19 +263,7 @@ impl Bench<'_> {
         .await?;
         eprintln!("[{name}] {n} filtering replicas reconciled {keys} keys in {sync:.2?}");
         if changes > 0 {
-            let sent = change(self.client, targets, changes).await?;
-            eventually(
-                "every change to be reconciled",
-                Duration::from_secs(300),
-                || async {
-                    let latest = reconciled();
-                    Ok(sent
-                        .iter()
-                        .all(|(k, g)| latest.get(k).is_some_and(|seen| seen >= g))
-                        .then_some(()))
-                },
-            )
-            .await?;
+            changes_reconciled(self.client, targets, changes, reconciled).await?;
         }
         let bytes = proxy.bytes_to_clients();
         drop(running);
@@ -433,6 +413,29 @@ async fn change(
         .await
         .into_iter()
         .collect()
+}
+
+/// Makes `count` changes to `targets` (see [`change`]), then waits until
+/// `reconciled` (key -> newest generation reconciled) shows each.
+async fn changes_reconciled(
+    client: &Client,
+    targets: &[(String, String)],
+    count: usize,
+    reconciled: impl Fn() -> HashMap<String, i64>,
+) -> anyhow::Result<()> {
+    let sent = change(client, targets, count).await?;
+    eventually(
+        "every change to be reconciled",
+        Duration::from_secs(300),
+        || async {
+            let latest = reconciled();
+            Ok(sent
+                .iter()
+                .all(|(k, g)| latest.get(k).is_some_and(|seen| seen >= g))
+                .then_some(()))
+        },
+    )
+    .await
 }
 
 /// Waits until every one of `keys` objects has a successful reconcile in
