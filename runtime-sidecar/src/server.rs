@@ -3,10 +3,10 @@
 use std::{sync::Arc, time::Duration};
 
 use opmesh_proto::v1::{
-    CacheUpdates, CompleteResponse, Completion, ControllerTypes, GetRequest, GetResponse,
-    GroupVersionKind, ListRequest, ListResponse, OwnershipRequest, OwnershipResponse,
+    CacheUpdates, CompleteResponse, Completion, CompletionBatch, ControllerTypes, GetRequest,
+    GetResponse, GroupVersionKind, ListRequest, ListResponse, OwnershipRequest, OwnershipResponse,
     ReconcileReport, RegisterRequest, RegisterResponse, ReleaseRequest, ReleaseResponse, Task,
-    TasksRequest, WatchCacheRequest, completion::Result as Outcome,
+    TaskBatch, TasksRequest, WatchCacheRequest, completion::Result as Outcome,
     runtime_service_server::RuntimeService,
 };
 use tokio::sync::mpsc;
@@ -18,6 +18,10 @@ use crate::state::{Registration, Runtime};
 /// About how much one List page carries, far below gRPC's 4 MiB message
 /// limit.
 const LIST_PAGE_BYTES: usize = 1024 * 1024;
+
+/// The most tasks one `TaskBatch` carries. Tasks are bounded by the
+/// operator's concurrency anyway; this only keeps a message small.
+const MAX_TASK_BATCH: usize = 256;
 
 /// Serves `RuntimeService` from the runtime's state.
 pub(crate) struct RuntimeServer {
@@ -84,11 +88,7 @@ impl RuntimeService for RuntimeServer {
         &self,
         _request: Request<TasksRequest>,
     ) -> Result<Response<Self::TasksStream>, Status> {
-        let max = self.rt.registered().map_or(1, |r| {
-            r.max_concurrent(self.rt.config.max_concurrent_reconciles)
-        });
-        let capacity = max as usize + 1;
-        let (tx, rx) = mpsc::channel(capacity);
+        let (tx, rx) = mpsc::channel(self.task_capacity());
         let id = self.rt.attach_operator(tx.clone());
         let rt = self.rt.clone();
         tokio::spawn(async move {
@@ -114,13 +114,51 @@ impl RuntimeService for RuntimeServer {
     ) -> Result<Response<CompleteResponse>, Status> {
         let mut completions = request.into_inner();
         while let Some(c) = completions.message().await? {
-            let id = c.id;
-            if let Err(e) = self.complete_one(c) {
-                // One bad completion does not end the others.
-                tracing::warn!(task = id, error = %e.message(), "completion refused");
-            }
+            self.complete_batch(CompletionBatch {
+                completions: vec![c],
+            });
         }
         Ok(Response::new(CompleteResponse {}))
+    }
+
+    type WorkStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<TaskBatch, Status>> + Send>>;
+
+    async fn work(
+        &self,
+        request: Request<tonic::Streaming<CompletionBatch>>,
+    ) -> Result<Response<Self::WorkStream>, Status> {
+        use futures::StreamExt as _;
+        let mut completions = request.into_inner();
+        let (tx, rx) = mpsc::channel(self.task_capacity());
+        let id = self.rt.attach_operator(tx.clone());
+        let server = Self::new(self.rt.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    // The operator stopped reading tasks.
+                    () = tx.closed() => break,
+                    m = completions.message() => match m {
+                        Ok(Some(batch)) => server.complete_batch(batch),
+                        // The operator closed its side, or the connection
+                        // broke: it can complete nothing more.
+                        Ok(None) | Err(_) => break,
+                    },
+                }
+            }
+            tracing::info!("operator disconnected; retrying its unfinished tasks");
+            server.rt.detach_operator(id);
+        });
+        // Whatever is ready when the stream is polled goes out as one batch.
+        let batches = ReceiverStream::new(rx)
+            .ready_chunks(MAX_TASK_BATCH)
+            .map(|tasks| {
+                tasks
+                    .into_iter()
+                    .collect::<Result<Vec<Task>, Status>>()
+                    .map(|tasks| TaskBatch { tasks })
+            });
+        Ok(Response::new(Box::pin(batches)))
     }
 
     type WatchCacheStream = std::pin::Pin<
@@ -207,6 +245,26 @@ impl RuntimeService for RuntimeServer {
 // === impl RuntimeServer (completions) ===
 
 impl RuntimeServer {
+    /// How many tasks may wait in an operator's stream: one more than it
+    /// runs at once (a cancellation can follow a full set of tasks).
+    fn task_capacity(&self) -> usize {
+        let max = self.rt.registered().map_or(1, |r| {
+            r.max_concurrent(self.rt.config.max_concurrent_reconciles)
+        });
+        max as usize + 1
+    }
+
+    /// Books every completion of a batch; one refused does not stop the
+    /// others.
+    fn complete_batch(&self, batch: CompletionBatch) {
+        for c in batch.completions {
+            let id = c.id;
+            if let Err(e) = self.complete_one(c) {
+                tracing::warn!(task = id, error = %e.message(), "completion refused");
+            }
+        }
+    }
+
     /// Books one completion: its metrics and report, and what the queue
     /// does with the key next.
     #[allow(clippy::result_large_err)]
@@ -293,5 +351,182 @@ struct Gone(prometheus_client::metrics::gauge::Gauge);
 impl Drop for Gone {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use opmesh_proto::v1::{
+        Empty, ObjectEvent, Welcome, object_event::Type,
+        runtime_service_client::RuntimeServiceClient, runtime_service_server::RuntimeServiceServer,
+    };
+    use tokio::sync::watch;
+
+    use super::*;
+
+    /// A runtime welcomed with `n` owned ConfigMaps, registered for up to
+    /// `n` reconciles at once.
+    fn runtime_with_keys(n: usize) -> Arc<Runtime> {
+        let rt = Arc::new(Runtime::for_test(&[]));
+        let gvk = GroupVersionKind {
+            version: "v1".into(),
+            kind: "ConfigMap".into(),
+            plural: "configmaps".into(),
+            ..Default::default()
+        };
+        rt.registration.send_replace(Some(Registration {
+            operator_version: "v2".into(),
+            controllers: vec![ControllerTypes {
+                primary: Some(gvk.clone()),
+                owns: Vec::new(),
+            }],
+            concurrency: u32::try_from(n).unwrap(),
+        }));
+        let welcome = Welcome {
+            runtime_id: "ops/op-0".into(),
+            subset: "v2".into(),
+            lease_ttl_ms: 3_600_000,
+        };
+        rt.welcomed(&welcome, tokio::time::Instant::now(), &[]);
+        for i in 0..n {
+            let name = format!("cm-{i}");
+            rt.on_event(ObjectEvent {
+                key: opmesh_proto::mesh_key("", "v1", "ConfigMap", Some("ns"), &name),
+                r#type: Type::Applied as i32,
+                gvk: Some(gvk.clone()),
+                namespace: "ns".into(),
+                name,
+                object: b"{\"metadata\":{\"generation\":1}}".to_vec(),
+                ..Default::default()
+            });
+        }
+        rt.on_synced();
+        rt
+    }
+
+    /// Serves `rt` on a loopback port and connects a client to it.
+    async fn serve(rt: Arc<Runtime>) -> RuntimeServiceClient<tonic::transport::Channel> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RuntimeServiceServer::new(RuntimeServer::new(rt)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        RuntimeServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap()
+    }
+
+    /// Polls `done` every 10 ms for up to 10 s.
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn work_hands_out_ready_tasks_together_and_books_a_batch_of_completions() {
+        const N: usize = 12;
+        let rt = runtime_with_keys(N);
+        let mut client = serve(rt.clone()).await;
+        let (up, rx) = mpsc::unbounded_channel();
+        let mut down = client
+            .work(UnboundedReceiverStream::new(rx))
+            .await
+            .expect("the sidecar serves Work")
+            .into_inner();
+        let (_stop, stop) = watch::channel(false);
+        let dispatch = tokio::spawn(crate::dispatch::run(rt.clone(), stop));
+
+        let (mut tasks, mut batches) = (Vec::new(), 0);
+        while tasks.len() < N {
+            let batch = tokio::time::timeout(Duration::from_secs(10), down.message())
+                .await
+                .expect("tasks within 10 s")
+                .unwrap()
+                .expect("the stream stays open");
+            assert!(!batch.tasks.is_empty(), "an empty batch");
+            batches += 1;
+            tasks.extend(batch.tasks);
+        }
+        let mut keys: Vec<&str> = tasks.iter().map(|t| t.key.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), N, "each key handed out once");
+        assert!(
+            batches < N,
+            "{N} tasks ready together took {batches} messages"
+        );
+
+        // Every completion in one message: each is booked.
+        up.send(CompletionBatch {
+            completions: tasks
+                .iter()
+                .map(|t| Completion {
+                    id: t.id,
+                    result: Some(Outcome::Ok(Empty {})),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .unwrap();
+        let success = rt
+            .metrics
+            .reconcile_total
+            .get_or_create(&rt.metrics.controller(Some("success")))
+            .clone();
+        eventually("every completion booked", || {
+            success.get() == N as u64 && rt.in_flight() == 0
+        })
+        .await;
+        assert_eq!(rt.take_reports().0.len(), N, "one outcome report each");
+        dispatch.abort();
+    }
+
+    #[tokio::test]
+    async fn when_the_operator_closes_work_its_unfinished_tasks_are_retried() {
+        let rt = runtime_with_keys(3);
+        let mut client = serve(rt.clone()).await;
+        let (up, rx) = mpsc::unbounded_channel::<CompletionBatch>();
+        let mut down = client
+            .work(UnboundedReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let (_stop, stop) = watch::channel(false);
+        let dispatch = tokio::spawn(crate::dispatch::run(rt.clone(), stop));
+        let first = tokio::time::timeout(Duration::from_secs(10), down.message())
+            .await
+            .expect("tasks within 10 s")
+            .unwrap()
+            .unwrap();
+        assert!(!first.tasks.is_empty());
+        assert!(rt.operator_present());
+        // The operator goes away without completing anything.
+        drop((up, down));
+        eventually("the operator detached", || !rt.operator_present()).await;
+        eventually("its tasks are no longer running", || rt.in_flight() == 0).await;
+        // A new operator gets the whole slice again.
+        let (_up, rx) = mpsc::unbounded_channel::<CompletionBatch>();
+        let mut down = client
+            .work(UnboundedReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seen = 0;
+        while seen < 3 {
+            let batch = tokio::time::timeout(Duration::from_secs(10), down.message())
+                .await
+                .expect("the keys handed out again within 10 s")
+                .unwrap()
+                .unwrap();
+            seen += batch.tasks.len();
+        }
+        dispatch.abort();
     }
 }

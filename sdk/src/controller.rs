@@ -11,8 +11,9 @@ use std::{
 
 use kube::Resource;
 use opmesh_proto::v1::{
-    Completion, ControllerTypes, Empty, GroupVersionKind, RegisterRequest, ReleaseRequest, Task,
-    TasksRequest, completion::Result as Outcome, runtime_service_client::RuntimeServiceClient,
+    Completion, CompletionBatch, ControllerTypes, Empty, GroupVersionKind, RegisterRequest,
+    ReleaseRequest, Task, TaskBatch, TasksRequest, completion::Result as Outcome,
+    runtime_service_client::RuntimeServiceClient,
 };
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
@@ -32,6 +33,8 @@ pub const SOCKET_ENV: &str = opmesh_proto::env::RUNTIME_SOCKET;
 pub const DEFAULT_SOCKET: &str = opmesh_proto::env::DEFAULT_RUNTIME_SOCKET;
 /// How long [`Mesh::connect`] waits for the sidecar.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most completions one `CompletionBatch` carries.
+const MAX_COMPLETION_BATCH: usize = 256;
 
 /// A connection to this pod's runtime sidecar.
 #[derive(Clone, Debug)]
@@ -418,22 +421,8 @@ pub async fn run_all(controllers: Vec<BoundController>) -> Result<()> {
         registration.operator_version = std::env::var(OPERATOR_VERSION_ENV).unwrap_or_default();
     }
     client.register(registration).await?;
-    let mut tasks = client.tasks(TasksRequest {}).await?.into_inner();
     let local = first_local;
-    // Completions travel on one stream when the sidecar takes them so.
-    let completer = if local.supported().await {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut stream_client = client.clone();
-        tokio::spawn(async move {
-            let completions = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-            if let Err(e) = stream_client.complete_stream(completions).await {
-                tracing::warn!(error = %e, "the completion stream to the sidecar ended");
-            }
-        });
-        Completer::Stream(tx)
-    } else {
-        Completer::Unary(client.clone())
-    };
+    let (mut tasks, completer) = open_work(&mut client, &local).await?;
     let running: Arc<Mutex<HashMap<u64, JoinHandle<()>>>> = Arc::default();
     // When the stream ends, stop every reconcile still running: the
     // sidecar has already taken them back and may hand the keys out again.
@@ -443,7 +432,7 @@ pub async fn run_all(controllers: Vec<BoundController>) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let ended = loop {
         let message = tokio::select! {
-            m = tasks.message() => m,
+            m = tasks.next() => m,
             () = &mut shutdown, if stopping.is_none() => {
                 tracing::info!(grace = ?grace, "stopping: finishing running reconciles, then releasing this replica's keys");
                 let release = ReleaseRequest { reason: "the operator is stopping".into() };
@@ -538,6 +527,77 @@ pub async fn run_all(controllers: Vec<BoundController>) -> Result<()> {
     match ended {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Opens the stream of tasks and the way back for completions: both on
+/// one `Work` stream, batched, or, with a sidecar that does not serve it,
+/// `Tasks` with completions on `CompleteStream` (or one call each).
+async fn open_work(
+    client: &mut RuntimeServiceClient<Channel>,
+    local: &crate::local::LocalCache,
+) -> Result<(TaskSource, Completer)> {
+    use futures::StreamExt as _;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    // Whatever completions are ready when the stream is polled go as one
+    // batch.
+    let up = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+        .ready_chunks(MAX_COMPLETION_BATCH)
+        .map(|completions| CompletionBatch { completions });
+    match client.work(up).await {
+        Ok(down) => {
+            return Ok((
+                TaskSource::Batched(down.into_inner(), Default::default()),
+                Completer::Stream(tx),
+            ));
+        }
+        Err(s) if s.code() == tonic::Code::Unimplemented => {
+            tracing::debug!("the sidecar has no Work stream; using Tasks");
+        }
+        Err(s) => return Err(s.into()),
+    }
+    let tasks = client.tasks(TasksRequest {}).await?.into_inner();
+    // Completions travel on one stream when the sidecar takes them so.
+    let completer = if local.supported().await {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut stream_client = client.clone();
+        tokio::spawn(async move {
+            let completions = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+            if let Err(e) = stream_client.complete_stream(completions).await {
+                tracing::warn!(error = %e, "the completion stream to the sidecar ended");
+            }
+        });
+        Completer::Stream(tx)
+    } else {
+        Completer::Unary(client.clone())
+    };
+    Ok((TaskSource::Single(tasks), completer))
+}
+
+/// Where tasks come from: batches on `Work`, or one at a time on `Tasks`.
+enum TaskSource {
+    Batched(
+        tonic::Streaming<TaskBatch>,
+        std::collections::VecDeque<Task>,
+    ),
+    Single(tonic::Streaming<Task>),
+}
+
+impl TaskSource {
+    /// The next task; `None` once the sidecar ended the stream.
+    async fn next(&mut self) -> std::result::Result<Option<Task>, tonic::Status> {
+        match self {
+            TaskSource::Single(s) => s.message().await,
+            TaskSource::Batched(s, pending) => loop {
+                if let Some(t) = pending.pop_front() {
+                    return Ok(Some(t));
+                }
+                match s.message().await? {
+                    Some(batch) => pending.extend(batch.tasks),
+                    None => return Ok(None),
+                }
+            },
+        }
     }
 }
 

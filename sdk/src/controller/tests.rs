@@ -8,9 +8,10 @@ use std::{
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use opmesh_proto::v1::{
-    CacheUpdates, CompleteResponse, Completion, GetRequest, GetResponse, ListRequest, ListResponse,
-    OwnershipRequest, OwnershipResponse, RegisterRequest, RegisterResponse, ReleaseRequest,
-    ReleaseResponse, Task, TasksRequest, WatchCacheRequest,
+    CacheUpdates, CompleteResponse, Completion, CompletionBatch, GetRequest, GetResponse,
+    ListRequest, ListResponse, OwnershipRequest, OwnershipResponse, RegisterRequest,
+    RegisterResponse, ReleaseRequest, ReleaseResponse, Task, TaskBatch, TasksRequest,
+    WatchCacheRequest,
     runtime_service_server::{RuntimeService, RuntimeServiceServer},
 };
 use tokio::sync::mpsc;
@@ -18,6 +19,7 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::{Action, Controller, Mesh};
+use opmesh_proto::v1::completion::Result as Outcome;
 
 type TaskStream = Pin<Box<dyn Stream<Item = Result<Task, Status>> + Send>>;
 
@@ -29,8 +31,12 @@ struct Ctx {
 }
 
 /// Hands out the tasks the test sends, and passes completions back with
-/// when they arrived.
+/// when they arrived: on the batched `Work` stream when `batched`, else as
+/// an older sidecar does, with `Tasks` and one call per completion.
 struct Sidecar {
+    batched: bool,
+    /// How many completion batches arrived on `Work`.
+    batches: Arc<std::sync::atomic::AtomicUsize>,
     tasks: Mutex<Option<mpsc::Receiver<Result<Task, Status>>>>,
     completions: mpsc::UnboundedSender<(Completion, Instant)>,
     /// The answers to ownership questions, in order: owned or not.
@@ -56,6 +62,40 @@ impl RuntimeService for Sidecar {
             .take()
             .ok_or_else(|| Status::already_exists("one task stream only"))?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type WorkStream = Pin<Box<dyn Stream<Item = Result<TaskBatch, Status>> + Send>>;
+
+    async fn work(
+        &self,
+        request: Request<tonic::Streaming<CompletionBatch>>,
+    ) -> Result<Response<Self::WorkStream>, Status> {
+        use futures::StreamExt as _;
+        if !self.batched {
+            return Err(Status::unimplemented("not in this sidecar"));
+        }
+        let rx = self
+            .tasks
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| Status::already_exists("one task stream only"))?;
+        let mut up = request.into_inner();
+        let (completions, batches) = (self.completions.clone(), self.batches.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(batch)) = up.message().await {
+                batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                for c in batch.completions {
+                    let _ = completions.send((c, Instant::now()));
+                }
+            }
+        });
+        let down = ReceiverStream::new(rx).ready_chunks(16).map(|tasks| {
+            Ok(TaskBatch {
+                tasks: tasks.into_iter().collect::<Result<_, _>>()?,
+            })
+        });
+        Ok(Response::new(Box::pin(down)))
     }
 
     async fn complete(
@@ -136,16 +176,35 @@ impl Drop for SlowStop {
 async fn sidecar(
     dir: &std::path::Path,
     owned: &[bool],
+    batched: bool,
 ) -> (
     Mesh,
     mpsc::Sender<Result<Task, Status>>,
     mpsc::UnboundedReceiver<(Completion, Instant)>,
 ) {
+    let (mesh, tasks, done, _) = sidecar_counting(dir, owned, batched).await;
+    (mesh, tasks, done)
+}
+
+/// Like [`sidecar`], with the count of completion batches that arrived.
+async fn sidecar_counting(
+    dir: &std::path::Path,
+    owned: &[bool],
+    batched: bool,
+) -> (
+    Mesh,
+    mpsc::Sender<Result<Task, Status>>,
+    mpsc::UnboundedReceiver<(Completion, Instant)>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
     let socket = dir.join("runtime.sock");
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    let (task_tx, task_rx) = mpsc::channel(8);
+    let (task_tx, task_rx) = mpsc::channel(64);
     let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let batches = Arc::<std::sync::atomic::AtomicUsize>::default();
     let sidecar = Sidecar {
+        batched,
+        batches: batches.clone(),
         tasks: Mutex::new(Some(task_rx)),
         completions: done_tx,
         owned: Mutex::new(owned.iter().copied().collect()),
@@ -155,7 +214,12 @@ async fn sidecar(
             .add_service(RuntimeServiceServer::new(sidecar))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
     );
-    (Mesh::connect_to(&socket).await.unwrap(), task_tx, done_rx)
+    (
+        Mesh::connect_to(&socket).await.unwrap(),
+        task_tx,
+        done_rx,
+        batches,
+    )
 }
 
 fn task(id: u64) -> Task {
@@ -172,10 +236,19 @@ fn task(id: u64) -> Task {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconcile_reports_its_fenced_and_conflicting_writes() {
+    reports_fenced_and_conflicting_writes(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_sidecar_gets_tasks_and_completions_one_by_one() {
+    reports_fenced_and_conflicting_writes(false).await;
+}
+
+async fn reports_fenced_and_conflicting_writes(batched: bool) {
     let dir = tempfile::tempdir().unwrap();
     // The first write is owned (and the API server says 409), the second
     // is not (the fence refuses it), the third goes through.
-    let (mesh, tasks, mut done) = sidecar(dir.path(), &[true, false, true]).await;
+    let (mesh, tasks, mut done) = sidecar(dir.path(), &[true, false, true], batched).await;
     let statuses = Arc::new(Mutex::new(vec![200u16, 409]));
     let server = tower::service_fn(move |_req: http::Request<kube::client::Body>| {
         let status = statuses.lock().unwrap().pop().unwrap_or(200);
@@ -212,8 +285,17 @@ async fn a_reconcile_reports_its_fenced_and_conflicting_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_reconcile_is_reported_done_only_after_it_stopped() {
+    cancelled_reconcile_is_reported_after_it_stopped(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_sidecar_hears_of_a_cancel_only_after_the_reconcile_stopped() {
+    cancelled_reconcile_is_reported_after_it_stopped(false).await;
+}
+
+async fn cancelled_reconcile_is_reported_after_it_stopped(batched: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (mesh, task_tx, mut done_rx) = sidecar(dir.path(), &[]).await;
+    let (mesh, task_tx, mut done_rx) = sidecar(dir.path(), &[], batched).await;
     let stopped: Arc<Mutex<Option<Instant>>> = Arc::default();
     let (started_tx, mut started_rx) = mpsc::unbounded_channel::<()>();
     let ctx = Arc::new(Ctx {
@@ -255,5 +337,55 @@ async fn a_cancelled_reconcile_is_reported_done_only_after_it_stopped() {
     assert!(
         stopped <= at,
         "reported done before the reconcile had stopped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_handed_out_together_are_reconciled_and_completed_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mesh, task_tx, mut done_rx, batches) = sidecar_counting(dir.path(), &[], true).await;
+    // Every reconcile waits until all of them have started, so their
+    // completions are ready at once.
+    const N: u64 = 40;
+    let gate = Arc::new(tokio::sync::Barrier::new(N as usize));
+    tokio::spawn(
+        Controller::<ConfigMap>::new(&mesh)
+            .concurrency(N as u32)
+            .run(
+                |_cm: Arc<ConfigMap>, gate: Arc<tokio::sync::Barrier>| async move {
+                    gate.wait().await;
+                    Ok::<_, std::convert::Infallible>(Action::await_change())
+                },
+                |_, _, _| Action::await_change(),
+                gate,
+            ),
+    );
+    for id in 1..=N {
+        task_tx.send(Ok(task(id))).await.unwrap();
+    }
+    let mut ids = Vec::new();
+    while ids.len() < N as usize {
+        let (c, _) = tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
+            .await
+            .expect("a reconcile was never reported")
+            .unwrap();
+        assert!(
+            matches!(c.result, Some(Outcome::Ok(_))),
+            "task {} failed: {:?}",
+            c.id,
+            c.result
+        );
+        ids.push(c.id);
+    }
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        (1..=N).collect::<Vec<_>>(),
+        "every task completed once"
+    );
+    let batches = batches.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        batches < N as usize,
+        "{N} completions ready together took {batches} messages"
     );
 }
