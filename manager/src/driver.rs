@@ -23,6 +23,9 @@ use crate::{
 const LEASE_EVERY: Duration = Duration::from_millis(50);
 /// How often the snapshot is refreshed when something changed.
 const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+/// How long a slow snapshot build may hold off the next one, unless the
+/// build itself took longer than half of it.
+const STALE_AT_MOST: Duration = Duration::from_secs(5);
 
 /// What the driver needs besides its inputs.
 pub(crate) struct Driver {
@@ -68,9 +71,8 @@ impl Driver {
         ];
         let mut leases = tokio::time::interval(LEASE_EVERY);
         let mut publish = tokio::time::interval(PUBLISH_EVERY);
-        // Building a snapshot stops routing for as long as it takes (about
-        // 0.4 s with 100,000 keys): it is built at most once per ten times
-        // that, so the coordinator spends at most a tenth of its time on it.
+        // Building a snapshot stops routing for as long as it takes: see
+        // `next_publish`.
         let mut publish_after = Instant::now();
         loop {
             let effects = tokio::select! {
@@ -96,8 +98,7 @@ impl Driver {
                     let began = Instant::now();
                     if began >= publish_after && coordinator.take_dirty() {
                         self.published.publish(coordinator.snapshot());
-                        let took = began.elapsed();
-                        publish_after = began + took * 10;
+                        publish_after = next_publish(began, began.elapsed());
                         slow("snapshot", began, self.lease_ttl);
                     }
                     continue;
@@ -121,6 +122,18 @@ impl Driver {
         }
         coordinator.close();
     }
+}
+
+/// When the next snapshot may be built, after one that began at `began`
+/// and took `took`. A build stops routing for as long as it takes (most
+/// reuse what the last one built and take microseconds; a full one after a
+/// large sync takes seconds at 100,000 keys), so the next waits ten times
+/// that: the coordinator spends at most a tenth of its time on snapshots.
+/// But the admin API, `/readyz` and rollout analysis read the snapshot, so
+/// the wait is capped at [`STALE_AT_MOST`], or twice the build when that is
+/// longer (a third of the time, and only while builds are that slow).
+fn next_publish(began: Instant, took: Duration) -> Instant {
+    began + (took * 10).min(STALE_AT_MOST.max(took * 2))
 }
 
 /// Logs a coordinator step that held up everything else for long: a tenth
@@ -153,4 +166,22 @@ fn forward<T: Send + 'static>(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_snapshot_holds_off_the_next_for_ten_times_as_long_within_a_cap() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        // Cheap builds: ten times their cost.
+        assert_eq!(next_publish(t, ms(1)), t + ms(10));
+        assert_eq!(next_publish(t, ms(400)), t + ms(4_000));
+        // Slower: the cap bounds how stale readers get.
+        assert_eq!(next_publish(t, ms(2_700)), t + ms(5_400));
+        assert_eq!(next_publish(t, ms(1_000)), t + STALE_AT_MOST);
+        assert_eq!(next_publish(t, ms(6_000)), t + ms(12_000));
+    }
 }
