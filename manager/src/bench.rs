@@ -272,6 +272,9 @@ impl Routing {
     fn step(&mut self, input: Input) {
         for effect in self.coordinator.step(input, self.now) {
             match effect {
+                // The benchmark's types are watched when its runtimes
+                // declare them.
+                Effect::Resolve(_) => {}
                 Effect::Watch(g) => {
                     let key = g.key();
                     for obj in self.objects.clone() {

@@ -26,7 +26,7 @@ mod snapshot;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -94,6 +94,9 @@ pub(crate) enum Input {
     },
     /// Time passed: leases may have run out.
     Tick,
+    /// A type a mesh declares, found in the API server's discovery (the
+    /// answer to [`Effect::Resolve`]).
+    Resolved(Gvk),
 }
 
 /// What the driver must do for the coordinator.
@@ -101,6 +104,11 @@ pub(crate) enum Input {
 pub(crate) enum Effect {
     /// Start watching this type and feed its events back as [`Input::Object`].
     Watch(Gvk),
+    /// Find this type (its plural and scope) in the API server's discovery
+    /// and answer with [`Input::Resolved`], so its watch starts before any
+    /// runtime declares it. Without an answer, the first runtime's hello
+    /// starts it.
+    Resolve(crate::crd::TypeRef),
 }
 
 /// A session the coordinator accepted.
@@ -178,6 +186,8 @@ pub(crate) struct Coordinator {
     sessions: HashMap<PodId, Session>,
     store: Store,
     watches: HashMap<String, WatchState>,
+    /// Types declared by a mesh that were sent to be resolved, by key.
+    resolving: HashSet<String>,
     /// Every namespace's labels (shared with the published snapshot).
     namespaces: Arc<HashMap<String, Labels>>,
     namespaces_synced: bool,
@@ -232,6 +242,7 @@ impl Input {
             Input::Disconnect { .. } => "disconnect",
             Input::Released { .. } => "released",
             Input::Tick => "tick",
+            Input::Resolved(_) => "type resolved",
         }
     }
 }
@@ -250,6 +261,7 @@ impl Coordinator {
             sessions: HashMap::new(),
             store: HashMap::new(),
             watches: HashMap::new(),
+            resolving: HashSet::new(),
             namespaces: Arc::default(),
             namespaces_synced: false,
             namespaces_error: None,
@@ -347,6 +359,7 @@ impl Coordinator {
             }
             Input::Released { holder, keys } => self.released(&holder, keys),
             Input::Tick => self.tick(),
+            Input::Resolved(gvk) => self.ensure_watch(&gvk),
         }
         self.flush();
         std::mem::take(&mut self.effects)
@@ -373,6 +386,21 @@ impl Coordinator {
             self.place_everywhere();
         }
         self.expire();
+    }
+
+    /// Asks for the types `spec` declares that are not watched yet to be
+    /// resolved, each once.
+    fn resolve_declared(&mut self, spec: &crate::crd::OperatorMeshSpec) {
+        let declared = spec
+            .controllers
+            .iter()
+            .flat_map(|c| std::iter::once(&c.primary).chain(&c.owns));
+        for t in declared {
+            let key = t.key();
+            if !self.watches.contains_key(&key) && self.resolving.insert(key) {
+                self.effects.push(Effect::Resolve(t.clone()));
+            }
+        }
     }
 
     fn ensure_watch(&mut self, gvk: &Gvk) {

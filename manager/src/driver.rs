@@ -23,6 +23,13 @@ use crate::{
 const LEASE_EVERY: Duration = Duration::from_millis(50);
 /// How often the snapshot is refreshed when something changed.
 const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+/// How long a type a mesh declares is looked for in discovery (a CRD
+/// may be installed after the mesh); after that, the first runtime that
+/// declares it starts its watch.
+const RESOLVE_FOR: Duration = Duration::from_secs(600);
+/// The longest wait between two looks.
+const RESOLVE_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 /// How long a slow snapshot build may hold off the next one, unless the
 /// build itself took longer than half of it.
 const STALE_AT_MOST: Duration = Duration::from_secs(5);
@@ -106,6 +113,9 @@ impl Driver {
             };
             for effect in effects {
                 match effect {
+                    Effect::Resolve(t) => {
+                        watches.push(Task::spawn(resolve(self.client.clone(), t, tx.clone())));
+                    }
                     Effect::Watch(gvk) => {
                         let key = gvk.key();
                         watches.push(forward(
@@ -121,6 +131,31 @@ impl Driver {
             }
         }
         coordinator.close();
+    }
+}
+
+/// Looks `t` up in discovery until it is found or [`RESOLVE_FOR`] has
+/// passed, and hands it to the coordinator.
+async fn resolve(client: kube::Client, t: crate::crd::TypeRef, tx: mpsc::Sender<Input>) {
+    let key = t.key();
+    let give_up = Instant::now() + RESOLVE_FOR;
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match watch::resolve(&client, &t).await {
+            Ok(gvk) => {
+                let _ = tx.send(Input::Resolved(gvk)).await;
+                return;
+            }
+            Err(e) if Instant::now() >= give_up => {
+                tracing::warn!(gvk = %key, error = %e, "a type a mesh declares is still not served by the API server; its watch starts when a runtime declares it");
+                return;
+            }
+            Err(e) => {
+                tracing::info!(gvk = %key, error = %e, retry_in = ?wait, "a type a mesh declares is not in the API server's discovery (yet)");
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RESOLVE_BACKOFF_MAX);
     }
 }
 

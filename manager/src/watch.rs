@@ -53,6 +53,23 @@ pub(crate) fn objects(
     })
 }
 
+/// Finds `t` in the API server's discovery: its plural and scope.
+pub(crate) async fn resolve(client: &Client, t: &crate::crd::TypeRef) -> Result<Gvk, kube::Error> {
+    let (group, version) = t
+        .api_version
+        .rsplit_once('/')
+        .unwrap_or(("", t.api_version.as_str()));
+    let gvk = kube::api::GroupVersionKind::gvk(group, version, &t.kind);
+    let (resource, caps) = kube::discovery::pinned_kind(client, &gvk).await?;
+    Ok(Gvk {
+        group: resource.group,
+        version: resource.version,
+        kind: resource.kind,
+        plural: resource.plural,
+        namespaced: caps.scope == kube::discovery::Scope::Namespaced,
+    })
+}
+
 /// Namespaces, for their labels.
 pub(crate) fn namespaces(
     client: Client,

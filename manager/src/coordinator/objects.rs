@@ -252,6 +252,9 @@ impl Coordinator {
                         mesh.policy = Some(Arc::new(p));
                         mesh.invalid = None;
                         mesh.spec_in_force = fingerprint;
+                        // Its objects are listed before its first runtime
+                        // comes, not after.
+                        self.resolve_declared(&effective);
                     }
                     Err(e) => {
                         // The last valid policy stays in force.

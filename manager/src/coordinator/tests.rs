@@ -210,3 +210,37 @@ fn a_manager_without_meshes_becomes_ready_once_earlier_leases_ran_out() {
     assert!(c.take_dirty(), "nothing would publish the change");
     assert!(c.snapshot().synced);
 }
+
+#[test]
+fn a_mesh_s_types_are_watched_before_any_runtime_declares_them() {
+    use std::{sync::Arc, time::Instant};
+
+    use super::{Coordinator, Effect, Input};
+    use crate::{crd::OperatorMesh, gvk::Gvk, watch::WatchEvent};
+
+    let now = Instant::now();
+    let mut c = Coordinator::new(TTL, now);
+    let mesh = |name: &str, weight: u8| {
+        let mut om = OperatorMesh::new(name, fixtures::spec(weight, false, false, false));
+        om.metadata.namespace = Some(MESH_NS.into());
+        Input::Mesh(WatchEvent::Apply(Arc::new(om)))
+    };
+    let declared = fixtures::spec(0, false, false, false).controllers[0]
+        .primary
+        .clone();
+    // The mesh alone asks for its type to be found in discovery.
+    assert_eq!(
+        c.step(mesh("mesh", 0), now),
+        vec![Effect::Resolve(declared)]
+    );
+    // A new spec, and a second mesh of the same type, ask nothing more.
+    assert!(c.step(mesh("mesh", 50), now).is_empty());
+    assert!(c.step(mesh("other", 0), now).is_empty());
+    // Found: its watch starts, once.
+    let widget = Gvk::from(&fixtures::gvk());
+    assert_eq!(
+        c.step(Input::Resolved(widget.clone()), now),
+        vec![Effect::Watch(widget.clone())]
+    );
+    assert!(c.step(Input::Resolved(widget), now).is_empty());
+}

@@ -80,6 +80,11 @@ impl Sim {
     fn step(&mut self, input: Input) {
         for effect in self.coordinator.step(input, self.now) {
             match effect {
+                // Discovery knows the type: its watch starts now.
+                Effect::Resolve(t) => {
+                    assert_eq!(t.key(), gvk().key());
+                    self.step(Input::Resolved(crate::gvk::Gvk::from(&gvk())));
+                }
                 Effect::Watch(g) => {
                     assert_eq!(g.key(), gvk().key());
                     self.watching = true;
