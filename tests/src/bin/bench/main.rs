@@ -75,6 +75,10 @@ struct Args {
 }
 
 fn args() -> anyhow::Result<Args> {
+    const USAGE: &str = "usage: opmesh-bench [--keys N] [--concurrency N] [--cache-only] \
+        [--egress] [--scale | --scale-objects N] [--runs N]\n\n\
+        Without --egress or --scale: baselines, cold start, handoff, latency and failover, once.\n\
+        --runs N repeats the --egress and --scale measurements (see docs/benchmarks.md).";
     let mut keys = 10_000;
     let mut cache_only = false;
     let mut concurrency = 4;
@@ -98,9 +102,11 @@ fn args() -> anyhow::Result<Args> {
             "--concurrency" => {
                 concurrency = it.next().context("--concurrency needs a number")?.parse()?
             }
-            other => anyhow::bail!(
-                "unknown argument {other}; usage: opmesh-bench [--keys N] [--concurrency N] [--cache-only] [--egress] [--scale | --scale-objects N] [--runs N]"
-            ),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => anyhow::bail!("unknown argument {other}\n{USAGE}"),
         }
     }
     Ok(Args {
