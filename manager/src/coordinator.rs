@@ -97,6 +97,14 @@ pub(crate) enum Input {
     /// A type a mesh declares, found in the API server's discovery (the
     /// answer to [`Effect::Resolve`]).
     Resolved(Gvk),
+    /// A type a mesh declares is not in the API server's discovery (yet):
+    /// the answer to [`Effect::Resolve`] while it is looked for again.
+    Unresolved {
+        /// The type's key.
+        key: String,
+        /// Why, for the mesh's status.
+        error: String,
+    },
 }
 
 /// What the driver must do for the coordinator.
@@ -105,9 +113,9 @@ pub(crate) enum Effect {
     /// Start watching this type and feed its events back as [`Input::Object`].
     Watch(Gvk),
     /// Find this type (its plural and scope) in the API server's discovery
-    /// and answer with [`Input::Resolved`], so its watch starts before any
-    /// runtime declares it. Without an answer, the first runtime's hello
-    /// starts it.
+    /// and answer with [`Input::Resolved`], or [`Input::Unresolved`] each
+    /// time it is not there yet, so its watch starts before any runtime
+    /// declares it. A runtime's hello starts a watch that is still missing.
     Resolve(crate::crd::TypeRef),
 }
 
@@ -171,6 +179,8 @@ struct Expiring {
 }
 
 struct WatchState {
+    /// The type watched.
+    gvk: Gvk,
     synced: bool,
     /// The last error, until the watch lists or delivers again.
     error: Option<String>,
@@ -188,6 +198,9 @@ pub(crate) struct Coordinator {
     watches: HashMap<String, WatchState>,
     /// Types declared by a mesh that were sent to be resolved, by key.
     resolving: HashSet<String>,
+    /// Types declared by a mesh that discovery does not know (yet), by
+    /// key: why.
+    unresolved: HashMap<String, String>,
     /// Every namespace's labels (shared with the published snapshot).
     namespaces: Arc<HashMap<String, Labels>>,
     namespaces_synced: bool,
@@ -243,6 +256,7 @@ impl Input {
             Input::Released { .. } => "released",
             Input::Tick => "tick",
             Input::Resolved(_) => "type resolved",
+            Input::Unresolved { .. } => "type not resolved",
         }
     }
 }
@@ -262,6 +276,7 @@ impl Coordinator {
             store: HashMap::new(),
             watches: HashMap::new(),
             resolving: HashSet::new(),
+            unresolved: HashMap::new(),
             namespaces: Arc::default(),
             namespaces_synced: false,
             namespaces_error: None,
@@ -359,7 +374,19 @@ impl Coordinator {
             }
             Input::Released { holder, keys } => self.released(&holder, keys),
             Input::Tick => self.tick(),
-            Input::Resolved(gvk) => self.ensure_watch(&gvk),
+            Input::Resolved(gvk) => {
+                self.ensure_watch(&gvk);
+                let ids: Vec<MeshId> = self.meshes.keys().cloned().collect();
+                for id in ids {
+                    self.adopt_declared(&id);
+                }
+            }
+            Input::Unresolved { key, error } => {
+                if !self.watches.contains_key(&key) {
+                    self.dirty = true;
+                    self.unresolved.insert(key, error);
+                }
+            }
         }
         self.flush();
         std::mem::take(&mut self.effects)
@@ -403,15 +430,58 @@ impl Coordinator {
         }
     }
 
+    /// Routes the types mesh `id`'s spec declares that the manager
+    /// watches, without waiting for a runtime to declare them: its keys are
+    /// counted, and placed once its replicas come. (A runtime joins only if
+    /// it runs every controller the spec declares.)
+    pub(super) fn adopt_declared(&mut self, id: &MeshId) {
+        let Some(mesh) = self.meshes.get_mut(id) else {
+            return;
+        };
+        let Some(policy) = mesh.policy.clone() else {
+            return;
+        };
+        let mut added = Vec::new();
+        for (primary, owns) in policy.declared().controllers() {
+            if let Some(w) = self.watches.get(primary)
+                && !mesh.primaries.contains_key(primary)
+            {
+                mesh.primaries.insert(primary.clone(), w.gvk.clone());
+                added.push(primary.clone());
+            }
+            for owned in owns {
+                if let Some(w) = self.watches.get(owned)
+                    && !mesh.owns.contains_key(owned)
+                {
+                    mesh.owns.insert(owned.clone(), w.gvk.clone());
+                    added.push(owned.clone());
+                }
+            }
+        }
+        if added.is_empty() {
+            return;
+        }
+        self.dirty = true;
+        for key in added {
+            self.index_cached(id, &key);
+        }
+        self.reapportion(id);
+        self.place_all(id);
+    }
+
     fn ensure_watch(&mut self, gvk: &Gvk) {
         let key = gvk.key();
         if self.watches.contains_key(&key) {
             return;
         }
         tracing::info!(gvk = %key, "starting watch");
+        // From here on, the watch reports its own errors.
+        self.unresolved.remove(&key);
+        self.dirty = true;
         self.watches.insert(
             key,
             WatchState {
+                gvk: gvk.clone(),
                 synced: false,
                 error: None,
             },

@@ -23,11 +23,8 @@ use crate::{
 const LEASE_EVERY: Duration = Duration::from_millis(50);
 /// How often the snapshot is refreshed when something changed.
 const PUBLISH_EVERY: Duration = Duration::from_millis(500);
-/// How long a type a mesh declares is looked for in discovery (a CRD
-/// may be installed after the mesh); after that, the first runtime that
-/// declares it starts its watch.
-const RESOLVE_FOR: Duration = Duration::from_secs(600);
-/// The longest wait between two looks.
+/// The longest wait between two looks for a type a mesh declares that
+/// discovery does not know (its CRD may be installed after the mesh).
 const RESOLVE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// How long a slow snapshot build may hold off the next one, unless the
@@ -134,25 +131,31 @@ impl Driver {
     }
 }
 
-/// Looks `t` up in discovery until it is found or [`RESOLVE_FOR`] has
-/// passed, and hands it to the coordinator.
+/// Looks `t` up in discovery until it is found, and hands it to the
+/// coordinator; says why each time it is not there.
 async fn resolve(client: kube::Client, t: crate::crd::TypeRef, tx: mpsc::Sender<Input>) {
     let key = t.key();
-    let give_up = Instant::now() + RESOLVE_FOR;
     let mut wait = Duration::from_secs(1);
     loop {
-        match watch::resolve(&client, &t).await {
+        let input = match watch::resolve(&client, &t).await {
             Ok(gvk) => {
                 let _ = tx.send(Input::Resolved(gvk)).await;
                 return;
             }
-            Err(e) if Instant::now() >= give_up => {
-                tracing::warn!(gvk = %key, error = %e, "a type a mesh declares is still not served by the API server; its watch starts when a runtime declares it");
-                return;
-            }
             Err(e) => {
                 tracing::info!(gvk = %key, error = %e, retry_in = ?wait, "a type a mesh declares is not in the API server's discovery (yet)");
+                Input::Unresolved {
+                    key: key.clone(),
+                    error: format!(
+                        "{} {} is not served by the API server ({e}); install its CRD, or fix \
+                         spec.controllers",
+                        t.api_version, t.kind
+                    ),
+                }
             }
+        };
+        if tx.send(input).await.is_err() {
+            return;
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(RESOLVE_BACKOFF_MAX);

@@ -211,6 +211,12 @@ impl Placement {
 // === impl Declared ===
 
 impl Declared {
+    /// Each declared controller: its primary type key and its owned type
+    /// keys.
+    pub(crate) fn controllers(&self) -> impl Iterator<Item = (&String, &BTreeSet<String>)> {
+        self.0.iter()
+    }
+
     /// Why a runtime whose operator runs `controllers` (primary type key,
     /// owned type keys) may not join, if it may not. The mesh declares the
     /// types it routes: each controller must be one of spec.controllers,

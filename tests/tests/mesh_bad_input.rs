@@ -470,3 +470,83 @@ async fn a_hello_declaring_secrets_for_a_mesh_of_configmaps_is_refused() -> anyh
     assert_eq!(code, tonic::Code::Ok, "{message}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_mesh_of_a_type_not_installed_says_so_and_routes_once_it_is() -> anyhow::Result<()> {
+    let w = World::new("notyet").await?;
+    // A type of this test's own: its CRD comes after the mesh.
+    let group = format!("{}.example.opmesh.io", w.tag);
+    let api_version = format!("{group}/v1");
+    let mut spec = w.mesh_spec(
+        json!({"weights": [{"subset": "v1", "weight": 100}]}),
+        &["v1"],
+    );
+    spec["controllers"] = json!([{"primary": {"apiVersion": api_version, "kind": "Gadget"}}]);
+    apply_mesh(&w.client, &w.ns, "mesh", spec).await?;
+
+    let (status, _, message) = eventually("Ready=False WatchFailed", TIMEOUT, || async {
+        Ok(w.condition("Ready")
+            .await?
+            .filter(|(_, r, _)| r == "WatchFailed"))
+    })
+    .await?;
+    assert_eq!(status, "False");
+    assert!(
+        message.contains(&format!(
+            "{api_version} Gadget is not served by the API server"
+        )) && message.contains("install its CRD"),
+        "{message}"
+    );
+
+    w.cp.install_crd_yaml(&format!(
+        r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gadgets.{group}
+spec:
+  group: {group}
+  scope: Namespaced
+  names: {{plural: gadgets, singular: gadget, kind: Gadget, listKind: GadgetList}}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}
+"#
+    ))
+    .await?;
+    let ns = w.object_namespace("notyet-data", &[]).await?;
+    let gadgets: Api<DynamicObject> = Api::namespaced_with(
+        w.client.clone(),
+        &ns,
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk(&group, "v1", "Gadget"),
+            "gadgets",
+        ),
+    );
+    for i in 0..3 {
+        let g: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": api_version, "kind": "Gadget",
+            "metadata": {"name": format!("gadget-{i}"), "namespace": ns},
+        }))?;
+        gadgets.create(&Default::default(), &g).await?;
+    }
+    // No replica has come, yet the mesh routes its keys and says what is
+    // missing now.
+    let shares = w.observed_shares(3).await?;
+    assert_eq!(shares["v1"].0, 3, "{shares:?}");
+    let (status, reason, message) = eventually("Ready=False NoReplicas", TIMEOUT, || async {
+        Ok(w.condition("Ready")
+            .await?
+            .filter(|(_, r, _)| r != "WatchFailed"))
+    })
+    .await?;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "NoReplicas"),
+        "{message}"
+    );
+    Ok(())
+}

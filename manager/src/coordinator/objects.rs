@@ -255,6 +255,7 @@ impl Coordinator {
                         // Its objects are listed before its first runtime
                         // comes, not after.
                         self.resolve_declared(&effective);
+                        self.adopt_declared(&id);
                     }
                     Err(e) => {
                         // The last valid policy stays in force.

@@ -159,6 +159,17 @@ impl Coordinator {
                 Some((key, err))
             })
             .collect();
+        // Declared types the manager cannot watch yet, for lack of them in
+        // discovery.
+        if let Some(policy) = &mesh.policy {
+            for (primary, owns) in policy.declared().controllers() {
+                for key in std::iter::once(primary).chain(owns) {
+                    if let Some(e) = self.unresolved.get(key) {
+                        watch_errors.push((key.clone(), e.clone()));
+                    }
+                }
+            }
+        }
         if let Some(e) = &self.namespaces_error {
             watch_errors.push(("/v1/Namespace".into(), e.clone()));
         }

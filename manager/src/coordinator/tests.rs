@@ -212,19 +212,20 @@ fn a_manager_without_meshes_becomes_ready_once_earlier_leases_ran_out() {
 }
 
 #[test]
-fn a_mesh_s_types_are_watched_before_any_runtime_declares_them() {
+fn a_mesh_s_types_are_watched_and_routed_before_any_runtime_declares_them() {
     use std::{sync::Arc, time::Instant};
 
     use super::{Coordinator, Effect, Input};
-    use crate::{crd::OperatorMesh, gvk::Gvk, watch::WatchEvent};
+    use crate::{crd::OperatorMesh, gvk::Gvk, id::MeshId, watch::WatchEvent};
 
-    let now = Instant::now();
+    let mut now = Instant::now();
     let mut c = Coordinator::new(TTL, now);
     let mesh = |name: &str, weight: u8| {
         let mut om = OperatorMesh::new(name, fixtures::spec(weight, false, false, false));
         om.metadata.namespace = Some(MESH_NS.into());
         Input::Mesh(WatchEvent::Apply(Arc::new(om)))
     };
+    let id = MeshId::new(MESH_NS.to_string(), "mesh".to_string());
     let declared = fixtures::spec(0, false, false, false).controllers[0]
         .primary
         .clone();
@@ -236,11 +237,71 @@ fn a_mesh_s_types_are_watched_before_any_runtime_declares_them() {
     // A new spec, and a second mesh of the same type, ask nothing more.
     assert!(c.step(mesh("mesh", 50), now).is_empty());
     assert!(c.step(mesh("other", 0), now).is_empty());
-    // Found: its watch starts, once.
+
+    // Not served yet (its CRD is missing): the mesh's status says so.
+    let key = Gvk::from(&fixtures::gvk()).key();
+    c.step(
+        Input::Unresolved {
+            key: key.clone(),
+            error: "example.com/v1 Widget is not served by the API server".into(),
+        },
+        now,
+    );
+    let errors = c.snapshot().meshes[&id].watch_errors.clone();
+    assert_eq!(
+        errors,
+        vec![(
+            key.clone(),
+            "example.com/v1 Widget is not served by the API server".to_string()
+        )]
+    );
+
+    // Found: its watch starts, once, and the error is gone.
     let widget = Gvk::from(&fixtures::gvk());
     assert_eq!(
         c.step(Input::Resolved(widget.clone()), now),
         vec![Effect::Watch(widget.clone())]
     );
     assert!(c.step(Input::Resolved(widget), now).is_empty());
+    assert!(c.snapshot().meshes[&id].watch_errors.is_empty());
+
+    // Its objects are routed with no runtime yet: counted, and unowned
+    // until a replica of their subset joins.
+    let team = (String::new(), fixtures::namespace(0));
+    c.step(
+        Input::Namespace(WatchEvent::Apply(Arc::new((
+            team.clone(),
+            Default::default(),
+        )))),
+        now,
+    );
+    c.step(
+        Input::Namespace(WatchEvent::Relisted([team].into_iter().collect())),
+        now,
+    );
+    let mut present = std::collections::HashSet::new();
+    for o in 0..NAMES {
+        let obj = fixtures::object(0, o);
+        present.insert((fixtures::namespace(0), format!("app-{o}")));
+        c.step(
+            Input::Object {
+                gvk: key.clone(),
+                event: WatchEvent::Apply(obj),
+            },
+            now,
+        );
+    }
+    c.step(
+        Input::Object {
+            gvk: key,
+            event: WatchEvent::Relisted(present),
+        },
+        now,
+    );
+    now += TTL * 2;
+    c.step(Input::Tick, now);
+    let view = &c.snapshot().meshes[&id];
+    let routed: u64 = view.subsets.iter().map(|s| s.routed_keys).sum();
+    assert_eq!(routed, NAMES as u64, "every object's key is routed");
+    assert_eq!(view.unowned, NAMES, "and waits for a replica");
 }
