@@ -8,8 +8,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, ResourceExt as _};
 use opmesh_proto::v1::{
     ControllerTypes, GoodbyeReason, GroupVersionKind, Hello, LeaseRenewal, ManagerMessage,
-    RuntimeMessage, manager_message::Msg, mesh_service_server::MeshService,
-    runtime_message::Msg as In,
+    ObjectEvent, ObjectEvents, RuntimeMessage, manager_message::Msg,
+    mesh_service_server::MeshService, runtime_message::Msg as In,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,6 +35,9 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 const SESSION_INPUTS: usize = 1024;
 /// Messages taken from a pending set per write.
 const BATCH: usize = 256;
+/// About the most object bytes one `ObjectEvents` carries: far below the
+/// 4 MiB a gRPC client accepts by default. A larger object goes alone.
+const EVENTS_BYTES: usize = 1 << 20;
 /// The largest message a runtime may send: a hello with the most held keys
 /// it may report, of typical length. Larger ones are refused by gRPC
 /// (`OUT_OF_RANGE`) before anything else reads them.
@@ -194,6 +197,7 @@ impl MeshService for MeshServer {
             _ => return Err(Refusal::Malformed("the first message must be hello".into()).into()),
         };
         let pod = crate::id::PodId::new(&hello.pod_namespace, &hello.pod_name);
+        let batched = hello.accepts_event_batches;
         let slot = self.limits.session()?;
         let connected = match self.admit(hello).await {
             Ok(c) => c,
@@ -214,12 +218,19 @@ impl MeshService for MeshServer {
 
         // Writer: pending set -> stream. A bounded channel gives backpressure;
         // the pending set coalesces while the runtime is slow.
-        let (tx, rx) = mpsc::channel(64);
+        // Messages written but not yet on the wire wait ahead of a lease
+        // renewal, so the buffer holds about as many events either way.
+        let (tx, rx) = mpsc::channel(if batched { 2 } else { 64 });
         let core = self.core.clone();
         let (writer_holder, writer_pending) = (holder.clone(), pending.clone());
         let stuck_after = self.lease_ttl;
         tokio::spawn(async move {
             while let Some(batch) = writer_pending.next_batch(BATCH).await {
+                let batch = if batched {
+                    batch_events(batch, EVENTS_BYTES)
+                } else {
+                    batch
+                };
                 for msg in batch {
                     // A runtime that stops reading gets no renewal either,
                     // so its lease runs out; it is dropped then, and its keys
@@ -328,5 +339,115 @@ impl MeshService for MeshServer {
         });
 
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Merges each run of object events in `batch` into `ObjectEvents`
+/// messages of at most about `max_bytes` of objects, keeping the order of
+/// everything. A run of one stays an `ObjectEvent`.
+fn batch_events(batch: Vec<ManagerMessage>, max_bytes: usize) -> Vec<ManagerMessage> {
+    fn close(run: &mut Vec<ObjectEvent>, out: &mut Vec<ManagerMessage>) {
+        let msg = match run.len() {
+            0 => return,
+            1 => Msg::Event(run.pop().expect("one event")),
+            _ => Msg::Events(ObjectEvents {
+                events: std::mem::take(run),
+            }),
+        };
+        out.push(ManagerMessage { msg: Some(msg) });
+    }
+    let mut out = Vec::with_capacity(batch.len());
+    let (mut run, mut bytes) = (Vec::new(), 0);
+    for m in batch {
+        match m.msg {
+            Some(Msg::Event(ev)) => {
+                if bytes + ev.object.len() > max_bytes {
+                    close(&mut run, &mut out);
+                    bytes = 0;
+                }
+                bytes += ev.object.len();
+                run.push(ev);
+            }
+            other => {
+                close(&mut run, &mut out);
+                bytes = 0;
+                out.push(ManagerMessage { msg: other });
+            }
+        }
+    }
+    close(&mut run, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use opmesh_proto::v1::Synced;
+
+    use super::*;
+
+    fn event(key: &str, size: usize) -> ManagerMessage {
+        ManagerMessage {
+            msg: Some(Msg::Event(ObjectEvent {
+                key: key.into(),
+                object: vec![b' '; size],
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn synced() -> ManagerMessage {
+        ManagerMessage {
+            msg: Some(Msg::Synced(Synced {})),
+        }
+    }
+
+    /// The keys of each message: events' keys, or "synced".
+    fn shape(batch: &[ManagerMessage]) -> Vec<Vec<String>> {
+        batch
+            .iter()
+            .map(|m| match &m.msg {
+                Some(Msg::Event(e)) => vec![e.key.clone()],
+                Some(Msg::Events(es)) => es.events.iter().map(|e| e.key.clone()).collect(),
+                _ => vec!["synced".into()],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runs_of_events_travel_together_in_order_and_within_the_size() {
+        let batch = vec![
+            event("a", 10),
+            event("b", 10),
+            event("c", 10),
+            synced(),
+            event("d", 10),
+            synced(),
+            event("e", 600),
+            event("f", 600),
+            event("g", 2_000),
+            event("h", 10),
+        ];
+        let out = batch_events(batch, 1_000);
+        let s = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            shape(&out),
+            vec![
+                s(&["a", "b", "c"]),
+                s(&["synced"]),
+                s(&["d"]),
+                s(&["synced"]),
+                // 1,200 bytes would exceed the size: two messages.
+                s(&["e"]),
+                s(&["f"]),
+                // Larger than the size on its own: alone.
+                s(&["g"]),
+                s(&["h"]),
+            ]
+        );
+        assert!(
+            matches!(out[2].msg, Some(Msg::Event(_))),
+            "a run of one stays an event"
+        );
+        assert!(matches!(out[0].msg, Some(Msg::Events(_))));
     }
 }

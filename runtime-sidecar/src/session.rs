@@ -194,6 +194,7 @@ async fn session(
             .iter()
             .map(|key| opmesh_proto::v1::HeldKey { key: key.clone() })
             .collect(),
+        accepts_event_batches: true,
     };
     let hello_sent = Instant::now();
     // The channel is fresh, so this cannot fail.
@@ -398,6 +399,11 @@ fn on_message(
 ) {
     match msg.msg {
         Some(Msg::Event(ev)) => rt.on_event(ev),
+        Some(Msg::Events(batch)) => {
+            for ev in batch.events {
+                rt.on_event(ev);
+            }
+        }
         Some(Msg::Synced(_)) => rt.on_synced(),
         Some(Msg::Revoke(r)) => {
             rt.revoke(&r.keys);
@@ -529,5 +535,73 @@ mod tests {
             Some(sent + Duration::from_secs(3))
         );
         assert!(renewed_until(&sent_at, 8, 3000).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_events_applies_like_the_events_one_by_one() {
+        use opmesh_proto::v1::{
+            GroupVersionKind, ObjectEvent, ObjectEvents, Synced, Welcome, object_event::Type,
+        };
+        let rt = Arc::new(Runtime::for_test(&[]));
+        rt.welcomed(
+            &Welcome {
+                runtime_id: "ops/op-0".into(),
+                subset: "v1".into(),
+                lease_ttl_ms: 3_600_000,
+            },
+            Instant::now(),
+            &[],
+        );
+        let gvk = GroupVersionKind {
+            version: "v1".into(),
+            kind: "ConfigMap".into(),
+            ..Default::default()
+        };
+        let event = |name: &str, ty: Type, body: &str| ObjectEvent {
+            key: opmesh_proto::mesh_key("", "v1", "ConfigMap", Some("ns"), name),
+            r#type: ty as i32,
+            gvk: Some(gvk.clone()),
+            namespace: "ns".into(),
+            name: name.into(),
+            object: body.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let (tx, _rx) = mpsc::channel(8);
+        let mut tasks = JoinSet::new();
+        let sent_at = SentAt::default();
+        let mut apply = |msg| {
+            on_message(
+                &rt,
+                ManagerMessage { msg: Some(msg) },
+                &sent_at,
+                &tx,
+                Duration::from_secs(3),
+                &mut tasks,
+            )
+        };
+        // In order: b's second state wins, and c is gone again.
+        apply(Msg::Events(ObjectEvents {
+            events: vec![
+                event("a", Type::Applied, r#"{"v":1}"#),
+                event("b", Type::Applied, r#"{"v":1}"#),
+                event("b", Type::Applied, r#"{"v":2}"#),
+                event("c", Type::Applied, r#"{"v":1}"#),
+                event("c", Type::Deleted, ""),
+            ],
+        }));
+        apply(Msg::Synced(Synced {}));
+        let primary = |name: &str| {
+            rt.primary(&opmesh_proto::mesh_key(
+                "",
+                "v1",
+                "ConfigMap",
+                Some("ns"),
+                name,
+            ))
+            .map(|(o, _)| String::from_utf8(o).unwrap())
+        };
+        assert_eq!(primary("a").as_deref(), Some(r#"{"v":1}"#));
+        assert_eq!(primary("b").as_deref(), Some(r#"{"v":2}"#));
+        assert_eq!(primary("c"), None);
     }
 }

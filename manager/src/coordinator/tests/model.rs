@@ -384,6 +384,11 @@ impl Sim {
                         rt.to_release.push(k);
                     }
                 }
+                Some(Msg::Events(_)) => {
+                    unreachable!(
+                        "the coordinator queues events one by one; its session writer batches them"
+                    )
+                }
                 Some(Msg::Welcome(_) | Msg::Synced(_) | Msg::Lease(_)) | None => {}
             }
         }
