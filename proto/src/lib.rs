@@ -8,6 +8,7 @@
 //! - [`gvk_key`]: how a resource type is named in caches, by the manager,
 //!   the runtime and the SDK alike; [`mesh_key`] and [`parse_key`]: how a
 //!   key names a primary object and its type.
+//! - [`batch`]: how messages travel several to one, without waiting.
 //! - [`env`]: the runtime sidecar's environment variables, used by the
 //!   runtime's flags, the SDK, `deploy/` and the tests.
 //!
@@ -21,6 +22,7 @@ pub mod v1 {
     tonic::include_proto!("opmesh.v1");
 }
 
+pub mod batch;
 pub mod env;
 
 /// The key a resource type is indexed by everywhere: `group/version/Kind`,

@@ -22,6 +22,9 @@ const LIST_PAGE_BYTES: usize = 1024 * 1024;
 /// The most tasks one `TaskBatch` carries. Tasks are bounded by the
 /// operator's concurrency anyway; this only keeps a message small.
 const MAX_TASK_BATCH: usize = 256;
+/// About the most object bytes one `TaskBatch` carries, far below the
+/// 4 MiB a gRPC client accepts by default; a larger object goes alone.
+const MAX_TASK_BATCH_BYTES: usize = 1 << 20;
 
 /// Serves `RuntimeService` from the runtime's state.
 pub(crate) struct RuntimeServer {
@@ -128,7 +131,7 @@ impl RuntimeService for RuntimeServer {
         &self,
         request: Request<tonic::Streaming<CompletionBatch>>,
     ) -> Result<Response<Self::WorkStream>, Status> {
-        use futures::StreamExt as _;
+        use tokio_stream::StreamExt as _;
         let mut completions = request.into_inner();
         let (tx, rx) = mpsc::channel(self.task_capacity());
         let id = self.rt.attach_operator(tx.clone());
@@ -150,14 +153,18 @@ impl RuntimeService for RuntimeServer {
             server.rt.detach_operator(id);
         });
         // Whatever is ready when the stream is polled goes out as one batch.
-        let batches = ReceiverStream::new(rx)
-            .ready_chunks(MAX_TASK_BATCH)
-            .map(|tasks| {
-                tasks
-                    .into_iter()
-                    .collect::<Result<Vec<Task>, Status>>()
-                    .map(|tasks| TaskBatch { tasks })
-            });
+        let batches = opmesh_proto::batch::ready_batches(
+            ReceiverStream::new(rx),
+            MAX_TASK_BATCH,
+            MAX_TASK_BATCH_BYTES,
+            |t: &Result<Task, Status>| t.as_ref().map_or(0, |t| t.object.len() + t.key.len()),
+        )
+        .map(|tasks| {
+            tasks
+                .into_iter()
+                .collect::<Result<Vec<Task>, Status>>()
+                .map(|tasks| TaskBatch { tasks })
+        });
         Ok(Response::new(Box::pin(batches)))
     }
 

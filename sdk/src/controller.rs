@@ -35,6 +35,9 @@ pub const DEFAULT_SOCKET: &str = opmesh_proto::env::DEFAULT_RUNTIME_SOCKET;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most completions one `CompletionBatch` carries.
 const MAX_COMPLETION_BATCH: usize = 256;
+/// About the most bytes one `CompletionBatch` carries (error messages can
+/// be long), far below gRPC's 4 MiB default.
+const MAX_COMPLETION_BATCH_BYTES: usize = 1 << 20;
 
 /// A connection to this pod's runtime sidecar.
 #[derive(Clone, Debug)]
@@ -537,13 +540,17 @@ async fn open_work(
     client: &mut RuntimeServiceClient<Channel>,
     local: &crate::local::LocalCache,
 ) -> Result<(TaskSource, Completer)> {
-    use futures::StreamExt as _;
+    use tokio_stream::StreamExt as _;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     // Whatever completions are ready when the stream is polled go as one
     // batch.
-    let up = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
-        .ready_chunks(MAX_COMPLETION_BATCH)
-        .map(|completions| CompletionBatch { completions });
+    let up = opmesh_proto::batch::ready_batches(
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        MAX_COMPLETION_BATCH,
+        MAX_COMPLETION_BATCH_BYTES,
+        |c: &Completion| 32 + completion_error_len(c),
+    )
+    .map(|completions| CompletionBatch { completions });
     match client.work(up).await {
         Ok(down) => {
             return Ok((
@@ -572,6 +579,14 @@ async fn open_work(
         Completer::Unary(client.clone())
     };
     Ok((TaskSource::Single(tasks), completer))
+}
+
+/// The length of a completion's error message, if it has one.
+fn completion_error_len(c: &Completion) -> usize {
+    match &c.result {
+        Some(Outcome::Error(e)) => e.len(),
+        _ => 0,
+    }
 }
 
 /// Where tasks come from: batches on `Work`, or one at a time on `Tasks`.
