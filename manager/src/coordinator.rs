@@ -163,6 +163,8 @@ struct Session {
     pending: Arc<Pending>,
     needs_sync: bool,
     contact: Contact,
+    /// The type keys the runtime's hello declared (primaries and owned).
+    declared: HashSet<String>,
     /// Revoked keys not yet released, in the order the revokes were sent.
     revoked: std::collections::VecDeque<(Instant, String)>,
     /// The keys of `revoked` still waiting for a `Released`, and when each
@@ -376,13 +378,11 @@ impl Coordinator {
             Input::Tick => self.tick(),
             Input::Resolved(gvk) => {
                 self.ensure_watch(&gvk);
-                let ids: Vec<MeshId> = self.meshes.keys().cloned().collect();
-                for id in ids {
-                    self.adopt_declared(&id);
-                }
+                // Another mesh's watch may have listed it already.
+                self.adopt_everywhere();
             }
             Input::Unresolved { key, error } => {
-                if !self.watches.contains_key(&key) {
+                if !self.watches.contains_key(&key) && self.unresolved.get(&key) != Some(&error) {
                     self.dirty = true;
                     self.unresolved.insert(key, error);
                 }
@@ -430,43 +430,96 @@ impl Coordinator {
         }
     }
 
-    /// Routes the types mesh `id`'s spec declares that the manager
-    /// watches, without waiting for a runtime to declare them: its keys are
-    /// counted, and placed once its replicas come. (A runtime joins only if
-    /// it runs every controller the spec declares.)
-    pub(super) fn adopt_declared(&mut self, id: &MeshId) {
-        let Some(mesh) = self.meshes.get_mut(id) else {
-            return;
+    /// Routes the types mesh `id`'s spec declares, without waiting for a
+    /// runtime to declare them: its keys are counted, and placed once its
+    /// replicas come. A type is adopted once its watch has listed (until
+    /// then every key of the mesh would wait for it), an owned type with
+    /// its primary, and only while every runtime of the mesh declared it:
+    /// a runtime that joined under an earlier spec is not handed keys of a
+    /// type it does not run. Returns whether a type was adopted.
+    pub(super) fn adopt_declared(&mut self, id: &MeshId) -> bool {
+        let Some(mesh) = self.meshes.get(id) else {
+            return false;
         };
         let Some(policy) = mesh.policy.clone() else {
-            return;
+            return false;
         };
-        let mut added = Vec::new();
+        let listed = |key: &String| {
+            self.watches
+                .get(key)
+                .filter(|w| w.synced)
+                .map(|w| w.gvk.clone())
+        };
+        let every_runtime_runs = |key: &String| {
+            self.sessions
+                .values()
+                .filter(|s| s.mesh == *id)
+                .all(|s| s.declared.contains(key))
+        };
+        let mut adopt: Vec<(bool, String, Gvk)> = Vec::new();
         for (primary, owns) in policy.declared().controllers() {
-            if let Some(w) = self.watches.get(primary)
-                && !mesh.primaries.contains_key(primary)
-            {
-                mesh.primaries.insert(primary.clone(), w.gvk.clone());
-                added.push(primary.clone());
+            let primary_in = mesh.primaries.contains_key(primary);
+            if !primary_in {
+                match listed(primary) {
+                    Some(g) if every_runtime_runs(primary) => {
+                        adopt.push((true, primary.clone(), g));
+                    }
+                    _ => continue,
+                }
             }
             for owned in owns {
-                if let Some(w) = self.watches.get(owned)
-                    && !mesh.owns.contains_key(owned)
-                {
-                    mesh.owns.insert(owned.clone(), w.gvk.clone());
-                    added.push(owned.clone());
+                if mesh.owns.contains_key(owned) || !every_runtime_runs(owned) {
+                    continue;
+                }
+                if let Some(g) = listed(owned) {
+                    adopt.push((false, owned.clone(), g));
                 }
             }
         }
-        if added.is_empty() {
-            return;
+        if adopt.is_empty() {
+            return false;
+        }
+        let Some(mesh) = self.meshes.get_mut(id) else {
+            return false;
+        };
+        for (is_primary, key, g) in adopt {
+            tracing::info!(mesh = %id, gvk = %key, "routing a type the mesh declares");
+            if is_primary {
+                mesh.primaries.insert(key, g);
+            } else {
+                mesh.owns.insert(key, g);
+            }
         }
         self.dirty = true;
-        for key in added {
+        self.index_all_cached(id);
+        true
+    }
+
+    /// Indexes every cached object of every type mesh `id` routes: an
+    /// object of an owned type is indexed only once its primary's type is
+    /// routed, so a type added later may make earlier objects indexable.
+    /// Already indexed objects are skipped.
+    pub(super) fn index_all_cached(&mut self, id: &MeshId) {
+        let types: Vec<String> = self
+            .meshes
+            .get(id)
+            .map(|m| m.types().map(Gvk::key).collect())
+            .unwrap_or_default();
+        for key in types {
             self.index_cached(id, &key);
         }
-        self.reapportion(id);
-        self.place_all(id);
+    }
+
+    /// Adopts declared types into every mesh, placing the keys of each
+    /// mesh that adopted one.
+    fn adopt_everywhere(&mut self) {
+        let ids: Vec<MeshId> = self.meshes.keys().cloned().collect();
+        for id in ids {
+            if self.adopt_declared(&id) {
+                self.reapportion(&id);
+                self.place_all(&id);
+            }
+        }
     }
 
     fn ensure_watch(&mut self, gvk: &Gvk) {

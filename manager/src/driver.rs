@@ -28,7 +28,7 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(500);
 const RESOLVE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// How long a slow snapshot build may hold off the next one, unless the
-/// build itself took longer than half of it.
+/// build itself took longer than a third of it.
 const STALE_AT_MOST: Duration = Duration::from_secs(5);
 
 /// What the driver needs besides its inputs.
@@ -144,13 +144,22 @@ async fn resolve(client: kube::Client, t: crate::crd::TypeRef, tx: mpsc::Sender<
             }
             Err(e) => {
                 tracing::info!(gvk = %key, error = %e, retry_in = ?wait, "a type a mesh declares is not in the API server's discovery (yet)");
+                let what = format!("{} {}", t.api_version, t.kind);
+                let not_served = match &e {
+                    kube::Error::Discovery(_) => true,
+                    kube::Error::Api(status) => status.code == 404,
+                    _ => false,
+                };
                 Input::Unresolved {
                     key: key.clone(),
-                    error: format!(
-                        "{} {} is not served by the API server ({e}); install its CRD, or fix \
-                         spec.controllers",
-                        t.api_version, t.kind
-                    ),
+                    error: if not_served {
+                        format!(
+                            "{what} is not served by the API server ({e}); install its CRD, or \
+                             fix spec.controllers"
+                        )
+                    } else {
+                        format!("cannot look {what} up in the API server's discovery: {e}")
+                    },
                 }
             }
         };
@@ -168,10 +177,11 @@ async fn resolve(client: kube::Client, t: crate::crd::TypeRef, tx: mpsc::Sender<
 /// large sync takes seconds at 100,000 keys), so the next waits ten times
 /// that: the coordinator spends at most a tenth of its time on snapshots.
 /// But the admin API, `/readyz` and rollout analysis read the snapshot, so
-/// the wait is capped at [`STALE_AT_MOST`], or twice the build when that is
-/// longer (a third of the time, and only while builds are that slow).
+/// the wait is capped at [`STALE_AT_MOST`], or three times the build when
+/// that is longer (a third of the time, and only while builds take over
+/// 1.7 s).
 fn next_publish(began: Instant, took: Duration) -> Instant {
-    began + (took * 10).min(STALE_AT_MOST.max(took * 2))
+    began + (took * 10).min(STALE_AT_MOST.max(took * 3))
 }
 
 /// Logs a coordinator step that held up everything else for long: a tenth
@@ -218,8 +228,8 @@ mod tests {
         assert_eq!(next_publish(t, ms(1)), t + ms(10));
         assert_eq!(next_publish(t, ms(400)), t + ms(4_000));
         // Slower: the cap bounds how stale readers get.
-        assert_eq!(next_publish(t, ms(2_700)), t + ms(5_400));
+        assert_eq!(next_publish(t, ms(2_700)), t + ms(8_100));
         assert_eq!(next_publish(t, ms(1_000)), t + STALE_AT_MOST);
-        assert_eq!(next_publish(t, ms(6_000)), t + ms(12_000));
+        assert_eq!(next_publish(t, ms(6_000)), t + ms(18_000));
     }
 }

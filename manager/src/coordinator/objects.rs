@@ -51,6 +51,13 @@ impl Coordinator {
                     .get_mut(gvk)
                     .is_some_and(|w| !std::mem::replace(&mut w.synced, true));
                 if newly_synced {
+                    // Meshes that declare the type route it from now on.
+                    let ids: Vec<MeshId> = self.meshes.keys().cloned().collect();
+                    for id in ids {
+                        if self.adopt_declared(&id) {
+                            self.reapportion(&id);
+                        }
+                    }
                     self.place_everywhere();
                 }
             }
@@ -255,6 +262,7 @@ impl Coordinator {
                         // Its objects are listed before its first runtime
                         // comes, not after.
                         self.resolve_declared(&effective);
+                        // Placed below.
                         self.adopt_declared(&id);
                     }
                     Err(e) => {

@@ -69,8 +69,10 @@ impl Coordinator {
         for g in &wanted {
             self.ensure_watch(g);
         }
-        for gvk in declared {
-            self.index_cached(&id, &gvk);
+        if !declared.is_empty() {
+            // Objects of types declared before (owned ones waited for their
+            // primary) as well as the new ones.
+            self.index_all_cached(&id);
         }
         self.reapportion(&id);
 
@@ -108,6 +110,10 @@ impl Coordinator {
                 uid: pod_uid.to_string(),
                 pending: pending.clone(),
                 needs_sync: true,
+                declared: controller_keys(&controllers)
+                    .into_iter()
+                    .flat_map(|(p, owns)| std::iter::once(p).chain(owns))
+                    .collect(),
                 contact: contact.clone(),
                 revoked: Default::default(),
                 unreleased: Default::default(),

@@ -162,11 +162,14 @@ impl Coordinator {
         // Declared types the manager cannot watch yet, for lack of them in
         // discovery.
         if let Some(policy) = &mesh.policy {
-            for (primary, owns) in policy.declared().controllers() {
-                for key in std::iter::once(primary).chain(owns) {
-                    if let Some(e) = self.unresolved.get(key) {
-                        watch_errors.push((key.clone(), e.clone()));
-                    }
+            let declared: std::collections::BTreeSet<&String> = policy
+                .declared()
+                .controllers()
+                .flat_map(|(primary, owns)| std::iter::once(primary).chain(owns))
+                .collect();
+            for key in declared {
+                if let Some(e) = self.unresolved.get(key) {
+                    watch_errors.push((key.clone(), e.clone()));
                 }
             }
         }

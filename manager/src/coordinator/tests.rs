@@ -61,6 +61,9 @@ enum Op {
     Restart,
     /// The OperatorMesh is deleted and created again.
     Recreate,
+    /// Discovery answers the lookup of the mesh's type, if one is pending;
+    /// until then only a hello starts its watch.
+    Discover,
 }
 
 /// How often the property was actually exercised, over all cases.
@@ -90,6 +93,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0u64..1500).prop_map(Op::Advance),
         1 => Just(Op::Restart),
         1 => Just(Op::Recreate),
+        1 => Just(Op::Discover),
     ]
 }
 
@@ -304,4 +308,245 @@ fn a_mesh_s_types_are_watched_and_routed_before_any_runtime_declares_them() {
     let routed: u64 = view.subsets.iter().map(|s| s.routed_keys).sum();
     assert_eq!(routed, NAMES as u64, "every object's key is routed");
     assert_eq!(view.unowned, NAMES, "and waits for a replica");
+}
+
+/// A coordinator fed by hand, for the declared-type scenarios below.
+mod declared {
+    use std::{sync::Arc, time::Instant};
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use kube::api::{DynamicObject, ObjectMeta};
+    use opmesh_proto::v1::{GroupVersionKind, Hello, manager_message::Msg};
+    use tokio::sync::oneshot;
+
+    use super::{MESH_NS, TTL, fixtures};
+    use crate::{
+        coordinator::{Connected, Coordinator, Effect, Input},
+        crd::{OperatorMesh, OperatorMeshSpec, TypeRef},
+        gvk::Gvk,
+        id::MeshId,
+        object::RawObject,
+        watch::WatchEvent,
+    };
+
+    fn type_ref(api_version: &str, kind: &str) -> TypeRef {
+        TypeRef {
+            api_version: api_version.into(),
+            kind: kind.into(),
+        }
+    }
+
+    fn proto(group: &str, kind: &str, plural: &str) -> GroupVersionKind {
+        GroupVersionKind {
+            group: group.into(),
+            version: "v1".into(),
+            kind: kind.into(),
+            plural: plural.into(),
+            namespaced: true,
+        }
+    }
+
+    fn widget() -> GroupVersionKind {
+        fixtures::gvk()
+    }
+    fn config_map() -> GroupVersionKind {
+        proto("", "ConfigMap", "configmaps")
+    }
+    fn gizmo() -> GroupVersionKind {
+        proto("example.com", "Gizmo", "gizmos")
+    }
+
+    struct Harness {
+        c: Coordinator,
+        now: Instant,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let now = Instant::now();
+            let mut h = Self {
+                c: Coordinator::new(TTL, now),
+                now,
+            };
+            let team = (String::new(), fixtures::namespace(0));
+            h.step(Input::Namespace(WatchEvent::Apply(Arc::new((
+                team.clone(),
+                Default::default(),
+            )))));
+            h.step(Input::Namespace(WatchEvent::Relisted(
+                [team].into_iter().collect(),
+            )));
+            // Past any lease an earlier manager may have granted.
+            h.now += TTL * 2;
+            h.step(Input::Tick);
+            h
+        }
+
+        fn step(&mut self, input: Input) -> Vec<Effect> {
+            self.c.step(input, self.now)
+        }
+
+        fn apply(&mut self, spec: OperatorMeshSpec) -> Vec<Effect> {
+            let mut om = OperatorMesh::new("mesh", spec);
+            om.metadata.namespace = Some(MESH_NS.into());
+            self.step(Input::Mesh(WatchEvent::Apply(Arc::new(om))))
+        }
+
+        /// Discovery finds `g`, and its watch lists `objects`.
+        fn listed(&mut self, g: &GroupVersionKind, objects: Vec<Arc<RawObject>>) {
+            let gvk = Gvk::from(g);
+            self.step(Input::Resolved(gvk.clone()));
+            let mut present = std::collections::HashSet::new();
+            for o in objects {
+                present.insert((o.namespace().unwrap_or_default(), o.name_any()));
+                self.step(Input::Object {
+                    gvk: gvk.key(),
+                    event: WatchEvent::Apply(o),
+                });
+            }
+            self.step(Input::Object {
+                gvk: gvk.key(),
+                event: WatchEvent::Relisted(present),
+            });
+        }
+
+        fn connect(&mut self, pod: &str, owns: Vec<GroupVersionKind>) -> Connected {
+            let hello = Hello {
+                mesh_namespace: MESH_NS.into(),
+                mesh_name: "mesh".into(),
+                pod_namespace: MESH_NS.into(),
+                pod_name: pod.into(),
+                primary: Some(widget()),
+                owns,
+                ..Default::default()
+            };
+            let (reply, mut answer) = oneshot::channel();
+            self.step(Input::Connect {
+                hello: Box::new(hello),
+                pod_labels: fixtures::pod_labels(0),
+                pod_uid: String::new(),
+                reply,
+            });
+            answer.try_recv().unwrap().expect("the runtime joins")
+        }
+
+        /// The (type key, name) of every object event `c` was sent.
+        fn sent(c: &Connected) -> Vec<(String, String)> {
+            c.pending
+                .drain_now()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|m| match m.msg {
+                    Some(Msg::Event(e)) => {
+                        let g = Gvk::from(&e.gvk.unwrap_or_default());
+                        Some((g.key(), e.name))
+                    }
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    use kube::ResourceExt as _;
+
+    fn object(g: &GroupVersionKind, name: &str, owner: Option<&str>) -> Arc<RawObject> {
+        let api_version = Gvk::from(g).api_version();
+        Arc::new(RawObject::from(&DynamicObject {
+            types: Some(kube::api::TypeMeta {
+                api_version,
+                kind: g.kind.clone(),
+            }),
+            metadata: ObjectMeta {
+                namespace: Some(fixtures::namespace(0)),
+                name: Some(name.into()),
+                owner_references: owner.map(|o| {
+                    vec![OwnerReference {
+                        api_version: Gvk::from(&widget()).api_version(),
+                        kind: widget().kind,
+                        name: o.into(),
+                        uid: format!("uid-{o}"),
+                        controller: Some(true),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            },
+            data: serde_json::json!({}),
+        }))
+    }
+
+    fn spec_owning(owns: Vec<TypeRef>) -> OperatorMeshSpec {
+        let mut spec = fixtures::spec(0, false, false, false);
+        spec.controllers[0].owns = owns;
+        spec
+    }
+
+    #[test]
+    fn an_owned_type_listed_before_its_primary_still_reaches_the_owner() {
+        let mut h = Harness::new();
+        let effects = h.apply(spec_owning(vec![type_ref("v1", "ConfigMap")]));
+        assert_eq!(effects.len(), 2, "both types are looked up: {effects:?}");
+        // The built-in type is found at once; the primary's CRD comes later.
+        h.listed(
+            &config_map(),
+            vec![object(&config_map(), "app-0-cm", Some("app-0"))],
+        );
+        h.listed(&widget(), vec![object(&widget(), "app-0", None)]);
+        let c = h.connect("op-v1-0", vec![config_map()]);
+        let sent = Harness::sent(&c);
+        assert!(
+            sent.contains(&(Gvk::from(&config_map()).key(), "app-0-cm".into())),
+            "the owned ConfigMap went with its key: {sent:?}"
+        );
+        assert!(sent.contains(&(Gvk::from(&widget()).key(), "app-0".into())));
+    }
+
+    #[test]
+    fn a_type_added_to_a_running_mesh_freezes_nothing_while_it_lists() {
+        let mut h = Harness::new();
+        h.apply(spec_owning(Vec::new()));
+        h.listed(&widget(), vec![object(&widget(), "app-0", None)]);
+        let c = h.connect("op-v1-0", Vec::new());
+        assert_eq!(Harness::sent(&c).len(), 1);
+        // The spec now also owns ConfigMaps; their watch has not listed
+        // (its RBAC may come later). New objects are still placed.
+        h.apply(spec_owning(vec![type_ref("v1", "ConfigMap")]));
+        h.step(Input::Resolved(Gvk::from(&config_map())));
+        h.step(Input::Object {
+            gvk: Gvk::from(&widget()).key(),
+            event: WatchEvent::Apply(object(&widget(), "app-1", None)),
+        });
+        let sent = Harness::sent(&c);
+        assert!(
+            sent.contains(&(Gvk::from(&widget()).key(), "app-1".into())),
+            "a new object waited for another type's list: {sent:?}"
+        );
+    }
+
+    #[test]
+    fn a_primary_added_to_the_spec_is_not_routed_to_runtimes_that_do_not_run_it() {
+        let mut h = Harness::new();
+        h.apply(spec_owning(Vec::new()));
+        h.listed(&widget(), vec![object(&widget(), "app-0", None)]);
+        let c = h.connect("op-v1-0", Vec::new());
+        Harness::sent(&c);
+        let mut spec = spec_owning(Vec::new());
+        let mut gizmos = spec.controllers[0].clone();
+        gizmos.primary = type_ref("example.com/v1", "Gizmo");
+        spec.controllers.push(gizmos);
+        h.apply(spec);
+        h.listed(&gizmo(), vec![object(&gizmo(), "g-0", None)]);
+        let sent = Harness::sent(&c);
+        assert!(
+            sent.iter().all(|(g, _)| *g != Gvk::from(&gizmo()).key()),
+            "a Gizmo went to a runtime that only runs Widgets: {sent:?}"
+        );
+        let id = MeshId::new(MESH_NS.to_string(), "mesh".to_string());
+        let routed: u64 = h.c.snapshot().meshes[&id]
+            .subsets
+            .iter()
+            .map(|s| s.routed_keys)
+            .sum();
+        assert_eq!(routed, 1, "only the Widget is routed");
+    }
 }

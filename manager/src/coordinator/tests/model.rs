@@ -46,6 +46,8 @@ pub(super) struct Sim {
     now: Instant,
     coordinator: Coordinator,
     watching: bool,
+    /// The mesh asked for its type to be looked up, unanswered so far.
+    resolving: bool,
     runtimes: Vec<Runtime>,
     spec: OperatorMeshSpec,
     canary: BTreeSet<usize>,
@@ -64,6 +66,7 @@ impl Sim {
             now,
             coordinator: Coordinator::new(TTL, now),
             watching: false,
+            resolving: false,
             runtimes: (0..PODS.len()).map(|_| Runtime::default()).collect(),
             spec: spec(20, false, false, false),
             canary: BTreeSet::new(),
@@ -80,10 +83,10 @@ impl Sim {
     fn step(&mut self, input: Input) {
         for effect in self.coordinator.step(input, self.now) {
             match effect {
-                // Discovery knows the type: its watch starts now.
+                // Answered by `Op::Discover`, if ever.
                 Effect::Resolve(t) => {
                     assert_eq!(t.key(), gvk().key());
-                    self.step(Input::Resolved(crate::gvk::Gvk::from(&gvk())));
+                    self.resolving = true;
                 }
                 Effect::Watch(g) => {
                     assert_eq!(g.key(), gvk().key());
@@ -245,6 +248,11 @@ impl Sim {
                 self.step(Input::Mesh(WatchEvent::Delete(Arc::new(om))));
                 self.apply_mesh();
             }
+            Op::Discover => {
+                if std::mem::take(&mut self.resolving) {
+                    self.step(Input::Resolved(crate::gvk::Gvk::from(&gvk())));
+                }
+            }
             Op::Restart => {
                 self.power.failovers += 1;
                 self.coordinator.close();
@@ -254,6 +262,7 @@ impl Sim {
                 }
                 self.coordinator = Coordinator::new(TTL, self.now);
                 self.watching = false;
+                self.resolving = false;
                 self.boot();
             }
         }
