@@ -33,6 +33,9 @@ pub const SOCKET_ENV: &str = opmesh_proto::env::RUNTIME_SOCKET;
 pub const DEFAULT_SOCKET: &str = opmesh_proto::env::DEFAULT_RUNTIME_SOCKET;
 /// How long [`Mesh::connect`] waits for the sidecar.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping controller waits for the sidecar to read its last
+/// completions.
+const COMPLETIONS_FLUSH: Duration = Duration::from_secs(2);
 /// The most completions one `CompletionBatch` carries.
 const MAX_COMPLETION_BATCH: usize = 256;
 /// About the most bytes one `CompletionBatch` carries (error messages can
@@ -525,6 +528,14 @@ pub async fn run_all(controllers: Vec<BoundController>) -> Result<()> {
     }
     for h in handles {
         let _ = h.await;
+    }
+    // On `Work`, the completions sent last are still on their way up:
+    // close this side and let the sidecar read them, which it has when it
+    // ends the stream, rather than cut the stream under them.
+    drop(completer);
+    if ended.is_none() && matches!(tasks, TaskSource::Batched(..)) {
+        let drained = async { while let Ok(Some(_)) = tasks.next().await {} };
+        let _ = tokio::time::timeout(COMPLETIONS_FLUSH, drained).await;
     }
     drop(tasks);
     match ended {

@@ -72,7 +72,7 @@ impl RuntimeService for Sidecar {
         if !self.batched {
             return Err(Status::unimplemented("not in this sidecar"));
         }
-        let rx = self
+        let mut rx = self
             .tasks
             .lock()
             .unwrap()
@@ -80,14 +80,31 @@ impl RuntimeService for Sidecar {
             .ok_or_else(|| Status::already_exists("one task stream only"))?;
         let mut up = request.into_inner();
         let completions = self.completions.clone();
+        // Tasks pass through here so that, as in the sidecar, the stream
+        // ends once the operator has closed its side.
+        let (down_tx, down_rx) = mpsc::channel(64);
         tokio::spawn(async move {
-            while let Ok(Some(batch)) = up.message().await {
-                for c in batch.completions {
-                    let _ = completions.send((c, Instant::now()));
+            loop {
+                tokio::select! {
+                    t = rx.recv() => {
+                        let Some(t) = t else { break };
+                        if down_tx.send(t).await.is_err() {
+                            break;
+                        }
+                    }
+                    m = up.message() => match m {
+                        Ok(Some(batch)) => {
+                            for c in batch.completions {
+                                let _ = completions.send((c, Instant::now()));
+                            }
+                        }
+                        _ => break,
+                    },
                 }
             }
         });
-        let down = opmesh_proto::batch::ready_batches(ReceiverStream::new(rx), 16, 1 << 20, |_| 1);
+        let down =
+            opmesh_proto::batch::ready_batches(ReceiverStream::new(down_rx), 16, 1 << 20, |_| 1);
         let down = down.map(|tasks| {
             Ok(TaskBatch {
                 tasks: tasks.into_iter().collect::<Result<_, _>>()?,
@@ -361,4 +378,48 @@ async fn tasks_handed_out_together_are_each_reconciled_and_completed_once() {
         (1..=N).collect::<Vec<_>>(),
         "every task completed once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_controller_reports_its_last_reconcile_before_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mesh, task_tx, mut done_rx) = sidecar(dir.path(), &[], true).await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel::<()>();
+    let finish = Arc::new(tokio::sync::Notify::new());
+    let ctx = Arc::new((started_tx, finish.clone()));
+    let controller = tokio::spawn(
+        Controller::<ConfigMap>::new(&mesh)
+            .shutdown_on(async move {
+                let _ = stop_rx.await;
+            })
+            .run(
+                |_cm: Arc<ConfigMap>,
+                 ctx: Arc<(mpsc::UnboundedSender<()>, Arc<tokio::sync::Notify>)>| async move {
+                    let _ = ctx.0.send(());
+                    ctx.1.notified().await;
+                    Ok::<_, std::convert::Infallible>(Action::await_change())
+                },
+                |_, _, _| Action::await_change(),
+                ctx,
+            ),
+    );
+    task_tx.send(Ok(task(5))).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), started_rx.recv())
+        .await
+        .expect("the reconcile never started");
+    // Stop while it runs; it finishes within the grace.
+    stop_tx.send(()).unwrap();
+    finish.notify_one();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), controller)
+        .await
+        .expect("the controller did not stop")
+        .unwrap();
+    assert!(stopped.is_ok(), "{stopped:?}");
+    // Once it has returned, its last completion has reached the sidecar.
+    let (completion, _) = done_rx
+        .try_recv()
+        .expect("the last reconcile's completion was lost");
+    assert_eq!(completion.id, 5);
+    assert!(matches!(completion.result, Some(Outcome::Ok(_))));
 }
