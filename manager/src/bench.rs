@@ -274,7 +274,7 @@ impl Routing {
             match effect {
                 // The benchmark's types are watched when its runtimes
                 // declare them.
-                Effect::Resolve(_) => {}
+                Effect::Resolve(_) | Effect::StopResolving(_) => {}
                 Effect::Watch(g) => {
                     let key = g.key();
                     for obj in self.objects.clone() {

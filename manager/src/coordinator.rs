@@ -117,6 +117,8 @@ pub(crate) enum Effect {
     /// time it is not there yet, so its watch starts before any runtime
     /// declares it. A runtime's hello starts a watch that is still missing.
     Resolve(crate::crd::TypeRef),
+    /// Stop looking this type (by key) up: no mesh declares it any more.
+    StopResolving(String),
 }
 
 /// A session the coordinator accepted.
@@ -377,12 +379,18 @@ impl Coordinator {
             Input::Released { holder, keys } => self.released(&holder, keys),
             Input::Tick => self.tick(),
             Input::Resolved(gvk) => {
-                self.ensure_watch(&gvk);
-                // Another mesh's watch may have listed it already.
-                self.adopt_everywhere();
+                // Not for a type the meshes stopped declaring meanwhile.
+                if self.declared_anywhere(&gvk.key()) {
+                    self.ensure_watch(&gvk);
+                    // Another mesh's watch may have listed it already.
+                    self.adopt_everywhere();
+                }
             }
             Input::Unresolved { key, error } => {
-                if !self.watches.contains_key(&key) && self.unresolved.get(&key) != Some(&error) {
+                if !self.watches.contains_key(&key)
+                    && self.resolving.contains(&key)
+                    && self.unresolved.get(&key) != Some(&error)
+                {
                     self.dirty = true;
                     self.unresolved.insert(key, error);
                 }
@@ -427,6 +435,35 @@ impl Coordinator {
             if !self.watches.contains_key(&key) && self.resolving.insert(key) {
                 self.effects.push(Effect::Resolve(t.clone()));
             }
+        }
+    }
+
+    /// True when some mesh's policy in force declares the type `key`.
+    fn declared_anywhere(&self, key: &str) -> bool {
+        self.meshes.values().any(|m| {
+            m.policy.as_ref().is_some_and(|p| {
+                p.declared()
+                    .controllers()
+                    .any(|(primary, owns)| primary == key || owns.contains(key))
+            })
+        })
+    }
+
+    /// Stops looking up the types no mesh declares any more (a typo fixed,
+    /// a mesh deleted), and forgets why they were not found.
+    pub(super) fn forget_undeclared(&mut self) {
+        let gone: Vec<String> = self
+            .resolving
+            .iter()
+            .filter(|k| !self.watches.contains_key(*k) && !self.declared_anywhere(k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.resolving.remove(&key);
+            if self.unresolved.remove(&key).is_some() {
+                self.dirty = true;
+            }
+            self.effects.push(Effect::StopResolving(key));
         }
     }
 

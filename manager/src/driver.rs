@@ -73,6 +73,8 @@ impl Driver {
                 Input::Mesh,
             ),
         ];
+        // Lookups of declared types in discovery, by type key.
+        let mut resolvers: std::collections::HashMap<String, Task> = Default::default();
         let mut leases = tokio::time::interval(LEASE_EVERY);
         let mut publish = tokio::time::interval(PUBLISH_EVERY);
         // Building a snapshot stops routing for as long as it takes: see
@@ -111,7 +113,11 @@ impl Driver {
             for effect in effects {
                 match effect {
                     Effect::Resolve(t) => {
-                        watches.push(Task::spawn(resolve(self.client.clone(), t, tx.clone())));
+                        let task = Task::spawn(resolve(self.client.clone(), t.clone(), tx.clone()));
+                        resolvers.insert(t.key(), task);
+                    }
+                    Effect::StopResolving(key) => {
+                        resolvers.remove(&key);
                     }
                     Effect::Watch(gvk) => {
                         let key = gvk.key();

@@ -221,6 +221,11 @@ impl Coordinator {
 
     pub(super) fn on_mesh(&mut self, ev: WatchEvent<OperatorMesh>) {
         self.dirty = true;
+        self.apply_mesh_event(ev);
+        self.forget_undeclared();
+    }
+
+    fn apply_mesh_event(&mut self, ev: WatchEvent<OperatorMesh>) {
         match ev {
             WatchEvent::Apply(om) => {
                 let id = MeshId::new(om.namespace().unwrap_or_default(), om.name_any());

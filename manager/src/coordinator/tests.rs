@@ -549,4 +549,32 @@ mod declared {
             .sum();
         assert_eq!(routed, 1, "only the Widget is routed");
     }
+
+    #[test]
+    fn a_type_no_mesh_declares_any_more_is_no_longer_looked_up() {
+        let mut h = Harness::new();
+        let mut spec = spec_owning(Vec::new());
+        let mut typo = spec.controllers[0].clone();
+        typo.primary = type_ref("example.com/v1", "Gizmoo");
+        spec.controllers.push(typo);
+        h.apply(spec);
+        let key = crate::gvk::Gvk::from(&proto("example.com", "Gizmoo", "gizmoos")).key();
+        h.step(Input::Unresolved {
+            key: key.clone(),
+            error: "example.com/v1 Gizmoo is not served by the API server".into(),
+        });
+        let id = MeshId::new(MESH_NS.to_string(), "mesh".to_string());
+        assert_eq!(h.c.snapshot().meshes[&id].watch_errors.len(), 1);
+        // The typo is fixed: the lookup stops and the error goes.
+        let effects = h.apply(spec_owning(Vec::new()));
+        assert!(
+            effects.contains(&Effect::StopResolving(key.clone())),
+            "{effects:?}"
+        );
+        assert!(h.c.snapshot().meshes[&id].watch_errors.is_empty());
+        // An answer already on its way starts no watch.
+        let late = proto("example.com", "Gizmoo", "gizmoos");
+        let effects = h.step(Input::Resolved(Gvk::from(&late)));
+        assert!(effects.is_empty(), "{effects:?}");
+    }
 }

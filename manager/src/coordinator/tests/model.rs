@@ -83,6 +83,11 @@ impl Sim {
     fn step(&mut self, input: Input) {
         for effect in self.coordinator.step(input, self.now) {
             match effect {
+                // The mesh was deleted: the lookup is dropped.
+                Effect::StopResolving(k) => {
+                    assert_eq!(k, gvk().key());
+                    self.resolving = false;
+                }
                 // Answered by `Op::Discover`, if ever.
                 Effect::Resolve(t) => {
                     assert_eq!(t.key(), gvk().key());
