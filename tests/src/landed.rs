@@ -31,6 +31,8 @@ struct Log {
     /// Watches that had to list again after the first, and may have
     /// missed writes meanwhile.
     relists: usize,
+    /// What the watches reported before each of those lists.
+    relist_causes: Vec<String>,
     /// The highest resourceVersion seen on a generator.
     generator_rv: u64,
 }
@@ -101,6 +103,11 @@ impl WriteLog {
     pub fn relists(&self) -> usize {
         lock(&self.log).relists
     }
+
+    /// The errors the watches reported before each list after the first.
+    pub fn relist_causes(&self) -> Vec<String> {
+        lock(&self.log).relist_causes.clone()
+    }
 }
 
 impl Drop for WriteLog {
@@ -126,21 +133,29 @@ where
     tokio::spawn(async move {
         let mut events = watcher::watcher(api, config).boxed();
         let mut inits = 0usize;
+        let mut last_error = None;
         while let Some(ev) = events.next().await {
             match ev {
                 Ok(Event::Init) => {
                     inits += 1;
                     if inits > 1 {
-                        lock(&log).relists += 1;
+                        let mut log = lock(&log);
+                        log.relists += 1;
+                        log.relist_causes.push(
+                            last_error
+                                .take()
+                                .unwrap_or_else(|| "no error reported".to_string()),
+                        );
                     }
                 }
+                Err(e) => last_error = Some(e.to_string()),
                 Ok(Event::Apply(o) | Event::InitApply(o)) => {
                     let ns = o.meta().namespace.clone().unwrap_or_default();
                     if namespaces.contains(&ns) {
                         seen(&log, &ns, &o);
                     }
                 }
-                Ok(_) | Err(_) => {}
+                Ok(_) => {}
             }
         }
     })

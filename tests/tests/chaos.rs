@@ -822,8 +822,9 @@ async fn run(c: &mut Chaos, events: usize, rng: &mut StdRng) -> anyhow::Result<(
     );
     anyhow::ensure!(
         writes.relists() == 0,
-        "the write watch listed again {} times, so writes may be missing",
-        writes.relists()
+        "the write watch listed again {} times, so writes may be missing (after: {:?})",
+        writes.relists(),
+        writes.relist_causes()
     );
     anyhow::ensure!(
         faults >= events,
