@@ -441,11 +441,9 @@ impl Coordinator {
     /// True when some mesh's policy in force declares the type `key`.
     fn declared_anywhere(&self, key: &str) -> bool {
         self.meshes.values().any(|m| {
-            m.policy.as_ref().is_some_and(|p| {
-                p.declared()
-                    .controllers()
-                    .any(|(primary, owns)| primary == key || owns.contains(key))
-            })
+            m.policy
+                .as_ref()
+                .is_some_and(|p| p.declared().types().into_iter().any(|k| k == key))
         })
     }
 

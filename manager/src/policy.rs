@@ -217,6 +217,14 @@ impl Declared {
         self.0.iter()
     }
 
+    /// Every declared type key, primary or owned, once.
+    pub(crate) fn types(&self) -> BTreeSet<&String> {
+        self.0
+            .iter()
+            .flat_map(|(primary, owns)| std::iter::once(primary).chain(owns))
+            .collect()
+    }
+
     /// Why a runtime whose operator runs `controllers` (primary type key,
     /// owned type keys) may not join, if it may not. The mesh declares the
     /// types it routes: each controller must be one of spec.controllers,

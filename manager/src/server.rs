@@ -35,9 +35,6 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 const SESSION_INPUTS: usize = 1024;
 /// Messages taken from a pending set per write.
 const BATCH: usize = 256;
-/// About the most object bytes one `ObjectEvents` carries: far below the
-/// 4 MiB a gRPC client accepts by default. A larger object goes alone.
-const EVENTS_BYTES: usize = 1 << 20;
 /// The largest message a runtime may send: a hello with the most held keys
 /// it may report, of typical length. Larger ones are refused by gRPC
 /// (`OUT_OF_RANGE`) before anything else reads them.
@@ -227,7 +224,7 @@ impl MeshService for MeshServer {
         tokio::spawn(async move {
             while let Some(batch) = writer_pending.next_batch(BATCH).await {
                 let batch = if batched {
-                    batch_events(batch, EVENTS_BYTES)
+                    batch_events(batch, opmesh_proto::batch::MAX_BYTES)
                 } else {
                     batch
                 };

@@ -4,6 +4,11 @@
 
 use futures::{FutureExt as _, Stream, StreamExt as _};
 
+/// About the most bytes one batched message carries (tasks, completions,
+/// object events): far below the 4 MiB a gRPC client accepts by default.
+/// A larger item goes alone.
+pub const MAX_BYTES: usize = 1 << 20;
+
 /// The items `stream` has ready each time the result is polled, as batches
 /// of at most `max_items` items and about `max_bytes` bytes as `size`
 /// counts them: an item that would take a batch over `max_bytes` starts

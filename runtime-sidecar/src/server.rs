@@ -22,9 +22,6 @@ const LIST_PAGE_BYTES: usize = 1024 * 1024;
 /// The most tasks one `TaskBatch` carries. Tasks are bounded by the
 /// operator's concurrency anyway; this only keeps a message small.
 const MAX_TASK_BATCH: usize = 256;
-/// About the most object bytes one `TaskBatch` carries, far below the
-/// 4 MiB a gRPC client accepts by default; a larger object goes alone.
-const MAX_TASK_BATCH_BYTES: usize = 1 << 20;
 
 /// Serves `RuntimeService` from the runtime's state.
 pub(crate) struct RuntimeServer {
@@ -156,7 +153,7 @@ impl RuntimeService for RuntimeServer {
         let batches = opmesh_proto::batch::ready_batches(
             ReceiverStream::new(rx),
             MAX_TASK_BATCH,
-            MAX_TASK_BATCH_BYTES,
+            opmesh_proto::batch::MAX_BYTES,
             |t: &Result<Task, Status>| t.as_ref().map_or(0, |t| t.object.len() + t.key.len()),
         )
         .map(|tasks| {

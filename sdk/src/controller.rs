@@ -38,9 +38,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const COMPLETIONS_FLUSH: Duration = Duration::from_secs(2);
 /// The most completions one `CompletionBatch` carries.
 const MAX_COMPLETION_BATCH: usize = 256;
-/// About the most bytes one `CompletionBatch` carries (error messages can
-/// be long), far below gRPC's 4 MiB default.
-const MAX_COMPLETION_BATCH_BYTES: usize = 1 << 20;
 
 /// A connection to this pod's runtime sidecar.
 #[derive(Clone, Debug)]
@@ -558,7 +555,7 @@ async fn open_work(
     let up = opmesh_proto::batch::ready_batches(
         tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
         MAX_COMPLETION_BATCH,
-        MAX_COMPLETION_BATCH_BYTES,
+        opmesh_proto::batch::MAX_BYTES,
         |c: &Completion| 32 + completion_error_len(c),
     )
     .map(|completions| CompletionBatch { completions });

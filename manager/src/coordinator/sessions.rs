@@ -42,7 +42,8 @@ impl Coordinator {
         // The mesh, not the runtime, decides which types it routes.
         let controllers =
             ControllerTypes::declared(&hello.controllers, hello.primary.as_ref(), &hello.owns);
-        if let Some(reason) = policy.declared().undeclared(&controller_keys(&controllers)) {
+        let keys = controller_keys(&controllers);
+        if let Some(reason) = policy.declared().undeclared(&keys) {
             return Err(Refusal::UndeclaredTypes {
                 mesh: id.to_string(),
                 reason,
@@ -110,7 +111,7 @@ impl Coordinator {
                 uid: pod_uid.to_string(),
                 pending: pending.clone(),
                 needs_sync: true,
-                declared: controller_keys(&controllers)
+                declared: keys
                     .into_iter()
                     .flat_map(|(p, owns)| std::iter::once(p).chain(owns))
                     .collect(),

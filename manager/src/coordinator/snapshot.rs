@@ -162,12 +162,7 @@ impl Coordinator {
         // Declared types the manager cannot watch yet, for lack of them in
         // discovery.
         if let Some(policy) = &mesh.policy {
-            let declared: std::collections::BTreeSet<&String> = policy
-                .declared()
-                .controllers()
-                .flat_map(|(primary, owns)| std::iter::once(primary).chain(owns))
-                .collect();
-            for key in declared {
+            for key in policy.declared().types() {
                 if let Some(e) = self.unresolved.get(key) {
                     watch_errors.push((key.clone(), e.clone()));
                 }
